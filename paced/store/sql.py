@@ -41,3 +41,11 @@ def connect(path: str | Path | None = None, *, read_only: bool = False, threads:
     if path is None:
         return duckdb.connect(":memory:", config=config)
     return duckdb.connect(str(path), read_only=read_only, config=config)
+
+
+
+def query_arrow(con, sql: str, params=None):
+    """Run a statement and return its rows as an Arrow table, without an extra copy."""
+    rel = con.sql(sql, params=params)
+    fetch = getattr(rel, "to_arrow_table", None) or rel.arrow  # DuckDB >= 2 / 1.x
+    return fetch()

@@ -1,0 +1,86 @@
+"""`paced manifest build`: shards as Parquet with a manifest.json, deterministic bytes."""
+
+import hashlib
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paced.cli import main
+from paced.store.files import write_parquet_atomic
+from paced.store.home import open_home
+from paced.store.problems import read_problems
+from paced.store.shards import REFERENCE_SCHEMA
+from paced.store.snapshots import new_snapshot_id, write_snapshot
+
+
+def make_home(tmp_path, n=60, with_refs=True):
+    home_dir = tmp_path / "home"
+    assert main(["import", "builtin:arithmetic", "--n", str(n), "--dataset", "arith", "--home", str(home_dir)]) == 0
+    home = open_home(home_dir)
+    problems = read_problems(home, "arith")
+    ids = problems["id"].to_pylist()
+    correct = [i % 9 for i in range(len(ids))]
+    snap = pa.table({
+        "problem_id": ids, "dataset": ["arith"] * len(ids), "student_id": ["s1"] * len(ids),
+        "sampling_hash": ["h"] * len(ids), "n": [8] * len(ids), "correct": correct,
+        "wrong": [8 - c for c in correct], "unparseable": [0] * len(ids), "timeout": [0] * len(ids),
+        "error": [0] * len(ids), "pass_rate": [c / 8 for c in correct], "stale_age": [0] * len(ids),
+        "snapshot_id": ["x"] * len(ids),
+    })
+    sid = new_snapshot_id("test")
+    write_snapshot(home, "s1", snap.set_column(12, "snapshot_id", pa.array([sid] * len(ids))), sid)
+    if with_refs:
+        refs = pa.table({"problem_id": ids[::2], "dataset": ["arith"] * len(ids[::2]),
+                         "teacher_id": ["t"] * len(ids[::2]), "response": problems["answer"].to_pylist()[::2],
+                         "attempt": pa.array([0] * len(ids[::2]), pa.int32())}, schema=REFERENCE_SCHEMA)
+        write_parquet_atomic(home.references_dir("arith", "t") / "batch-00000000.parquet", refs)
+    return home_dir, sid, problems
+
+
+def build(home_dir, out, *extra):
+    return main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--seed", "3",
+                 "--shard-size", "16", "--out", str(out), "--home", str(home_dir), *extra])
+
+
+def test_manifest_build_writes_shards_with_hashes_and_is_deterministic(tmp_path, capsys):
+    home_dir, sid, problems = make_home(tmp_path)
+    assert build(home_dir, tmp_path / "m1") == 0
+    assert build(home_dir, tmp_path / "m2") == 0
+    info = json.loads((tmp_path / "m1" / "manifest.json").read_text())
+    eligible = sum(1 for i in range(problems.num_rows) if 0 < i % 9 < 8)
+    assert info["items"] == eligible and info["inputs"]["snapshot_id"] == sid
+    assert info["shards"] == -(-eligible // 16) and info["zero_weight"] == problems.num_rows - eligible
+    rows = []
+    for name, digest in info["sha256"].items():
+        data = (tmp_path / "m1" / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+        assert data == (tmp_path / "m2" / name).read_bytes()
+        rows += pq.read_table(tmp_path / "m1" / name).to_pylist()
+    assert [r["position"] for r in rows] == list(range(eligible))
+    answers = dict(zip(problems["id"].to_pylist(), problems["answer"].to_pylist()))
+    with_ref = [r for r in rows if r["completion"] is not None]
+    assert with_ref and all(answers[r["problem_id"]] == r["completion"] for r in with_ref)
+    assert all(r["dataset"] == "arith" and r["guard"] == "none" for r in rows)
+
+
+def test_rebuild_same_inputs_is_noop_and_other_inputs_refused(tmp_path, capsys):
+    home_dir, _, _ = make_home(tmp_path, with_refs=False)
+    assert build(home_dir, tmp_path / "m") == 0
+    capsys.readouterr()
+    assert build(home_dir, tmp_path / "m") == 0
+    assert json.loads(capsys.readouterr().out)["already_built"] is True
+    assert build(home_dir, tmp_path / "m", "--scheme", "uniform") == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_guards_show_in_shard_rows_and_unknown_student_is_clear(tmp_path, capsys):
+    home_dir, _, problems = make_home(tmp_path, with_refs=False)
+    assert build(home_dir, tmp_path / "m", "--weight-floor", "0.1") == 0
+    rows = pq.read_table(tmp_path / "m" / "shard-00000.parquet").to_pylist()
+    assert {r["guard"] for r in rows} == {"floor"}
+    info = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert info["items"] == problems.num_rows  # the floor keeps p=0 and p=1 problems in
+    assert main(["manifest", "build", "--student", "nobody", "--dataset", "arith", "--out",
+                 str(tmp_path / "x"), "--home", str(home_dir)]) == 1
+    assert "no pass-rate snapshot" in capsys.readouterr().err
