@@ -1,0 +1,157 @@
+"""Held-out accuracy by difficulty, greedy and mean@k sampled, and forgetting vs a base model.
+
+    paced evaluate --model OUT/final --base models/student --dataset arith-heldout \
+        --mastered-student STUDENT_ID --mastered-dataset arith
+
+For every `--dataset`: greedy accuracy (temperature 0, one sample) and mean@k (k samples at
+`--temperature`, the share correct), overall and by difficulty, for the model and, side by
+side, the base model. **Forgetting**: on the problems the base student had mastered (p̂ = 1 in
+its newest snapshot for `--mastered-dataset`), the base model's greedy accuracy minus the
+model's. One JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from paced.errors import InputError, NotFoundError
+from paced.store.home import Home, open_home
+from paced.store.problems import dataset_info, read_problems
+from paced.store.snapshots import read_snapshot
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    seed: int = 0
+    limit: int | None = None  # problems per data set (the first by id)
+    backend: str | None = None  # auto: vllm when importable
+    sampled: bool = True  # also report mean@k
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise InputError(f"`k` must be >= 1, got {self.k}")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"`limit` must be >= 1, got {self.limit}")
+
+
+def compute_accuracy(correct: np.ndarray, difficulty: list) -> dict:
+    """Overall and per-difficulty mean of `correct` (a per-problem share in [0, 1])."""
+    groups: dict = defaultdict(list)
+    for c, d in zip(correct.tolist(), difficulty):
+        groups["all" if d is None else int(d)].append(c)
+    by = {str(d): round(float(np.mean(v)), 6) for d, v in sorted(groups.items(), key=lambda x: str(x[0]))}
+    return {"problems": int(len(correct)), "accuracy": round(float(np.mean(correct)), 6) if len(correct) else None,
+            "by_difficulty": by}
+
+
+def _grade_share(backend, problems: pa.Table, grader: str, params, seeds) -> np.ndarray:
+    """Per problem, the share of its samples graded correct."""
+    from paced.grading import GradingPool
+
+    outs = backend.generate(problems["prompt"].to_pylist(), params, seeds=seeds)
+    answers = problems["answer"].to_pylist()
+    flat = [(c.text, a) for comps, a in zip(outs, answers) for c in comps]
+    with GradingPool(grader) as pool:
+        verdicts = pool.grade(flat)
+    hits = np.array([v.outcome == "correct" for v in verdicts], dtype=np.float64)
+    return hits.reshape(len(answers), -1).mean(axis=1)
+
+
+def evaluate_backend(backend, sets: dict[str, tuple[pa.Table, str]], cfg: EvalConfig) -> dict:
+    """Greedy (and mean@k) accuracy of one loaded model on each named problem set."""
+    from paced.backends import SamplingConfig
+
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    sampled = SamplingConfig(n=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                             seed=cfg.seed)
+    report = {}
+    for name, (problems, grader) in sets.items():
+        seeds = [cfg.seed + i for i in range(problems.num_rows)]
+        difficulty = problems["difficulty"].to_pylist()
+        entry = {"greedy": compute_accuracy(_grade_share(backend, problems, grader, greedy, seeds), difficulty)}
+        if cfg.sampled:
+            entry[f"mean@{cfg.k}"] = compute_accuracy(
+                _grade_share(backend, problems, grader, sampled, seeds), difficulty)
+        report[name] = entry
+    return report
+
+
+def mastered_problems(home: Home, student_id: str, dataset: str) -> pa.Table:
+    """Problems of `dataset` the student solved in every rollout of its newest snapshot."""
+    snap = read_snapshot(home, student_id, dataset=dataset)
+    ids = snap.filter(pc.equal(snap["pass_rate"], 1.0))["problem_id"]
+    problems = read_problems(home, dataset)
+    return problems.filter(pc.is_in(problems["id"], value_set=ids))
+
+
+def load_sets(home: Home, datasets: list[str], cfg: EvalConfig, mastered: tuple[str, str] | None):
+    sets = {}
+    for name in datasets:
+        table = read_problems(home, name)
+        sets[name] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, name)["grader"])
+    if mastered:
+        student, dataset = mastered
+        table = mastered_problems(home, student, dataset)
+        if table.num_rows == 0:
+            raise NotFoundError(f"student {student!r} mastered no problem of {dataset!r}: nothing to "
+                                "measure forgetting on")
+        sets["mastered"] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, dataset)["grader"])
+    return sets
+
+
+def evaluate_model(model_dir: str, sets: dict, cfg: EvalConfig) -> dict:
+    from paced.backends import load_backend, model_id
+
+    with load_backend(cfg.backend, model_dir) as backend:
+        return {"model_id": model_id(model_dir), "dir": str(model_dir), "sets": evaluate_backend(backend, sets, cfg)}
+
+
+def forgetting(model: dict, base: dict) -> dict | None:
+    if "mastered" not in model["sets"] or base is None:
+        return None
+    m = model["sets"]["mastered"]["greedy"]["accuracy"]
+    b = base["sets"]["mastered"]["greedy"]["accuracy"]
+    return {"problems": model["sets"]["mastered"]["greedy"]["problems"], "base_greedy": b,
+            "model_greedy": m, "drop": round(b - m, 6)}
+
+
+def add_arguments(parser) -> None:
+    from paced.cli import add_home_argument
+
+    parser.add_argument("--model", required=True, help="model folder to evaluate (save_pretrained)")
+    parser.add_argument("--base", default=None, help="base model folder, reported side by side")
+    parser.add_argument("--dataset", action="append", required=True, help="held-out data set (repeatable)")
+    parser.add_argument("--mastered-student", default=None, help="student id whose p̂=1 problems measure forgetting")
+    parser.add_argument("--mastered-dataset", default=None, help="data set those problems come from")
+    parser.add_argument("-k", "--k", type=int, default=8, help="samples per problem for mean@k")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each set")
+    parser.add_argument("--greedy-only", action="store_true", help="skip mean@k")
+    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
+    add_home_argument(parser)
+
+
+def run(args) -> int:
+    home = open_home(args.home, create=False)
+    if bool(args.mastered_student) != bool(args.mastered_dataset):
+        raise InputError("--mastered-student and --mastered-dataset go together")
+    cfg = EvalConfig(args.k, args.temperature, args.max_new_tokens, args.seed, args.limit,
+                     None if args.backend == "auto" else args.backend, not args.greedy_only)
+    mastered = (args.mastered_student, args.mastered_dataset) if args.mastered_student else None
+    sets = load_sets(home, args.dataset, cfg, mastered)
+    model = evaluate_model(args.model, sets, cfg)
+    base = evaluate_model(args.base, sets, cfg) if args.base else None
+    print(json.dumps({"model": model, "base": base, "forgetting": forgetting(model, base)}), file=sys.stdout)
+    return 0
