@@ -170,7 +170,9 @@ def test_hung_math_grader_is_killed_at_the_limit_and_the_job_goes_on(no_leaked_w
         assert verdict.outcome == "timeout"
         assert elapsed < limit + 1.0
         # The same batch: the items after the hung one are re-queued onto a fresh worker.
-        verdicts = pool.grade([("\\boxed{2}", "2"), HANGS_MATH_VERIFY, ("\\boxed{3}", "3"), ("\\boxed{4}", "5")])
+        verdicts = pool.grade(
+            [("\\boxed{2}", "2"), HANGS_MATH_VERIFY, ("\\boxed{3}", "3"), ("\\boxed{4}", "5")]
+        )
     assert [v.outcome for v in verdicts] == ["correct", "timeout", "correct", "wrong"]
 
 

@@ -3,4 +3,13 @@
 from paced.grading.pool import GradingPool, Verdict
 from paced.grading.verifiers import VERIFIERS, Outcome, Verifier, get_verifier, grader_version, verify
 
-__all__ = ["VERIFIERS", "GradingPool", "Outcome", "Verdict", "Verifier", "get_verifier", "grader_version", "verify"]
+__all__ = [
+    "VERIFIERS",
+    "GradingPool",
+    "Outcome",
+    "Verdict",
+    "Verifier",
+    "get_verifier",
+    "grader_version",
+    "verify",
+]

@@ -91,7 +91,7 @@ _NUMBER = re.compile(
 def last_number(text: str) -> str | None:
     """The last number written in `text` (thousands separators removed), or None."""
     found = None
-    for found in _NUMBER.finditer(text):
+    for found in _NUMBER.finditer(text):  # noqa: B007 - keep the last match
         pass
     # "357." ends a sentence: the dot is not part of the number.
     return None if found is None else found.group().replace(",", "").rstrip(".")
