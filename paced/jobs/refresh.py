@@ -1,0 +1,132 @@
+"""Aggregate each student's committed rollouts into a new pass-rate snapshot (the cron job).
+
+    paced refresh [--student ID] [--sampling-hash H] --home DIR
+
+One snapshot per student, across all its data sets, from the rollouts of ONE sampling config:
+`--sampling-hash` if given, else the config with the most committed rollouts (ties: the
+smallest hash), since pass rates measured under different sampling do not mix. DuckDB reads
+the batch files (`paced/sql/passrates.sql`); the snapshot is written with `write_snapshot`
+(temporary name, then rename), so a reader sees the old snapshot or the new one, never half;
+older snapshots are never touched.
+
+Idempotent: before the Parquet file, `snapshots/{student}/{snapshot_id}.json` records the
+inputs (batch files with sizes) and their fingerprint. When the newest snapshot's fingerprint
+equals the current inputs', nothing is written. Exit 0 either way; stdout: one JSON line per
+student.
+
+Cron (every 10 minutes):
+    */10 * * * *  PACED_HOME=/data/paced /opt/paced/.venv/bin/paced refresh >> /var/log/paced-refresh.log 2>&1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from paced import __version__
+from paced.errors import NotFoundError
+from paced.store.files import read_json, write_json_atomic
+from paced.store.home import Home, open_home, validate_name
+from paced.store.rollouts import RolloutSet, list_rollout_students, read_sampling_config, rollout_sets
+from paced.store.snapshots import list_snapshots, new_snapshot_id, write_snapshot
+from paced.store.sql import connect, query_arrow, statement
+
+
+def choose_sampling_hash(sets: list[RolloutSet], sampling_hash: str | None = None) -> str:
+    """The requested hash (must exist), else the one with the most rollouts (ties: smallest)."""
+    totals: dict[str, int] = {}
+    for s in sets:
+        totals[s.sampling_hash] = totals.get(s.sampling_hash, 0) + s.rows
+    if sampling_hash is not None:
+        if sampling_hash not in totals:
+            raise NotFoundError(f"student {sets[0].student_id!r} has no rollouts with sampling hash "
+                                f"{sampling_hash!r}; it has {sorted(totals)}",
+                                detail={"field": "sampling_hash", "value": sampling_hash})
+        return sampling_hash
+    return min(totals, key=lambda h: (-totals[h], h))
+
+
+def input_files(home: Home, sets: list[RolloutSet]) -> list[dict]:
+    """The snapshot's inputs: each batch file (relative to the home) with its size."""
+    return [{"path": str(f.relative_to(home.root)), "bytes": f.stat().st_size} for s in sets for f in s.files]
+
+
+def fingerprint(sampling_hash: str, inputs: list[dict]) -> str:
+    text = json.dumps({"sampling_hash": sampling_hash, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def newest_fingerprint(home: Home, student_id: str) -> str | None:
+    """The fingerprint recorded beside the student's newest snapshot, if any."""
+    ids = list_snapshots(home, student_id)
+    if not ids:
+        return None
+    side = home.snapshots_dir(student_id) / f"{ids[-1]}.json"
+    return read_json(side).get("fingerprint") if side.exists() else None
+
+
+def refresh_student(home: Home, student_id: str, sampling_hash: str | None = None, con=None) -> dict:
+    """Write a new snapshot of `student_id` unless the newest one already covers its rollouts."""
+    validate_name(student_id, "student_id")
+    sets = rollout_sets(home, student_id)
+    if not sets:
+        raise NotFoundError(f"student {student_id!r} has no committed rollouts in {home.root}; "
+                            "run `paced rollout` first", detail={"field": "student", "value": student_id})
+    chosen = choose_sampling_hash(sets, sampling_hash)
+    sets = [s for s in sets if s.sampling_hash == chosen]
+    inputs = input_files(home, sets)
+    key = fingerprint(chosen, inputs)
+    base = {"student_id": student_id, "sampling_hash": chosen}
+    if newest_fingerprint(home, student_id) == key:
+        return {**base, "snapshot_id": list_snapshots(home, student_id)[-1], "written": False}
+    snapshot_id = new_snapshot_id(key)
+    params = {"files": [str(home.root / i["path"]) for i in inputs], "student_id": student_id,
+              "sampling_hash": chosen, "snapshot_id": snapshot_id}
+    table = query_arrow(con or connect(), statement("passrates.aggregate"), params)
+    folder = home.snapshots_dir(student_id)
+    sampling = read_sampling_config(home.rollouts_dir(student_id, chosen, sets[0].dataset))
+    write_json_atomic(folder / f"{snapshot_id}.json", {
+        "snapshot_id": snapshot_id, "student_id": student_id, "sampling_hash": chosen, "sampling": sampling,
+        "fingerprint": key, "inputs": inputs, "problems": table.num_rows, "paced_version": __version__,
+        "datasets": sorted({s.dataset for s in sets}),
+    })
+    write_snapshot(home, student_id, table, snapshot_id)
+    return {**base, "snapshot_id": snapshot_id, "written": True, "problems": table.num_rows,
+            "rollouts": sum(table["n"].to_pylist()), "batch_files": len(inputs)}
+
+
+def refresh(home: Home, student_id: str | None = None, sampling_hash: str | None = None) -> list[dict]:
+    """Refresh one student, or every student with rollouts. One result dict per student."""
+    students = [student_id] if student_id else list_rollout_students(home)
+    con = connect()
+    results = []
+    for student in students:
+        if student_id is None:  # every student: skip those without (matching) rollouts
+            hashes = {s.sampling_hash for s in rollout_sets(home, student)}
+            if not hashes or (sampling_hash is not None and sampling_hash not in hashes):
+                continue
+        results.append(refresh_student(home, student, sampling_hash, con))
+    return results
+
+
+def add_arguments(parser) -> None:
+    from paced.cli import add_home_argument
+
+    parser.add_argument("--student", default=None, help="refresh only this student (default: every student)")
+    parser.add_argument("--sampling-hash", default=None,
+                        help="use the rollouts of this sampling config (default: the one with the most rollouts)")
+    add_home_argument(parser)
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    home = open_home(args.home, create=False)
+    results = refresh(home, args.student, args.sampling_hash)
+    for result in results:
+        print(json.dumps({**result, "seconds": round(time.perf_counter() - start, 3)}), file=sys.stdout)
+    if not results:
+        print(f"paced refresh: no rollouts under {Path(home.root) / 'rollouts'}; nothing to do", file=sys.stderr)
+    return 0
