@@ -1,0 +1,182 @@
+"""The service's endpoints. Thin: validate, call `RunService` / the store, shape the response."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from paced import __version__
+from paced.api.runs import LEASE_ID_PATTERN, RUN_ID_PATTERN, RunConfig, RunService
+from paced.api.schemas import (
+    NAME_PATTERN,
+    AckResponse,
+    ErrorBody,
+    Health,
+    LeaseRequest,
+    LeaseResponse,
+    PassRates,
+    RunCreate,
+    RunCreated,
+    RunView,
+)
+from paced.api.shardfiles import FORMATS, MEDIA_TYPES, json_with_items, shard_bytes, shard_jsonl
+from paced.errors import NotFoundError, PacedError
+from paced.store.home import validate_name
+from paced.store.snapshots import list_snapshots, list_students, read_snapshot, snapshot_path
+
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False, description="the service's PACED_TOKEN (required on POST when set)")
+RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="r- and 12 hex digits")]
+Index = Annotated[int, Path(ge=0, le=2**31 - 1)]
+ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422)}
+
+
+class Unauthorized(PacedError):
+    code = "unauthorized"
+    status = 401
+
+
+def get_service(request: Request) -> RunService:
+    return request.app.state.service
+
+
+def require_token(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    settings = request.app.state.settings
+    if not settings.require_token():
+        return
+    given = credentials.credentials.encode() if credentials else b""
+    if not hmac.compare_digest(given, settings.token.get_secret_value().encode()):
+        raise Unauthorized("this endpoint needs the service's token: send 'Authorization: Bearer <PACED_TOKEN>'",
+                           detail={"field": "Authorization"})
+
+
+Service = Annotated[RunService, Depends(get_service)]
+Guarded = [Depends(require_token)]
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@router.get("/v1/health", response_model=Health, tags=["service"])
+def health(svc: Service) -> Health:
+    """Status, version, data home, and the newest pass-rate snapshot of every student."""
+    students = {}
+    for student in list_students(svc.home):
+        try:
+            ids = list_snapshots(svc.home, student)
+        except PacedError:  # a folder whose name is not a valid student id: not ours
+            continue
+        if ids:
+            students[student] = ids[-1]
+    return Health(status="ok", version=__version__, home=str(svc.home.root), students=students)
+
+
+@router.get("/v1/students/{student_id}/passrates", response_model=PassRates, responses=ERRORS, tags=["students"])
+def passrates(svc: Service, student_id: Annotated[str, Path(pattern=NAME_PATTERN)],
+              dataset: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+              snapshot_id: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None) -> dict:
+    """Summary of a student's pass rates (newest snapshot unless `snapshot_id`): counts, mean p̂,
+    a 10-bin histogram, the share at p̂ = 0 and p̂ = 1. `dataset` narrows it to one data set."""
+    from paced.curriculum.summary import passrate_summary
+
+    validate_name(student_id, "student_id")
+    sid = snapshot_path(svc.home, student_id, snapshot_id).stem
+    table = read_snapshot(svc.home, student_id, sid, dataset=dataset)
+    if dataset is not None and table.num_rows == 0:
+        raise NotFoundError(f"snapshot {sid} of {student_id!r} has no pass rates for data set {dataset!r}",
+                            detail={"field": "dataset", "value": dataset})
+    summary = passrate_summary(table["pass_rate"].to_numpy(), table["n"].to_numpy())
+    return {**summary, "student_id": student_id, "snapshot_id": sid, "dataset": dataset}
+
+
+@router.post("/v1/runs", response_model=RunCreated, status_code=201, responses=ERRORS, dependencies=Guarded,
+             tags=["runs"])
+def create_run(svc: Service, body: RunCreate) -> RunCreated:
+    """Create a run: build epoch 0 from the student's snapshot (pinned) and cut it into shards."""
+    record, files = svc.create_run(RunConfig(**body.model_dump()))
+    return RunCreated(run_id=record.run_id, snapshot_id=files.snapshot_id, epoch=0, epochs=record.epochs,
+                      shards=files.shards, items=files.items, effective_sample_size=files.effective_sample_size)
+
+
+@router.get("/v1/runs/{run_id}", response_model=RunView, responses=ERRORS, tags=["runs"])
+def get_run(svc: Service, run_id: RunId) -> RunView:
+    """A run's config, progress per epoch (shards acked / leased / pending) and snapshot history."""
+    view = svc.describe(run_id)
+    run, progress = view["run"], view["progress"]
+    for row in progress:
+        row["created_at"] = iso(row["created_at"])
+    return RunView(run_id=run.run_id, created_at=iso(run.created_at), snapshot_id=run.snapshot_id,
+                   config=run.config, epochs=run.epochs, current_epoch=run.current_epoch, done=view["done"],
+                   progress=progress,
+                   snapshot_history=[{"epoch": r["epoch"], "snapshot_id": r["snapshot_id"]} for r in progress])
+
+
+@router.post("/v1/runs/{run_id}/leases", response_model=LeaseResponse, responses=ERRORS, dependencies=Guarded,
+             tags=["leases"])
+def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> Response:
+    """Lease the next shard of the run's current epoch that is neither acked nor under a live lease.
+
+    Always 200 with a `status`: `leased` (the shard and its rows), `wait` (every open shard is
+    leased to another consumer: retry after `retry_after_seconds`, also sent as Retry-After), or
+    `done` (every epoch acked). When the current epoch is fully acked and the run has more
+    epochs, the next epoch starts here (new order; new weights if the run follows snapshots)."""
+    outcome = svc.lease(run_id, body.consumer, body.ttl_seconds)
+    metrics = request.app.state.metrics
+    metrics.leases.labels(outcome.status).inc()
+    if outcome.status == "wait":
+        return JSONResponse({"status": "wait", "run_id": run_id, "retry_after_seconds": outcome.retry_after_seconds},
+                            headers={"Retry-After": str(max(1, math.ceil(outcome.retry_after_seconds)))})
+    if outcome.status == "done":
+        return JSONResponse({"status": "done", "run_id": run_id})
+    lease = outcome.lease
+    files = svc.epoch_files(run_id, lease.epoch)
+    head = {"status": "leased", "run_id": run_id, "lease_id": lease.lease_id, "epoch": lease.epoch,
+            "shard": lease.shard, "snapshot_id": files.snapshot_id, "expires_at": iso(lease.expires_at),
+            "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": lease.items}
+    metrics.items_served.inc(lease.items)
+    if not body.include_items:
+        return Response(json.dumps(head).encode(), media_type="application/json")
+    return Response(json_with_items(head, shard_jsonl(files, lease.shard)), media_type="application/json")
+
+
+@router.post("/v1/runs/{run_id}/leases/{lease_id}/ack", response_model=AckResponse, responses=ERRORS,
+             dependencies=Guarded, tags=["leases"])
+def ack(request: Request, svc: Service, run_id: RunId,
+        lease_id: Annotated[str, Path(pattern=LEASE_ID_PATTERN)]) -> AckResponse:
+    """Mark the lease's shard consumed. Acking twice is idempotent; acking a lease that expired
+    after its shard was handed out again is a 409 (discard that work); acking an expired lease
+    whose shard nobody took since is accepted."""
+    result = svc.ack(run_id, lease_id)
+    request.app.state.metrics.acks.labels("already_acked" if result.already_acked else "acked").inc()
+    return AckResponse(**asdict(result))
+
+
+@router.get("/v1/runs/{run_id}/epochs/{epoch}/shards/{shard}", responses={
+    **ERRORS, 200: {"content": {MEDIA_TYPES[f]: {} for f in FORMATS}, "description": "the shard's rows"}},
+    tags=["runs"])
+def get_shard(svc: Service, run_id: RunId, epoch: Index, shard: Index,
+              fmt: Annotated[Literal[FORMATS], Query(alias="format")] = "json") -> Response:  # type: ignore[valid-type]
+    """A shard of a started epoch as JSON, JSONL or Parquet: the same request returns the same bytes."""
+    data = shard_bytes(svc.epoch_files(run_id, epoch), shard, fmt)
+    etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    return Response(data, media_type=MEDIA_TYPES[fmt],
+                    headers={"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"})
+
+
+@router.get("/metrics", tags=["service"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,171 @@
+"""An epoch's shards, materialised once to disk and served as bytes.
+
+When a run's epoch is created the service writes, under a temporary name renamed into place,
+`home/service/runs/{run_id}/epoch-{e:05d}/`:
+
+- `manifest.parquet`  the epoch's manifest items (position, problem_id, weight, pass_rate, n)
+- `shards.jsonl`      every shard row (SHARD_SCHEMA) as one JSON object per line, in epoch order:
+                      the whole epoch is itself a valid JSONL file
+- `shards.pack`       each shard as a standalone Parquet file, concatenated
+- `epoch.json`        snapshot id, counts, and the byte offsets of each shard in both files
+
+Serving a shard is then a seek and a read: the same request returns the same bytes from any
+process and across restarts, and a refresh writing new snapshots cannot change them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paced import __version__
+from paced.curriculum import Manifest, shard_bounds
+from paced.errors import NotFoundError
+from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
+from paced.store.home import Home
+from paced.store.shards import assemble_rows
+
+EPOCH_FILE = "epoch.json"
+FORMATS = ("json", "jsonl", "parquet")
+MEDIA_TYPES = {"json": "application/json", "jsonl": "application/jsonl",
+               "parquet": "application/vnd.apache.parquet"}
+
+
+@dataclass(frozen=True)
+class EpochFiles:
+    """One materialised epoch: where its files are and where each shard starts in them."""
+
+    folder: Path
+    run_id: str
+    epoch: int
+    snapshot_id: str
+    items: int
+    shard_size: int
+    effective_sample_size: float
+    jsonl_offsets: tuple[int, ...]  # shards + 1 byte offsets into shards.jsonl
+    parquet_offsets: tuple[int, ...]  # shards + 1 byte offsets into shards.pack
+
+    @property
+    def shards(self) -> int:
+        return len(self.jsonl_offsets) - 1
+
+    def shard_items(self, shard: int) -> int:
+        return min(self.shard_size, self.items - shard * self.shard_size)
+
+
+def epoch_folder(home: Home, run_id: str, epoch: int) -> Path:
+    """`run_id` is generated and validated by the service before it reaches here."""
+    return home.service_dir / "runs" / run_id / f"epoch-{epoch:05d}"
+
+
+def _json_line(row: dict) -> bytes:
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode() + b"\n"
+
+
+def _write_shards(rows: pa.Table, bounds: list[tuple[int, int]], folder: Path) -> tuple[list[int], list[int]]:
+    jsonl_offsets, parquet_offsets = [0], [0]
+    with open(folder / "shards.jsonl", "wb") as jsonl, open(folder / "shards.pack", "wb") as pack:
+        for start, stop in bounds:
+            part = rows.slice(start, stop - start)
+            jsonl.write(b"".join(_json_line(r) for r in part.to_pylist()))
+            buf = io.BytesIO()
+            pq.write_table(part, buf, compression="zstd")
+            pack.write(buf.getvalue())
+            jsonl_offsets.append(jsonl.tell())
+            parquet_offsets.append(pack.tell())
+        for fh in (jsonl, pack):
+            fh.flush()
+            os.fsync(fh.fileno())
+    return jsonl_offsets, parquet_offsets
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_epoch(home: Home, run_id: str, manifest: Manifest, snapshot_id: str, dataset: str,
+                shard_size: int, teacher_id: str | None = None) -> EpochFiles:
+    """Materialise an epoch's shards (atomically, as a folder). An existing epoch is kept as is."""
+    folder = epoch_folder(home, run_id, manifest.epoch)
+    if (folder / EPOCH_FILE).exists():
+        return read_epoch(folder)
+    rows = assemble_rows(home, manifest.items, dataset, manifest.scheme.guard, teacher_id)
+    bounds = shard_bounds(manifest.num_items, shard_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}.", dir=folder.parent))
+    try:
+        write_parquet_atomic(tmp / "manifest.parquet", manifest.items)
+        jsonl_offsets, parquet_offsets = _write_shards(rows, bounds, tmp)
+        info = {"run_id": run_id, "epoch": manifest.epoch, "snapshot_id": snapshot_id,
+                "items": manifest.num_items, "shard_size": shard_size,
+                "effective_sample_size": manifest.effective_sample_size, "paced_version": __version__,
+                "jsonl_offsets": jsonl_offsets, "parquet_offsets": parquet_offsets}
+        write_json_atomic(tmp / EPOCH_FILE, info)
+        tmp.rename(folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_epoch(folder)
+
+
+def read_epoch(folder: Path) -> EpochFiles:
+    path = folder / EPOCH_FILE
+    if not path.exists():
+        raise NotFoundError(f"epoch files {folder.name} not found", detail={"field": "epoch"})
+    info = read_json(path)
+    return EpochFiles(
+        folder=folder, run_id=info["run_id"], epoch=int(info["epoch"]), snapshot_id=info["snapshot_id"],
+        items=int(info["items"]), shard_size=int(info["shard_size"]),
+        effective_sample_size=float(info["effective_sample_size"]),
+        jsonl_offsets=tuple(info["jsonl_offsets"]), parquet_offsets=tuple(info["parquet_offsets"]),
+    )
+
+
+def _read_range(path: Path, start: int, stop: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        return fh.read(stop - start)
+
+
+def shard_jsonl(files: EpochFiles, shard: int) -> bytes:
+    return _read_range(files.folder / "shards.jsonl", files.jsonl_offsets[shard], files.jsonl_offsets[shard + 1])
+
+
+def items_array(jsonl: bytes) -> bytes:
+    """JSONL lines as one JSON array (a newline never occurs inside a JSON-encoded line)."""
+    return b"[" + jsonl.rstrip(b"\n").replace(b"\n", b",") + b"]"
+
+
+def json_with_items(head: dict, jsonl: bytes) -> bytes:
+    """`head` as a JSON object with an `items` array spliced in from JSONL bytes (deterministic)."""
+    prefix = json.dumps(head, sort_keys=True, separators=(",", ":"))[:-1]
+    return prefix.encode() + (b',"items":' if head else b'"items":') + items_array(jsonl) + b"}"
+
+
+def shard_bytes(files: EpochFiles, shard: int, fmt: str) -> bytes:
+    """Shard `shard` of the epoch as `json`, `jsonl` or `parquet` bytes."""
+    if not 0 <= shard < files.shards:
+        raise NotFoundError(f"epoch {files.epoch} of run {files.run_id} has {files.shards} shards; "
+                            f"no shard {shard}", detail={"field": "shard", "value": shard})
+    if fmt == "parquet":
+        return _read_range(files.folder / "shards.pack", files.parquet_offsets[shard],
+                           files.parquet_offsets[shard + 1])
+    jsonl = shard_jsonl(files, shard)
+    if fmt == "jsonl":
+        return jsonl
+    head = {"run_id": files.run_id, "epoch": files.epoch, "shard": shard, "snapshot_id": files.snapshot_id}
+    return json_with_items(head, jsonl)
