@@ -37,7 +37,11 @@ def error_response(status: int, message: str, code: str, detail: object = None,
 
 
 def _field(loc) -> str:
-    return ".".join(str(part) for part in loc)
+    """("body", "shard_size") -> "shard_size"; ("path", "run_id") -> "run_id"; ("body",) -> "body"."""
+    parts = [str(part) for part in loc]
+    if len(parts) > 1 and parts[0] in ("body", "path", "query", "header"):
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def _paced_error(request: Request, err: PacedError) -> JSONResponse:
