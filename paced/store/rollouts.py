@@ -190,11 +190,11 @@ def unsolved_problems(folder: Path) -> list[str]:
 
 
 def write_reference_batch(folder: Path, table: pa.Table, tried: list[str], unsolved: list[str],
-                          schema: pa.Schema) -> Path:
+                          schema: pa.Schema, settings: dict | None = None) -> Path:
     """Commit a teacher batch: the references (if any) first, then the done marker."""
     seq = next_seq(folder)
     if table.num_rows:
         table = table.cast(schema).sort_by([("problem_id", "ascending"), ("attempt", "ascending")])
         write_parquet_atomic(Path(folder) / f"batch-{seq:08d}.parquet", table)
     return write_json_atomic(Path(folder) / f"done-{seq:08d}.json",
-                             {"tried": sorted(tried), "unsolved": sorted(unsolved)})
+                             {"tried": sorted(tried), "unsolved": sorted(unsolved), "settings": settings})
