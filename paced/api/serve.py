@@ -44,15 +44,15 @@ def load_settings(home: str | None):
 
 
 def run(args) -> int:
-    import uvicorn
-
-    from paced.api.app import create_app
-
     settings = load_settings(args.home)
     if not is_loopback(args.host) and not settings.require_token():
         raise InputError(f"refusing to serve on non-loopback host {args.host} without a token: set PACED_TOKEN")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
+    import uvicorn
+
+    from paced.api.app import create_app
+
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
     return 0
