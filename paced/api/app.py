@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        service.open()  # already open unless an earlier lifespan closed it
         yield
         service.close()
 

@@ -37,7 +37,7 @@ router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="the service's PACED_TOKEN (required on POST when set)")
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="r- and 12 hex digits")]
 Index = Annotated[int, Path(ge=0, le=2**31 - 1)]
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
 
 
 class Unauthorized(PacedError):

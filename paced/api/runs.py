@@ -82,6 +82,9 @@ class RunService:
         self._build_lock = threading.Lock()  # one epoch materialised at a time
         self._epochs: dict[tuple[str, int], EpochFiles] = {}
 
+    def open(self) -> None:
+        self.state.open()
+
     def close(self) -> None:
         self.state.close()
 

@@ -31,6 +31,11 @@ from paced.store.sql import connect, statement
 TABLES = ("service.create_runs", "service.create_epochs", "service.create_shards", "service.create_leases")
 
 
+class Unavailable(PacedError):
+    code = "unavailable"
+    status = 503
+
+
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
@@ -95,27 +100,40 @@ class StateDB:
     """The service's state. `clock` returns Unix seconds (injectable for tests)."""
 
     def __init__(self, path: Path, clock: Callable[[], float]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._con = connect(path)
-        except duckdb.Error as err:
-            raise PacedError(f"cannot open the service state {path}: is another `paced serve` using this "
-                             f"data home? ({err})", code="state_locked") from err
-        self._clock = clock
+        self.path, self._clock = path, clock
         self._lock = threading.Lock()
-        self._writer = self._con.cursor()
-        for name in TABLES:
-            self._writer.execute(statement(name))
+        self._con = None
+        self.open()
+
+    def open(self) -> None:
+        """Connect (again, after `close`) and create the tables if they are missing."""
+        with self._lock:
+            if self._con is not None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                con = connect(self.path)
+            except duckdb.Error as err:
+                raise PacedError(f"cannot open the service state {self.path}: is another `paced serve` using "
+                                 f"this data home? ({err})", code="state_locked") from err
+            self._con, self._writer = con, con.cursor()
+            for name in TABLES:
+                self._writer.execute(statement(name))
 
     def close(self) -> None:
+        """Disconnect (DuckDB checkpoints its write-ahead log on close); a no-op when closed."""
         with self._lock:
-            self._writer.execute("CHECKPOINT")
+            if self._con is None:
+                return
             self._writer.close()
             self._con.close()
+            self._con = None
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._lock:
+            if self._con is None:
+                raise Unavailable("the service is shutting down; retry shortly")
             cur = self._writer
             cur.begin()
             try:
@@ -127,7 +145,10 @@ class StateDB:
 
     @contextmanager
     def _reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        cur = self._con.cursor()
+        con = self._con
+        if con is None:
+            raise Unavailable("the service is shutting down; retry shortly")
+        cur = con.cursor()
         try:
             yield cur
         finally:
