@@ -1,0 +1,237 @@
+"""Checkpoints that resume to the same result as an uninterrupted run.
+
+A checkpoint is a folder `OUT/checkpoint-{step}` (or `OUT/final`) holding
+
+- the student and its tokenizer (`save_pretrained`: loadable by any transformers code),
+- `optimizer.pt`: AdamW and learning-rate scheduler state (`torch.save`),
+- `trainer_state.json`, written last: the resolved config, paced version, step, stage and the
+  step within it, the data source and position (files: epoch, shard index, row offset of the
+  next unread row), the counters of the summary, and the RNG states (torch, numpy, python).
+
+It is built under a temporary name in OUT and renamed into place, so a checkpoint folder is
+either complete or absent. Data position over HTTP: nothing is stored; the lease a killed
+trainer held is not acked, and the service hands it out again when its TTL expires.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paced import __version__
+from paced.errors import InputError
+from paced.store.files import read_json, write_json_atomic
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+FINAL = "final"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- RNG states (JSON-able)
+
+
+def _b64(tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def capture_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states as plain JSON values."""
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------- save and find
+
+
+def save_checkpoint(out_dir: Path, name: str, model, tokenizer, state: dict,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write model, tokenizer, optimizer state and trainer_state.json into OUT/name atomically."""
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=out_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        write_json_atomic(tmp / STATE_FILE, {**state, "paced_version": __version__})  # last: complete
+        if final.exists():  # e.g. `final` of an earlier, shorter run: move aside, then replace
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{name}.", dir=out_dir))
+            os.replace(final, old / name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete `checkpoint-{step}` folders in OUT, by step."""
+    found = []
+    if Path(out_dir).is_dir():
+        for path in Path(out_dir).iterdir():
+            match = _CHECKPOINT_RE.match(path.name)
+            if match and (path / STATE_FILE).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `final` if complete, else the highest step, else None."""
+    final = Path(out_dir) / FINAL
+    if (final / STATE_FILE).is_file():
+        return final
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    try:
+        return read_json(Path(checkpoint) / STATE_FILE)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {Path(checkpoint) / STATE_FILE}: {err}") from err
+
+
+def load_optimizer_state(checkpoint: Path) -> dict | None:
+    import torch
+
+    path = Path(checkpoint) / OPTIMIZER_FILE
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def check_resumable(saved_config: dict, config_json: dict, changeable: set[str]) -> None:
+    """InputError naming every setting that differs from the run being resumed."""
+    differ = sorted(k for k in set(saved_config) | set(config_json)
+                    if k not in changeable and saved_config.get(k) != config_json.get(k))
+    if differ:
+        detail = {k: {"checkpoint": saved_config.get(k), "now": config_json.get(k)} for k in differ}
+        raise InputError(f"--resume: these settings differ from the checkpoint's run: {', '.join(differ)} "
+                         f"(resume with the same settings, or train into a new --out)", detail=detail)
+
+
+# ---------------------------------------------------------------- where a run stands
+
+
+@dataclass
+class Progress:
+    """Where the run stands; what trainer_state.json records besides config and RNG.
+
+    `tokens` and `skipped_rows` hold the totals of the checkpoint resumed from (all processes);
+    this process's own counts since then are `local_tokens` and `local_rows` (plus the rows its
+    current stream skipped)."""
+
+    step: int = 0
+    stage: int = 0
+    stage_step: int = 0
+    stage_steps: list[int] = field(default_factory=list)
+    source: str = ""
+    position: dict | None = None
+    skipped_batches: int = 0
+    tokens: int = 0
+    skipped_rows: int = 0
+    seconds: float = 0.0
+    data_exhausted: bool = False
+    refreshes: list[dict] = field(default_factory=list)
+    first_loss: float | None = None  # this process's mean loss of the first and last step
+    last_loss: float | None = None
+    local_tokens: int = 0
+    local_rows: int = 0  # rows skipped by this process's earlier streams (before a source change)
+
+    @classmethod
+    def from_state(cls, state: dict | None, stages: int, source: str) -> Progress:
+        if state is None:
+            return cls(stage_steps=[0] * stages, source=source)
+        keep = ("step", "stage", "stage_step", "stage_steps", "source", "position", "skipped_batches",
+                "tokens", "skipped_rows", "seconds", "refreshes", "first_loss", "last_loss")
+        return cls(**{k: state.get(k) for k in keep})
+
+    def totals(self, runtime, stream) -> tuple[int, int]:
+        """(tokens, skipped rows) over all processes. Collective: every process must call it."""
+        local_rows = self.local_rows + stream.skipped_rows
+        tokens, rows = runtime.sum([float(self.local_tokens), float(local_rows)])
+        rows = local_rows if stream.source.shared else rows  # shared: every rank saw every row
+        return self.tokens + int(tokens), self.skipped_rows + int(rows)
+
+    def record(self, runtime, stream) -> dict:
+        tokens, rows = self.totals(runtime, stream)
+        return {"step": self.step, "stage": self.stage, "stage_step": self.stage_step,
+                "stage_steps": list(self.stage_steps), "source": self.source, "position": self.position,
+                "skipped_batches": self.skipped_batches, "tokens": tokens, "skipped_rows": rows,
+                "seconds": round(self.seconds, 3), "refreshes": self.refreshes, "first_loss": self.first_loss,
+                "last_loss": self.last_loss, "world_size": runtime.world_size}
+
+
+def save(t, progress: Progress, name: str, stream, optimizer=None, schedule=None,
+         extra: dict | None = None) -> Path:
+    """Rank 0 writes OUT/name from trainee `t`; every process takes part in the reductions."""
+    state = {"config": t.config.to_json(), **progress.record(t.runtime, stream), **(extra or {})}
+    if t.runtime.rank == 0:
+        state["rng"] = capture_rng_state()
+        opt = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict()} if optimizer else None
+        save_checkpoint(Path(t.config.out), name, t.raw_student, t.tokenizer, state, opt)
+    if t.runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return Path(t.config.out) / name
+
+
+def resume_point(config, changeable: set[str]) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); refuses to overwrite an earlier run."""
+    out = Path(config.out)
+    found = latest_checkpoint(out)
+    if found is None:
+        if config.resume:
+            log.info("--resume: no checkpoint in %s yet; starting from the beginning", out)
+        return None
+    if not config.resume:
+        raise InputError(f"--out {out} already holds checkpoints ({found.name}); pass --resume to continue "
+                         "that run, or choose a new --out")
+    check_resumable(read_state(found)["config"], config.to_json(), changeable)
+    return found

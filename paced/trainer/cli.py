@@ -1,0 +1,77 @@
+"""Distil a teacher into a student on weighted shards: `paced train`.
+
+    paced train --student DIR --teacher DIR --from URL_OR_DIR --out DIR \\
+        [--loss forward|reverse|jsd|akl --steps N | --stages forward:300,reverse:300] \\
+        [--lr 1e-4 --batch-size 8 --grad-accum 1 --warmup-steps 0 --save-every N --resume]
+
+--from is a manifest folder (`paced manifest build --out DIR`: its shards are read in order,
+epoch after epoch) or a run of the service (http://HOST:PORT/v1/runs/RUN: lease a shard, train
+on it, ack it after the step that used its last row; --token or $PACED_TOKEN).
+
+Off-policy stages (forward, jsd, akl by default) train on the shard's reference completions,
+on-policy stages (reverse by default; --on-policy for all) on one sample per prompt from the
+current student. Each problem's loss is weighted by the shard row's `weight`. Checkpoints go to
+OUT/checkpoint-STEP and OUT/final (save_pretrained + trainer_state.json); --resume continues
+from the newest one to the same result as an uninterrupted run. Under `torchrun`, every process
+trains on its own batches (gloo on CPU, nccl on GPU).
+
+stdout: the summary as one JSON object; stderr: a progress bar and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from paced.trainer.config import TrainConfig, parse_stages
+
+# Flags whose spelling, type or action differ from the field's: field -> add_argument kwargs.
+SPECIAL = {
+    "source": {"flags": ["--from"], "required": True, "metavar": "URL_OR_DIR"},
+    "student": {"required": True, "metavar": "DIR"},
+    "teacher": {"required": True, "metavar": "DIR"},
+    "out": {"required": True, "metavar": "DIR"},
+    "loss": {"choices": ["forward", "reverse", "jsd", "akl"]},
+    "stages": {"type": parse_stages, "metavar": "LOSS:STEPS,..."},
+    "on_policy": {"action": argparse.BooleanOptionalAction},
+    "resume": {"action": "store_true"},
+    "refresh_between_stages": {"action": "store_true"},
+    "progress": {"flags": ["--no-progress"], "action": "store_false", "help": "no progress bar"},
+    "device": {"choices": ["auto", "cpu", "cuda"]},
+    "token": {"metavar": "TOKEN"},
+    "teacher_prompt_template": {"metavar": "TEMPLATE"},
+    "loss_chunk_size": {"type": int},
+    "lease_ttl_seconds": {"type": float},
+}
+
+
+def add_arguments(parser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        spec = dict(SPECIAL.get(f.name, {}))
+        flags = spec.pop("flags", ["--" + f.name.replace("_", "-")])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if "type" not in spec and "action" not in spec and default is not None and not isinstance(default, str):
+            spec["type"] = type(default)
+        help_ = spec.pop("help", f.metadata.get("help", ""))
+        if not isinstance(default, bool | tuple | type(None)) and "required" not in spec:
+            help_ += f" (default: {default})"
+        parser.add_argument(*flags, dest=f.name, default=default, help=help_, **spec)
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def run(args) -> int:
+    import os
+
+    from paced.trainer.loop import train
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    summary = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary), file=sys.stdout, flush=True)
+    return 0

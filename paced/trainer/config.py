@@ -1,0 +1,184 @@
+"""The trainer's configuration: one frozen dataclass, defaults and help text in one place.
+
+`TrainConfig` is what `paced train` parses its flags into and what `trainer_state.json`
+records (resolved, with the token left out). A stage schedule is a tuple of `Stage`s; without
+`--stages` the run is one stage of `steps` steps with `loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from paced.errors import InputError
+
+LOSS_NAMES = ("forward", "reverse", "jsd", "akl")
+ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
+DEVICES = ("auto", "cpu", "cuda")
+# Fields that may differ between a run and its `--resume` (they do not change the result).
+RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
+                     "http_timeout_seconds", "device"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a schedule: a loss, a number of optimizer steps, and on/off-policy
+    (None: the loss's default, on-policy for reverse KL, off-policy otherwise)."""
+
+    loss: str
+    steps: int
+    on_policy: bool | None = None
+
+    def __post_init__(self):
+        if self.loss not in LOSS_NAMES:
+            raise InputError(f"stage loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"stage steps must be an integer >= 1, got {self.steps!r}")
+
+    def resolved_on_policy(self, default: bool | None) -> bool:
+        """This stage's own setting, else the run's `--on-policy`, else the loss's default."""
+        if self.on_policy is not None:
+            return self.on_policy
+        if default is not None:
+            return default
+        return self.loss in ON_POLICY_BY_DEFAULT
+
+
+def parse_stages(text: str) -> tuple[Stage, ...]:
+    """`"forward:300,reverse:300"` (optionally `loss:steps:on|off`) -> stages, or InputError."""
+    stages = []
+    for part in (p.strip() for p in text.split(",")):
+        bits = part.split(":")
+        if len(bits) not in (2, 3) or not bits[1].strip().isdigit():
+            raise InputError(
+                f"--stages: cannot read {part!r}; write LOSS:STEPS[:on|off] separated by commas, "
+                f"e.g. forward:300,reverse:300 (losses: {', '.join(LOSS_NAMES)})"
+            )
+        policy = None
+        if len(bits) == 3:
+            if bits[2] not in ("on", "off"):
+                raise InputError(f"--stages: policy in {part!r} must be 'on' or 'off'")
+            policy = bits[2] == "on"
+        stages.append(Stage(bits[0].strip(), int(bits[1]), policy))
+    if not stages:
+        raise InputError("--stages is empty")
+    return tuple(stages)
+
+
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one `paced train` run is told. Validated on construction."""
+
+    student: str = _help("the student model folder (save_pretrained layout)")
+    teacher: str = _help("the teacher model folder; may be the student's own starting checkpoint")
+    source: str = _help("shards: a manifest folder, or a run URL http://HOST/v1/runs/RUN")
+    out: str = _help("output folder for checkpoints (checkpoint-STEP/, final/)")
+    loss: str = _help("loss of a single-stage run", "forward")
+    steps: int = _help("optimizer steps of a single-stage run", 100)
+    stages: tuple[Stage, ...] = _help("stage schedule, e.g. forward:300,reverse:300 (overrides loss/steps)", ())
+    on_policy: bool | None = _help("sample from the student for every stage (default: per loss)", None)
+    lr: float = _help("peak learning rate (AdamW)", 1e-4)
+    min_lr_ratio: float = _help("the cosine ends at lr * min_lr_ratio", 0.1)
+    warmup_steps: int = _help("linear warmup steps at the start of each stage", 0)
+    weight_decay: float = _help("AdamW weight decay (not on biases and norms)", 0.0)
+    max_grad_norm: float = _help("clip the gradient norm to this (0: no clipping)", 1.0)
+    batch_size: int = _help("problems per micro-batch (per process)", 8)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    max_length: int = _help("longest training sequence in tokens (prompt + completion)", 1024)
+    sample_temperature: float = _help("on-policy sampling temperature", 1.0)
+    sample_top_p: float = _help("on-policy nucleus sampling (1: off)", 1.0)
+    max_new_tokens: int = _help("on-policy: longest sampled completion", 64)
+    teacher_prompt_template: str | None = _help("teacher-side prompt, e.g. 'Hint: ...\\n{prompt}'", None)
+    jsd_beta: float = _help("beta of the generalised JSD", 0.5)
+    akl_head_mass: float = _help("AKL: head = top teacher tokens up to this mass", 0.5)
+    loss_chunk_size: int | None = _help("tokens per loss chunk (default: automatic)", None)
+    seed: int = _help("seed of the student's sampling and of torch", 0)
+    save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
+    resume: bool = _help("continue from the newest checkpoint in --out", False)
+    token: str | None = _help("bearer token for the service (default: $PACED_TOKEN)", None)
+    consumer: str | None = _help("consumer name for leases (default: host-pid-rank)", None)
+    lease_ttl_seconds: float | None = _help("lease time-to-live to ask for (default: the service's)", None)
+    http_retries: int = _help("retries on connection errors and 5xx, with backoff", 5)
+    http_timeout_seconds: float = _help("timeout of one HTTP request", 30.0)
+    refresh_between_stages: bool = _help("roll out + refresh the new student between stages", False)
+    home: str | None = _help("data home for --refresh-between-stages (default: $PACED_HOME)", None)
+    rollout_k: int = _help("--refresh-between-stages: samples per problem", 8)
+    device: str = _help("auto (cuda if available), cpu or cuda", "auto")
+    progress: bool = _help("show a progress bar on stderr", True)
+
+    def __post_init__(self):
+        if self.loss not in LOSS_NAMES:
+            raise InputError(f"--loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens", "rollout_k"):
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "http_retries"):
+            if getattr(self, name) < 0:
+                raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError(f"`lr` must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+        if self.sample_temperature < 0 or not 0 < self.sample_top_p <= 1:
+            raise InputError("`sample_temperature` must be >= 0 and `sample_top_p` in (0, 1]")
+        if not 0 <= self.jsd_beta <= 1 or not 0 <= self.akl_head_mass <= 1:
+            raise InputError("`jsd_beta` and `akl_head_mass` must be in [0, 1]")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise InputError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}")
+        if self.lease_ttl_seconds is not None and not self.lease_ttl_seconds > 0:
+            raise InputError(f"`lease_ttl_seconds` must be > 0, got {self.lease_ttl_seconds}")
+        if self.device not in DEVICES:
+            raise InputError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        self._check_template()
+        if self.refresh_between_stages and len(self.schedule) < 2:
+            raise InputError("--refresh-between-stages needs at least two --stages")
+
+    def _check_template(self) -> None:
+        template = self.teacher_prompt_template
+        if template is None:
+            return
+        try:
+            rendered = template.format(prompt="\x00")
+        except (KeyError, IndexError, ValueError) as err:
+            raise InputError(
+                f"--teacher-prompt-template must contain {{prompt}} and no other fields "
+                f"(write {{{{ and }}}} for braces): {err}"
+            ) from err
+        if "\x00" not in rendered:
+            raise InputError("--teacher-prompt-template must contain {prompt}")
+
+    @property
+    def schedule(self) -> tuple[Stage, ...]:
+        """The stages to run: `stages`, or one stage of `steps` steps with `loss`."""
+        return self.stages or (Stage(self.loss, self.steps),)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.schedule)
+
+    @property
+    def is_http(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+    def loss_kwargs(self, loss: str) -> dict:
+        return {"jsd": {"beta": self.jsd_beta}, "akl": {"head_mass": self.akl_head_mass}}.get(loss, {})
+
+    def to_json(self) -> dict:
+        """The resolved config for trainer_state.json (the token is never written down)."""
+        data = dataclasses.asdict(self)
+        data["token"] = None
+        data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
+                          for s in self.schedule]
+        return data
+
+    @classmethod
+    def help_text(cls, name: str) -> str:
+        return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)

@@ -1,0 +1,381 @@
+"""Where the trainer's rows come from, how they become batches, and how batches become tokens.
+
+Sources yield `ShardRows` (a key and its rows) and take an `ack(key)` once the steps that used
+a shard are done:
+
+- `FileShardSource`: a manifest folder (`manifest.json`, `shard-00000.parquet`, ...), read
+  shard after shard and epoch after epoch (the same files again: `paced manifest build` already
+  fixed the order). Every process reads the whole stream (`shared`); acks are no-ops.
+- `HttpShardSource`: a run of the service. Each process leases its own shards
+  (`POST {run}/leases`) and acks a shard (`POST {run}/leases/{lease}/ack`) after the optimizer
+  step that consumed its last row. A shard that was leased but not acked (a killed or finished
+  trainer) is handed out again by the service once its lease expires.
+
+`BatchStream` cuts `batch_size`-row batches from the row stream (rows without a completion are
+left out and counted when training off-policy). With a shared source and several processes,
+the stream is cut into groups of `world_size` batches and rank r keeps the r-th of each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paced.errors import ConflictError, InputError, NotFoundError, PacedError
+from paced.store.files import read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """One shard's rows. `key` names it for `ack`; `start` is the first row to use (resume)."""
+
+    key: str
+    rows: list[dict]
+    epoch: int
+    index: int
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One process's micro-batch and the bookkeeping of the stream up to its end."""
+
+    rows: list[dict]
+    done_keys: tuple[str, ...]  # shards whose every row is now consumed (ack after the step)
+    position: dict | None  # where the stream resumes after this batch (files: epoch/shard/row)
+
+
+# ---------------------------------------------------------------- shard files
+
+
+class FileShardSource:
+    """Shards of a manifest folder, epoch after epoch, from `position` (epoch, shard, row)."""
+
+    shared = True
+
+    def __init__(self, folder: str | Path, position: dict | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"--from {self.folder}: no such folder (expected a manifest folder "
+                             "from `paced manifest build --out DIR`, or an http:// run URL)")
+        self.files = sorted(self.folder.glob("shard-*.parquet"))
+        if not self.files:
+            raise InputError(f"--from {self.folder}: no shard-*.parquet files in this folder")
+        self.manifest = read_json(self.folder / "manifest.json") if (self.folder / "manifest.json").exists() else {}
+        self.position = dict(position or {"epoch": 0, "shard": 0, "row": 0})
+
+    def __iter__(self) -> Iterator[ShardRows]:
+        import pyarrow.parquet as pq
+
+        epoch, index, row = self.position["epoch"], self.position["shard"], self.position["row"]
+        while True:
+            if index >= len(self.files):
+                epoch, index, row = epoch + 1, 0, 0
+            path = self.files[index]
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except OSError as err:
+                raise InputError(f"cannot read shard file {path}: {err}") from err
+            yield ShardRows(f"{epoch}/{path.name}", rows, epoch, index, row)
+            index, row = index + 1, 0
+
+    def ack(self, key: str) -> None:
+        """Files need no acknowledgement: the checkpoint's position says what is consumed."""
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the service
+
+
+def default_consumer(rank: int) -> str:
+    return f"{socket.gethostname()[:80]}-{os.getpid()}-rank{rank}"
+
+
+class HttpShardSource:
+    """Leases of one run of the service: lease, yield the rows, ack when told.
+
+    Connection errors and 5xx answers are retried `retries` times with exponential backoff;
+    4xx answers raise a `PacedError` carrying the service's message. A lease answer of
+    `wait` (or 204 with Retry-After) sleeps and asks again; `done` (or a bare 204) ends."""
+
+    shared = False
+
+    def __init__(self, run_url: str, *, token: str | None = None, consumer: str = "trainer",
+                 ttl_seconds: float | None = None, retries: int = 5, timeout_seconds: float = 30.0):
+        import httpx
+
+        self.run_url = run_url.rstrip("/")
+        if "/v1/runs/" not in self.run_url:
+            raise InputError(f"--from {run_url}: a service URL must name a run: http://HOST:PORT/v1/runs/RUN_ID")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(headers=headers, timeout=timeout_seconds)
+        self.consumer, self.ttl_seconds, self.retries = consumer, ttl_seconds, retries
+        self.leased = self.acked = self.conflicts = 0
+
+    def _post(self, url: str, body: dict | None = None):
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.client.post(url, json=body)
+            except httpx.TransportError as err:
+                error = f"cannot reach the service at {url}: {err}"
+            else:
+                if response.status_code < 500:
+                    return response
+                error = f"the service answered {response.status_code} to {url}: {response.text[:300]}"
+            if attempt == self.retries:
+                raise PacedError(error, code="service_unreachable")
+            time.sleep(min(30.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _raise_for(response, what: str) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": response.text[:300]}
+        message = f"{what}: the service answered {response.status_code}: {body.get('error', body)}"
+        error = {404: NotFoundError, 409: ConflictError}.get(response.status_code, InputError)
+        if response.status_code in (401, 403):
+            message += " (pass --token or set PACED_TOKEN)"
+        raise error(message, detail=body.get("detail"))
+
+    def __iter__(self) -> Iterator[ShardRows]:
+        body = {"consumer": self.consumer}
+        if self.ttl_seconds is not None:
+            body["ttl_seconds"] = self.ttl_seconds
+        while True:
+            response = self._post(f"{self.run_url}/leases", body)
+            self._raise_for(response, f"leasing a shard of {self.run_url}")
+            data = {} if response.status_code == 204 or not response.content else response.json()
+            retry = data.get("retry_after_seconds") or response.headers.get("Retry-After")
+            status = data.get("status") or ("leased" if data.get("lease_id") else "wait" if retry else "done")
+            if data.get("done") is True or status == "done":
+                return
+            if status == "wait":
+                time.sleep(min(60.0, max(0.05, float(retry or 1.0))))
+                continue
+            self.leased += 1
+            yield ShardRows(data["lease_id"], list(data.get("items") or []), int(data.get("epoch", 0)),
+                            int(data.get("shard", 0)))
+
+    def ack(self, key: str) -> None:
+        response = self._post(f"{self.run_url}/leases/{key}/ack")
+        if response.status_code == 409:  # our lease expired and the shard went to someone else
+            self.conflicts += 1
+            log.warning("ack of lease %s refused (409): the lease expired and the shard was re-leased; "
+                        "raise --lease-ttl-seconds", key)
+            return
+        self._raise_for(response, f"acking lease {key}")
+        self.acked += 1
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_source(config, rank: int, position: dict | None, source: str | None = None):
+    """The shard source `source` (default `--from`) names, at `position` (files) when given."""
+    source = source or config.source
+    if source.startswith(("http://", "https://")):
+        token = config.token or os.environ.get("PACED_TOKEN") or None
+        return HttpShardSource(source, token=token, consumer=config.consumer or default_consumer(rank),
+                               ttl_seconds=config.lease_ttl_seconds, retries=config.http_retries,
+                               timeout_seconds=config.http_timeout_seconds)
+    return FileShardSource(source, position)
+
+
+# ---------------------------------------------------------------- the next source (after a refresh)
+
+
+def manifest_inputs(folder: str | Path) -> dict:
+    """manifest.json of a manifest folder (what built it: student, data set, scheme, seed...)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{path} is missing: a refresh between stages needs a folder from `paced manifest build`")
+    return read_json(path)
+
+
+def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path) -> str:
+    """The manifest of `folder` rebuilt from `student_id`'s newest snapshot, written to `out`."""
+    import shutil
+
+    from paced.curriculum import WeightScheme
+    from paced.jobs.manifest import snapshot_manifest, write_manifest_dir
+
+    built = manifest_inputs(folder)
+    i = built["inputs"]
+    scheme = WeightScheme(i["scheme"], i["alpha"], i["beta"], tuple(i["prior"]), i.get("weight_floor", 0.0),
+                          i.get("uniform_mix", 0.0))
+    manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"],
+                                              i.get("epoch", 0), i.get("mode", "weighted-loss"))
+    if out.exists():  # left by an interrupted earlier attempt at this boundary
+        shutil.rmtree(out)
+    write_manifest_dir(home, manifest, {**i, "student_id": student_id, "snapshot_id": snapshot_id}, out,
+                       built["shard_size"])
+    return str(out)
+
+
+def service_call(method: str, url: str, body: dict | None = None, *, token: str | None = None,
+                 timeout_seconds: float = 30.0) -> dict:
+    """One JSON request to the service; InputError with its message on failure."""
+    import httpx
+
+    token = token or os.environ.get("PACED_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout_seconds)
+    except httpx.TransportError as err:
+        raise InputError(f"cannot reach the service at {url}: {err}") from err
+    if response.status_code >= 400:
+        raise InputError(f"{method} {url}: the service answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def create_run_like(run_url: str, student_id: str, **http) -> str:
+    """A new run with the config of `run_url` for `student_id` (newest snapshot); its URL."""
+    old = service_call("GET", run_url.rstrip("/"), **http)["config"]
+    base = run_url.rstrip("/").split("/v1/runs/")[0]
+    created = service_call("POST", f"{base}/v1/runs", {**old, "student_id": student_id, "snapshot_id": None},
+                           **http)
+    return f"{base}/v1/runs/{created['run_id']}"
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class BatchStream:
+    """Cuts batches from a source's rows. See the module docstring for ranks and skipping."""
+
+    source: object
+    batch_size: int
+    need_completion: bool
+    rank: int = 0
+    world_size: int = 1
+    skipped_rows: int = 0  # rows left out for lack of a completion
+    _rows: Iterator | None = field(default=None, repr=False)
+
+    def _row_stream(self) -> Iterator[tuple[dict | None, str | None, dict | None]]:
+        """(row or None if left out, key of a shard finished at this row, position after it)."""
+        useful, counting, epoch = 0, None, None
+        for shard in self.source:
+            if shard.epoch != epoch:  # a full epoch of files without a trainable row: loop forever
+                if counting and useful == 0 and self.source.shared:
+                    raise InputError(f"no row of {getattr(self.source, 'folder', 'the source')} has a weight > 0"
+                                     + (" and a completion" if self.need_completion else "")
+                                     + ": nothing to train on")
+                counting, useful, epoch = shard.index == 0 and shard.start == 0, 0, shard.epoch
+            if shard.start >= len(shard.rows):
+                yield None, shard.key, {"epoch": shard.epoch, "shard": shard.index + 1, "row": 0}
+            for j in range(shard.start, len(shard.rows)):
+                row = shard.rows[j]
+                last = j == len(shard.rows) - 1
+                pos = {"epoch": shard.epoch, "shard": shard.index + 1, "row": 0} if last else \
+                    {"epoch": shard.epoch, "shard": shard.index, "row": j + 1}
+                if self.need_completion and not row.get("completion"):
+                    self.skipped_rows += 1
+                    row = None
+                elif float(row.get("weight") or 0.0) > 0:
+                    useful += 1
+                yield row, (shard.key if last else None), pos
+
+    def _cut(self) -> Batch | None:
+        rows, keys, position = [], [], None
+        if self._rows is None:
+            self._rows = self._row_stream()
+        for row, key, after in self._rows:
+            position = after
+            if key is not None:
+                keys.append(key)
+            if row is not None:
+                rows.append(row)
+                if len(rows) == self.batch_size:
+                    break
+        if not rows and not keys:
+            return None
+        return Batch(rows, tuple(keys), position)
+
+    def next_batch(self) -> Batch | None:
+        """This process's next batch (None when the source is exhausted)."""
+        if not self.source.shared or self.world_size == 1:
+            return self._cut()
+        group = [self._cut() for _ in range(self.world_size)]
+        mine = group[self.rank]
+        if mine is None:
+            return None
+        keys = tuple(k for b in group if b is not None for k in b.done_keys)
+        return Batch(mine.rows, keys, next(b for b in reversed(group) if b is not None).position)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One side (student or teacher) of a batch, right padded.
+
+    `index[b, j]` is the position whose logits predict completion token j of row b, so
+    `logits.gather(1, index)` lines both sides up on the completion; `mask` marks real tokens."""
+
+    input_ids: object  # torch.LongTensor [B, T]
+    attention_mask: object  # [B, T]
+    index: object  # [B, L]
+    mask: object  # torch.BoolTensor [B, L]
+
+
+def prompt_ids(tokenizer, prompts: list[str], template: str | None = None) -> list[list[int]]:
+    """Prompt tokens with the tokenizer's special tokens (e.g. BOS), as generation sees them."""
+    texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
+    return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+
+
+def completion_ids(tokenizer, completions: list[str]) -> list[list[int]]:
+    """Reference completions as training targets: their tokens and the EOS that ends them."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    return [list(row) + ([eos] if eos is not None else []) for row in ids]
+
+
+def fit_lengths(prompt_sides: list[list[list[int]]], targets: list[list[int]], max_length: int):
+    """Cut targets (right) and prompts (left) so every side of every row fits `max_length`."""
+    cut_targets = []
+    for b, target in enumerate(targets):
+        longest_prompt = max(len(side[b]) for side in prompt_sides)
+        room = max_length - min(longest_prompt, max_length - 1)
+        cut_targets.append(target[:room])
+    cut_prompts = [[p[max(0, len(p) - (max_length - len(t))):] for p, t in zip(side, cut_targets, strict=True)]
+                   for side in prompt_sides]
+    return cut_prompts, cut_targets
+
+
+def encode_side(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> Encoded:
+    """Right-padded prompt + target ids and the logit positions of the target tokens."""
+    import torch
+
+    if any(len(p) == 0 for p in prompts):
+        raise InputError("a prompt encodes to no tokens: the first completion token has no context "
+                         "(use a tokenizer that adds BOS, or non-empty prompts)")
+    width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
+    length = max(1, max(len(t) for t in targets))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    index = torch.zeros((len(prompts), length), dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for b, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        ids[b, : len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
+        attention[b, : len(p) + len(t)] = 1
+        index[b, : len(t)] = torch.arange(len(p) - 1, len(p) - 1 + len(t))
+        mask[b, : len(t)] = True
+    return Encoded(ids, attention, index, mask)

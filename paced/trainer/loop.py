@@ -1,0 +1,517 @@
+"""The training loop: teacher and student from transformers, weighted distillation losses, AdamW.
+
+`train(config) -> summary` runs the stages of `config.schedule` one after another. Each stage
+has its own AdamW and its own warmup + cosine schedule over its steps; the data stream goes on
+where the previous stage left it (unless a refresh between stages made a new source).
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` problems per process. A
+micro-batch whose rows all weigh 0 (on every process) is skipped before any forward pass and
+counted; a process whose own batch weighs 0 while another's does not backpropagates a zero
+loss, so every process runs the same collective operations (DDP). Off-policy stages train on
+the shard's reference completion (rows without one are skipped and counted); on-policy stages
+sample one completion per prompt from the current student (seed derived from the run seed,
+step, rank and row, so a resume draws the same samples). Both sides see prompt tokens, then the
+completion and EOS; the loss covers completion + EOS tokens, aligned between the two sides
+even when the teacher sees a different prompt (`--teacher-prompt-template`).
+
+Multi-process: run under `torchrun`; gloo on CPU, nccl on GPU; rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paced.errors import InputError
+from paced.trainer import checkpoint as ckpt
+from paced.trainer.checkpoint import Progress, save
+from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
+from paced.trainer.data import (
+    BatchStream,
+    completion_ids,
+    create_run_like,
+    encode_side,
+    fit_lengths,
+    manifest_inputs,
+    open_source,
+    prompt_ids,
+    rebuild_manifest,
+    service_call,
+)
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- runtime: processes, device
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    distributed: bool = False
+
+    def autocast(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def any(self, flag: bool) -> bool:
+        """True when `flag` is true on any process."""
+        if not self.distributed:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def start_runtime(config: TrainConfig) -> Runtime:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if world == 1:
+        return Runtime(device=device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Runtime(dist.get_rank(), dist.get_world_size(), device, True)
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_model(path: str | Path, dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"model folder not found or has no config.json: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a causal LM from {path}: {err}") from err
+    return model, tokenizer
+
+
+def load_models(config: TrainConfig, student_path: Path, runtime: Runtime):
+    """Student (float32 weights, trainable) and teacher (frozen, eval, bf16 on GPU)."""
+    import torch
+
+    student, tokenizer = load_model(student_path, torch.float32, runtime.device)
+    teacher_dtype = torch.bfloat16 if runtime.device.startswith("cuda") else torch.float32
+    teacher, teacher_tokenizer = load_model(config.teacher, teacher_dtype, runtime.device)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"teacher {config.teacher} and student {config.student} use different tokenizer "
+                         "vocabularies; token-level distillation needs one shared vocabulary")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise InputError("the student's tokenizer has neither a pad nor an EOS token")
+    teacher.eval().requires_grad_(False)
+    student.train()
+    return tokenizer, student, teacher
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warmup to 1, then cosine down to `min_ratio` at `total`."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, config: TrainConfig, steps: int):
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(config.warmup_steps, steps, config.min_lr_ratio))
+    return optimizer, schedule
+
+
+# ---------------------------------------------------------------- one micro-batch
+
+
+@dataclass
+class Trainee:
+    """What a micro-batch needs: the models (student possibly DDP-wrapped), tokenizer, runtime."""
+
+    config: TrainConfig
+    runtime: Runtime
+    tokenizer: object
+    student: object  # DDP-wrapped when distributed
+    raw_student: object
+    teacher: object
+
+
+def sample_targets(t: Trainee, prompts: list[str], seed_key: str) -> list[list[int]]:
+    """One completion per prompt from the current student (token ids, EOS included if it ended)."""
+    from paced.backends.base import SamplingConfig, derive_seed
+    from paced.backends.hf_backend import HFBackend
+
+    c = t.config
+    params = SamplingConfig(n=1, temperature=c.sample_temperature, top_p=c.sample_top_p,
+                            max_new_tokens=c.max_new_tokens, seed=c.seed)
+    seeds = [derive_seed(c.seed, f"{seed_key}:{i}") for i in range(len(prompts))]
+    backend = HFBackend.from_model(t.raw_student, t.tokenizer, batch_size=max(1, len(prompts)))
+    with t.runtime.autocast():
+        samples = backend.generate(prompts, params, seeds=seeds)
+    targets = []
+    for (done,) in samples:
+        ids = list(done.token_ids) if done.token_ids is not None else completion_ids(t.tokenizer, [done.text])[0]
+        targets.append(ids or [t.tokenizer.eos_token_id])
+    return targets
+
+
+def _aligned_logits(model, side, vocab: int):
+    """Logits predicting each completion token, lined up: [B, L, vocab]."""
+    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False)
+    logits = out.logits[..., :vocab]
+    index = side.index.unsqueeze(-1).expand(-1, -1, vocab)
+    return logits.gather(1, index)
+
+
+def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool, seed_key: str):
+    """(BatchLoss, completion tokens) of one micro-batch."""
+    import torch
+
+    from paced.trainer.losses import weighted_batch_loss
+
+    c, device = t.config, t.runtime.device
+    prompts = [r["prompt"] for r in rows]
+    weights = [float(r.get("weight") or 0.0) for r in rows]
+    targets = sample_targets(t, prompts, seed_key) if on_policy else \
+        completion_ids(t.tokenizer, [r["completion"] for r in rows])
+    sides = [prompt_ids(t.tokenizer, prompts)]
+    if c.teacher_prompt_template:
+        sides.append(prompt_ids(t.tokenizer, prompts, c.teacher_prompt_template))
+    sides, targets = fit_lengths(sides, targets, c.max_length)
+    pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
+    encoded = [encode_side(p, targets, pad) for p in sides]
+    encoded = [type(e)(*(x.to(device) for x in (e.input_ids, e.attention_mask, e.index, e.mask)))
+               for e in encoded]
+    vocab = min(t.raw_student.config.vocab_size, t.teacher.config.vocab_size)
+    with t.runtime.autocast():
+        with torch.no_grad():
+            teacher_logits = _aligned_logits(t.teacher, encoded[-1], vocab)
+        student_logits = _aligned_logits(t.student, encoded[0], vocab)
+        if not any(w > 0 for w in weights):  # another process has weight: join its all-reduce
+            return None, 0, student_logits.sum() * 0.0
+        result = weighted_batch_loss(student_logits, teacher_logits, encoded[0].mask, weights,
+                                     loss=stage.loss, chunk_size=c.loss_chunk_size, **c.loss_kwargs(stage.loss))
+    return result, int(encoded[0].mask.sum()), result.loss
+
+
+# ---------------------------------------------------------------- steps and stages
+
+
+@dataclass
+class Meter:
+    """Progress-bar statistics since the last display."""
+
+    loss: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+    rows: int = 0
+    zero_rows: int = 0
+    weight: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add_rows(self, rows: list[dict]) -> None:
+        weights = [float(r.get("weight") or 0.0) for r in rows]
+        self.rows += len(weights)
+        self.zero_rows += sum(1 for w in weights if w == 0)
+        self.weight += sum(weights)
+
+    def postfix(self) -> dict:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        return {"loss": f"{self.loss / max(self.batches, 1):.4f}", "tok/s": f"{self.tokens / seconds:.0f}",
+                "w_mean": f"{self.weight / max(self.rows, 1):.3f}",
+                "w0": f"{self.zero_rows / max(self.rows, 1):.2f}"}
+
+
+def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, optimizer, schedule,
+               progress: Progress, meter: Meter, acks: list[str]) -> bool:
+    """One optimizer step over `grad_accum` micro-batches; False when the data ran out first."""
+    import torch
+
+    c = t.config
+    optimizer.zero_grad(set_to_none=True)
+    micro, losses = 0, []
+    while micro < c.grad_accum:
+        batch = stream.next_batch()
+        if t.runtime.any(batch is None):
+            break
+        acks.extend(batch.done_keys)
+        progress.position = batch.position
+        meter.add_rows(batch.rows)
+        if not t.runtime.any(any(float(r.get("weight") or 0.0) > 0 for r in batch.rows)):
+            progress.skipped_batches += 1 if batch.rows else 0  # nothing to learn anywhere: no forward
+            continue
+        result, tokens, loss = micro_batch_loss(t, batch.rows, stage, on_policy,
+                                                f"{progress.step}:{t.runtime.rank}:{micro}")
+        (loss / c.grad_accum).backward()
+        micro += 1
+        progress.local_tokens += tokens
+        meter.tokens += tokens
+        if result is not None:
+            losses.append(float(result.loss.detach()))
+    if micro == 0:
+        return False
+    if losses:
+        meter.loss, meter.batches = meter.loss + sum(losses), meter.batches + len(losses)
+        progress.last_loss = sum(losses) / len(losses)
+        progress.first_loss = progress.last_loss if progress.first_loss is None else progress.first_loss
+    if c.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(t.student.parameters(), c.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    return True
+
+
+def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, bar, optimizer_state) -> None:
+    """Steps of stage `index` from `progress.stage_step` to the stage's end (or the data's)."""
+    c = t.config
+    stage = c.schedule[index]
+    on_policy = stage.resolved_on_policy(c.on_policy)
+    stream.need_completion = not on_policy
+    optimizer, schedule = make_optimizer(t.student, c, stage.steps)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        schedule.load_state_dict(optimizer_state["scheduler"])
+    meter, acks = Meter(), []
+    while progress.stage_step < stage.steps:
+        started = time.perf_counter()
+        stepped = train_step(t, stream, stage, on_policy, optimizer, schedule, progress, meter, acks)
+        for key in acks:  # after the step (or at the end of the data: those rows are consumed)
+            stream.source.ack(key)
+        acks.clear()
+        progress.seconds += time.perf_counter() - started
+        if not stepped:
+            progress.data_exhausted = True
+            return
+        progress.step += 1
+        progress.stage_step += 1
+        progress.stage_steps[index] += 1
+        bar.update(1)
+        if progress.step % 5 == 0 or progress.stage_step == stage.steps:
+            bar.set_postfix(stage=f"{index}:{stage.loss}", **meter.postfix(), refresh=False)
+            meter = Meter()
+        if c.save_every and progress.step % c.save_every == 0 and progress.step < c.total_steps:
+            save(t, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig) -> dict:
+    """Run every stage of `config.schedule`; returns the summary (also in OUT/final)."""
+    runtime = start_runtime(config)
+    try:
+        return _train(config, runtime)
+    finally:
+        if runtime.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _open_stream(config: TrainConfig, runtime: Runtime, progress: Progress) -> BatchStream:
+    source = open_source(config, runtime.rank, progress.position, progress.source)
+    return BatchStream(source, config.batch_size, need_completion=True, rank=runtime.rank,
+                       world_size=runtime.world_size)
+
+
+def _train(config: TrainConfig, runtime: Runtime) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    resume_from = ckpt.resume_point(config, RESUMABLE_CHANGES)
+    state = ckpt.read_state(resume_from) if resume_from else None
+    if state and state.get("finished"):
+        return state["summary"]
+    torch.manual_seed(config.seed)
+    tokenizer, student, teacher = load_models(config, resume_from or Path(config.student), runtime)
+    model = student
+    if runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[runtime.device] if runtime.device != "cpu" else None)
+    t = Trainee(config, runtime, tokenizer, model, student, teacher)
+    progress = Progress.from_state(state, len(config.schedule), config.source)
+    optimizer_state = None
+    if state:
+        ckpt.restore_rng_state(state["rng"])
+        optimizer_state = ckpt.load_optimizer_state(resume_from) if progress.stage_step > 0 else None
+    stream = _open_stream(config, runtime, progress)
+    bar = tqdm(total=config.total_steps, initial=progress.step, unit="step", desc="train", file=sys.stderr,
+               disable=not config.progress or runtime.rank != 0, dynamic_ncols=True)
+    with bar:
+        for index in range(progress.stage, len(config.schedule)):
+            run_stage(t, stream, index, progress, bar, optimizer_state)
+            optimizer_state = None
+            if progress.data_exhausted or index + 1 == len(config.schedule):
+                break
+            stream = _next_stage(t, progress, stream, index)
+    summary = make_summary(t, progress, stream)
+    save(t, progress, ckpt.FINAL, stream, extra={"finished": True, "summary": summary})
+    stream.source.close()
+    return summary
+
+
+def _next_stage(t: Trainee, progress: Progress, stream: BatchStream, index: int) -> BatchStream:
+    """Move on to stage index + 1, through the refresh hook when it is asked for."""
+    refreshed = None
+    if t.config.refresh_between_stages:
+        boundary = save(t, progress, f"checkpoint-{progress.step}", stream)
+        refreshed = between_stages(StageBoundary(t.config, t.runtime, index, progress.step, boundary,
+                                                 progress.source, t.raw_student, t.tokenizer))
+    progress.stage, progress.stage_step = index + 1, 0
+    if refreshed is None:
+        return stream
+    progress.local_rows += stream.skipped_rows
+    stream.source.close()
+    progress.source, progress.position = refreshed["source"], None
+    progress.refreshes.append(refreshed)
+    stream = _open_stream(t.config, t.runtime, progress)
+    save(t, progress, f"checkpoint-{progress.step}", stream)  # resume here skips the refresh
+    return stream
+
+
+def make_summary(t: Trainee, progress: Progress, stream: BatchStream) -> dict:
+    tokens, rows = progress.totals(t.runtime, stream)
+    source = stream.source
+    summary = {
+        "steps": progress.step,
+        "stages": [{"loss": s.loss, "steps": s.steps, "steps_done": done,
+                    "on_policy": s.resolved_on_policy(t.config.on_policy)}
+                   for s, done in zip(t.config.schedule, progress.stage_steps, strict=True)],
+        "skipped_zero_weight_batches": progress.skipped_batches,
+        "skipped_rows_without_completion": rows,
+        "train_tokens": tokens,
+        "loss_first": progress.first_loss, "loss_last": progress.last_loss,
+        "train_seconds": round(progress.seconds, 3),
+        "steps_per_second": round(progress.step / max(progress.seconds, 1e-9), 3),
+        "tokens_per_second": round(tokens / max(progress.seconds, 1e-9), 1),
+        "data_exhausted": progress.data_exhausted,
+        "world_size": t.runtime.world_size,
+        "source": progress.source,
+        "refreshes": progress.refreshes,
+        "final_checkpoint": str(Path(t.config.out) / ckpt.FINAL),
+    }
+    if not source.shared:
+        leased, acked, conflicts = t.runtime.sum([source.leased, source.acked, source.conflicts])
+        summary |= {"shards_leased": int(leased), "shards_acked": int(acked), "ack_conflicts": int(conflicts)}
+    if t.runtime.distributed:
+        summary["parameter_checksums"] = parameter_checksums(t)
+    return summary
+
+
+def parameter_checksums(t: Trainee) -> list[list[float]]:
+    """[sum, sum of squares] of the student's parameters on every process: equal when in sync."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        flat = [p.detach().double() for p in t.raw_student.parameters()]
+        mine = torch.tensor([sum(float(p.sum()) for p in flat), sum(float((p * p).sum()) for p in flat)],
+                            dtype=torch.float64, device=t.runtime.device)
+    gathered = [torch.zeros_like(mine) for _ in range(t.runtime.world_size)]
+    dist.all_gather(gathered, mine)
+    return [g.tolist() for g in gathered]
+
+
+# ---------------------------------------------------------------- between stages (the refresh hook)
+
+
+@dataclass(frozen=True)
+class StageBoundary:
+    """What the hook between stage `stage` and the next one sees."""
+
+    config: TrainConfig
+    runtime: Runtime
+    stage: int
+    step: int
+    checkpoint: Path  # the student at the end of `stage`, saved
+    source: str  # the data source of `stage`
+    student: object
+    tokenizer: object
+
+
+def between_stages(ctx: StageBoundary) -> dict | None:
+    """Re-measure pass rates for the new student and point the data at them (rank 0 works,
+    every process gets the result). Returns {source, student_id, snapshot_id, ...} or None.
+
+    Rolls out the saved checkpoint (K = --rollout-k, the trainer's sampling settings), refreshes
+    its snapshot, then builds OUT/manifest-stage{N} with the old manifest's inputs (file
+    source) or creates a new run with the old run's config (HTTP source)."""
+    if not ctx.config.refresh_between_stages:
+        return None
+    result = [refresh_source(ctx)] if ctx.runtime.rank == 0 else [None]
+    if ctx.runtime.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def refresh_source(ctx: StageBoundary) -> dict:
+    from paced.backends.hf_backend import HFBackend
+    from paced.jobs.refresh import refresh_student
+    from paced.jobs.rollout import RolloutConfig, rollout
+    from paced.store.home import open_home
+
+    c = ctx.config
+    home = open_home(c.home, create=False)
+    http = {"token": c.token, "timeout_seconds": c.http_timeout_seconds}
+    is_http = ctx.source.startswith(("http://", "https://"))
+    dataset = (service_call("GET", ctx.source, **http)["config"] if is_http else manifest_inputs(ctx.source)["inputs"])["dataset"]
+    config = RolloutConfig(k=c.rollout_k, temperature=c.sample_temperature, top_p=c.sample_top_p,
+                           max_new_tokens=c.max_new_tokens, seed=c.seed)
+    backend = HFBackend.from_model(ctx.student, ctx.tokenizer, batch_size=max(32, c.batch_size))
+    rolled = rollout(home, ctx.checkpoint, dataset, config, backend=backend, progress=c.progress)
+    snapshot = refresh_student(home, rolled["student_id"], config.sampling_hash)
+    source = create_run_like(ctx.source, rolled["student_id"], **http) if is_http else \
+        rebuild_manifest(home, ctx.source, rolled["student_id"], Path(c.out) / f"manifest-stage{ctx.stage + 1}")
+    return {"after_stage": ctx.stage, "step": ctx.step, "student_id": rolled["student_id"],
+            "snapshot_id": snapshot["snapshot_id"], "rollout_samples": rolled["samples"],
+            "rollout_seconds": rolled["seconds"], "source": source}
