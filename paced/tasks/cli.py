@@ -1,0 +1,65 @@
+"""The built-in arithmetic task.
+
+  paced tasks build-models [--home DIR] [--quick] [--only ROLE] [--force]
+
+builds the task's tokenizer and tiny Llama teacher and student on the CPU (fixed seeds) and
+caches them under DIR/models/{teacher,student} (--quick: quick-teacher, quick-student: much
+smaller, faster, less accurate). A cached build made from the same recipe is reused. Progress
+goes to stderr; a JSON summary (paths, seconds, accuracy by difficulty) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from paced.cli import add_home_argument
+
+ROLES = ("teacher", "student")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tasks_command", required=True, metavar="SUBCOMMAND")
+    build = sub.add_parser(
+        "build-models", help="build (or reuse) the tiny teacher and student models",
+        description="Build the built-in task's tokenizer and tiny Llama teacher and student on the "
+        "CPU, cached in DIR/models/. A folder whose build.json records the same recipe is reused.",
+    )
+    add_home_argument(build)
+    build.add_argument(
+        "--quick", action="store_true",
+        help="much smaller, faster models (models/quick-teacher, models/quick-student)",
+    )
+    build.add_argument("--only", choices=ROLES, default=None, help="build just this one")
+    build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _summary(result) -> dict:
+    keys = ("parameters", "steps", "seconds", "accuracy", "pass_rate_spread")
+    return {"path": str(result.path), "reused": result.reused} | {k: result.record.get(k) for k in keys}
+
+
+def run_build_models(args: argparse.Namespace) -> int:
+    from paced.errors import InputError
+    from paced.store.home import open_home
+    from paced.tasks.pretrain import build_models
+
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    home = open_home(args.home)
+    results = build_models(
+        home.models_dir, quick=args.quick, roles=(args.only,) if args.only else ROLES,
+        force=args.force, threads=args.threads, progress=not args.no_progress,
+    )
+    summary = {role: _summary(result) for role, result in results.items()}
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+SUBCOMMANDS = {"build-models": run_build_models}
+
+
+def run(args: argparse.Namespace) -> int:
+    return SUBCOMMANDS[args.tasks_command](args)

@@ -1,0 +1,372 @@
+"""Pre-training the built-in task's tiny teacher and student on the CPU, cached in the data home.
+
+Two recipes per build: a **teacher** (larger, trained longer) that solves nearly every held-out
+problem, and a **student** (smaller, trained briefly) whose pass rates spread across 0..1. The
+`quick-*` recipes are much smaller and faster; they only have to exercise the loop.
+
+Data. Each step draws a fresh batch of random problems in the task's natural format
+(`"a+b="` -> `"c</s>"`, the loss on the answer tokens only) from
+`numpy.random.default_rng([PRETRAIN_DATA_SEED, recipe seed])`. That stream is independent of
+`generate_problems(seed=...)`, which the demo uses for its pools; only problems that exist in
+few variants (1-digit ones) can appear in both. The mix is mostly `+` with some `-`, so both
+models also know subtraction, the held-out skill the experiment measures forgetting on.
+Held-out evaluation uses `generate_problems(seed=EVAL_SEED)`.
+
+A build trains into `models/.tmp-{name}.*`, writes the model, tokenizer and `build.json` (the
+recipe, seed, steps, seconds, accuracy by difficulty, pass-rate spread, paced version) and
+renames the folder into place. A folder whose `build.json` records the same recipe is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from paced import __version__
+from paced.errors import InputError
+from paced.store.files import read_json, write_json_atomic
+from paced.tasks.arithmetic import OPERATIONS, generate_problems
+from paced.tasks.models import ModelSize, build_tokenizer, init_model, save_model
+
+PRETRAIN_DATA_SEED = 1_000_003  # pre-training batches: rng([PRETRAIN_DATA_SEED, recipe.seed])
+EVAL_SEED = 1_000_033  # held-out problems a build reports its accuracy on
+BUILD_FILE = "build.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How one model is pre-trained: AdamW, linear warmup then cosine decay, fresh batches."""
+
+    steps: int = 1000
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05  # the cosine ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.01
+    max_digits: int = 4
+    digit_weights: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # sampling weight of 1..max_digits
+    subtraction_fraction: float = 0.25  # share of `-` problems, the rest are `+`
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_digits"):
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise InputError(f"`learning_rate` must be > 0, got {self.learning_rate}")
+        if not 0 <= self.subtraction_fraction <= 1:
+            raise InputError(f"`subtraction_fraction` must be in [0, 1], got {self.subtraction_fraction}")
+        if len(self.digit_weights) != self.max_digits or min(self.digit_weights) < 0 or not any(self.digit_weights):
+            raise InputError(f"`digit_weights` needs {self.max_digits} weights >= 0, got {self.digit_weights}")
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """A named model of the built-in task: its shape and how it is pre-trained."""
+
+    name: str
+    size: ModelSize
+    pretrain: PretrainConfig
+    eval_problems_per_operation: int = 400
+    passrate_problems: int = 300  # held-out `+` problems for the pass-rate spread at K samples
+    passrate_samples: int = 8
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as build.json stores them
+
+
+RECIPES: dict[str, ModelRecipe] = {
+    "teacher": ModelRecipe(
+        "teacher", ModelSize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+        PretrainConfig(steps=1500, batch_size=256, learning_rate=3e-3),
+    ),
+    "student": ModelRecipe(
+        "student", ModelSize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256),
+        PretrainConfig(steps=500, batch_size=256, learning_rate=3e-3, seed=1),
+    ),
+    "quick-teacher": ModelRecipe(
+        "quick-teacher", ModelSize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256),
+        PretrainConfig(steps=300, batch_size=256, learning_rate=5e-3),
+    ),
+    "quick-student": ModelRecipe(
+        "quick-student", ModelSize(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),
+        PretrainConfig(steps=100, batch_size=256, learning_rate=5e-3, seed=1),
+    ),
+}
+
+
+@dataclass
+class BuildResult:
+    """One model folder: where it is, whether a cached build was reused, its build record."""
+
+    name: str
+    path: Path
+    reused: bool
+    record: dict = field(default_factory=dict)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def sample_texts(rng: np.random.Generator, config: PretrainConfig, n: int) -> tuple[list[str], list[str]]:
+    """`n` random (prompt, answer) pairs drawn as the recipe says (digit weights, op mix)."""
+    weights = np.asarray(config.digit_weights, dtype=float)
+    digits = rng.choice(np.arange(1, config.max_digits + 1), size=n, p=weights / weights.sum())
+    subtract = rng.random(n) < config.subtraction_fraction
+    swap = rng.random(n) < 0.5
+    low = np.where(digits == 1, 0, 10 ** (digits - 1))
+    a = rng.integers(low, 10**digits)
+    b = rng.integers(0, 10**digits)
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    prompts, answers = [], []
+    for x, y, minus in zip(a.tolist(), b.tolist(), subtract.tolist(), strict=True):
+        op = "-" if minus else "+"
+        prompts.append(f"{x}{op}{y}=")
+        answers.append(str(OPERATIONS[op](x, y)))
+    return prompts, answers
+
+
+def encode_examples(tokenizer, prompts: list[str], answers: list[str]):
+    """Right-padded `input_ids` and `labels` (-100 outside the answer and its `</s>`)."""
+    import torch
+
+    vocab = tokenizer.get_vocab()
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = [
+        ([bos] + [vocab[c] for c in p], [vocab[c] for c in a] + [eos])
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    width = max(len(q) + len(r) for q, r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (q, r) in enumerate(rows):
+        ids[i, : len(q) + len(r)] = torch.tensor(q + r)
+        labels[i, len(q) : len(q) + len(r)] = torch.tensor(r)
+    return ids, labels
+
+
+def learning_rate_at(step: int, config: PretrainConfig) -> float:
+    """Linear warmup to `learning_rate`, then cosine down to `learning_rate * min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio
+    return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def pretrain(model, tokenizer, config: PretrainConfig, *, progress: bool = True) -> list[float]:
+    """Train `model` in place on fresh random batches; returns the loss of every step.
+
+    A plain torch loop: AdamW (no decay on norms), gradient clipping at 1.0, loss on answer
+    tokens only. Deterministic on the CPU for the same config, model and thread count.
+    """
+    import torch
+    from tqdm import tqdm
+
+    rng = np.random.default_rng([PRETRAIN_DATA_SEED, config.seed])
+    torch.manual_seed(config.seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(0.9, 0.98),
+    )
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="pretrain", unit="step", file=sys.stderr, disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config)
+        ids, labels = encode_examples(tokenizer, *sample_texts(rng, config, config.batch_size))
+        loss = model(input_ids=ids, labels=labels).loss  # right padding: no mask needed (causal)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == config.steps - 1:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}", refresh=False)
+    model.eval()
+    return losses
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def _generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[str]:
+    import torch
+
+    with torch.no_grad():
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, **sampling,
+        )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def accuracy_by_difficulty(model, tokenizer, problems: pa.Table, *, batch_size: int = 512) -> dict[str, float]:
+    """Greedy-decoding accuracy per difficulty (keys "1".."n") and over all problems ("all").
+
+    `problems` has columns prompt, answer, difficulty. An answer counts when the decoded
+    completion (up to `</s>`) equals it exactly.
+    """
+    prompts = problems.column("prompt").to_pylist()
+    answers = problems.column("answer").to_pylist()
+    difficulty = np.asarray(problems.column("difficulty").to_pylist())
+    if not prompts:
+        return {"all": float("nan")}
+    max_new = max(len(a) for a in answers) + 1  # room for the `</s>` that ends a right answer
+    correct = np.zeros(len(prompts), dtype=bool)
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        got = _generate_answers(model, tokenizer, prompts[chunk], max_new, do_sample=False)
+        correct[chunk] = [g.strip() == a for g, a in zip(got, answers[chunk], strict=True)]
+    result = {str(d): float(correct[difficulty == d].mean()) for d in sorted(set(difficulty.tolist()))}
+    result["all"] = float(correct.mean())
+    return result
+
+
+def sample_pass_rates(
+    model, tokenizer, problems: pa.Table, *, k: int = 8, temperature: float = 1.0, seed: int = 0,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Per-problem pass rate c/k from `k` samples at `temperature` (HF generate, do_sample)."""
+    import torch
+
+    prompts = problems.column("prompt").to_pylist()
+    answers = problems.column("answer").to_pylist()
+    max_new = max(len(a) for a in answers) + 1
+    torch.manual_seed(seed)
+    rates = np.zeros(len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        got = _generate_answers(
+            model, tokenizer, prompts[chunk], max_new, do_sample=True, temperature=temperature,
+            top_k=0, top_p=1.0, num_return_sequences=k,
+        )
+        hits = np.array([g.strip() == a for g, a in zip(got, np.repeat(answers[chunk], k), strict=True)])
+        rates[chunk] = hits.reshape(-1, k).mean(axis=1)
+    return rates
+
+
+def compute_spread(pass_rates: np.ndarray) -> dict[str, float]:
+    """Share of problems never solved (p=0), partly solved, always solved (p=1); mean p."""
+    p = np.asarray(pass_rates, dtype=float)
+    return {
+        "never": float(np.mean(p == 0)), "partly": float(np.mean((p > 0) & (p < 1))),
+        "always": float(np.mean(p == 1)), "mean": float(p.mean()),
+    }
+
+
+def evaluate_model(model, tokenizer, recipe: ModelRecipe) -> dict:
+    """Held-out accuracy by difficulty per operation and the pass-rate spread, for build.json."""
+    cfg = recipe.pretrain
+    n = recipe.eval_problems_per_operation
+    accuracy = {
+        op: accuracy_by_difficulty(model, tokenizer, generate_problems(n, EVAL_SEED, max_digits=cfg.max_digits, operations=op))
+        for op in ("+", "-")
+    }
+    pool = generate_problems(recipe.passrate_problems, EVAL_SEED + 1, max_digits=cfg.max_digits, operations="+")
+    rates = sample_pass_rates(model, tokenizer, pool, k=recipe.passrate_samples, seed=cfg.seed)
+    spread = compute_spread(rates) | {"k": recipe.passrate_samples, "temperature": 1.0, "problems": len(rates)}
+    return {"accuracy": accuracy, "pass_rate_spread": spread}
+
+
+# --- builds and the cache ---------------------------------------------------------------------
+
+
+def read_build_record(model_dir: Path) -> dict | None:
+    """The `build.json` of a finished build in `model_dir`, or None."""
+    path = Path(model_dir) / BUILD_FILE
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _train_into(recipe: ModelRecipe, out_dir: Path, *, threads: int, progress: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    tokenizer = build_tokenizer()
+    model = init_model(tokenizer, recipe.size, seed=recipe.pretrain.seed)
+    started = time.perf_counter()
+    losses = pretrain(model, tokenizer, recipe.pretrain, progress=progress)
+    train_seconds = time.perf_counter() - started
+    evaluation = evaluate_model(model, tokenizer, recipe)
+    save_model(model, tokenizer, out_dir)
+    record = {
+        "name": recipe.name, "config": recipe.to_json(), "seed": recipe.pretrain.seed,
+        "steps": recipe.pretrain.steps, "seconds": round(train_seconds, 1),
+        "eval_seconds": round(time.perf_counter() - started - train_seconds, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
+        "data": {"pretrain_seed": [PRETRAIN_DATA_SEED, recipe.pretrain.seed], "eval_seed": EVAL_SEED},
+        "threads": threads, "torch_version": torch.__version__, "paced_version": __version__,
+        **evaluation,
+    }
+    write_json_atomic(out_dir / BUILD_FILE, record)  # last: marks the folder complete
+    return record
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}.", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_model(
+    recipe: ModelRecipe, models_dir: Path, *, force: bool = False, threads: int = 2, progress: bool = True
+) -> BuildResult:
+    """Train `recipe` into `models_dir/{name}`, or reuse a build there made from the same recipe."""
+    models_dir = Path(models_dir)
+    final = models_dir / recipe.name
+    record = read_build_record(final)
+    if record is not None and record.get("config") == recipe.to_json() and not force:
+        log.info("reusing cached %s at %s (build.json matches its recipe)", recipe.name, final)
+        return BuildResult(recipe.name, final, reused=True, record=record)
+    log.info("building %s into %s (%d steps)", recipe.name, final, recipe.pretrain.steps)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}.", dir=models_dir))
+    try:
+        record = _train_into(recipe, tmp, threads=threads, progress=progress)
+        _move_into_place(tmp, final)
+        log.info("built %s at %s in %.0f s", recipe.name, final, record["seconds"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BuildResult(recipe.name, final, reused=False, record=record)
+
+
+def build_models(
+    models_dir: Path, *, quick: bool = False, roles: tuple[str, ...] = ("teacher", "student"),
+    force: bool = False, threads: int = 2, progress: bool = True,
+) -> dict[str, BuildResult]:
+    """The built-in teacher and student (or their `quick-` variants), keyed by role."""
+    return {
+        role: build_model(
+            RECIPES[f"quick-{role}" if quick else role], models_dir, force=force, threads=threads,
+            progress=progress,
+        )
+        for role in roles
+    }
