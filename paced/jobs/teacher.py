@@ -1,0 +1,189 @@
+"""Collect verified teacher reference responses: the targets of forward-KL distillation.
+
+    paced teacher --teacher DIR [--teacher-id ID] --dataset NAME [--tries 4] [-k 1] \\
+        [--temperature 1.0] [--max-new-tokens N] [--seed S] [--backend ...] [--limit N] \\
+        [--batch-size 256] --home DIR
+
+Per problem, up to `--tries` tries, stopping at the first that yields a verified-correct answer:
+try 0 is greedy (temperature 0, one sample): the teacher's most likely answer; tries 1.. draw
+`-k` samples each at `--temperature` (default 1.0), sample s of try t seeded like rollout
+sample (t-1)·k+s of problem P (`derive_seed(S, P) + j`). Of the first successful try, the
+first correct sample is kept as the problem's one reference (REFERENCE_SCHEMA, `attempt` = the
+try), so each problem has at most one reference and shards are deterministic.
+
+Problems go in id order, `--batch-size` at a time; each batch commits
+`references/{dataset}/{teacher}/batch-{seq}.parquet` (correct responses only; skipped when
+none) and then `done-{seq}.json` (every id tried, the unsolved ones, the settings). A rerun
+skips every problem that is solved or listed as tried, so unsolved problems are not retried
+forever; a kill between the two files only means that batch's unsolved problems are tried
+again (with the same seeds, so the same result). stdout: one JSON summary, including the
+count and first ids of problems the teacher could not solve.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from paced.errors import InputError
+from paced.jobs.rollout import WorkItem, chunk_batches, generate_items, select_problems
+from paced.store.home import Home, open_home, validate_name
+from paced.store.problems import dataset_info
+from paced.store.rollouts import done_problems, folder_lock, unsolved_problems, write_reference_batch
+from paced.store.shards import REFERENCE_SCHEMA
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    tries: int = 4
+    k: int = 1  # samples per sampled try (try 0 is always one greedy sample)
+    temperature: float = 1.0  # of tries 1..
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    chat_template: bool = False
+    batch_size: int = 256
+    grader_workers: int = 2
+    grading_timeout_seconds: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("tries", "k", "batch_size", "grader_workers"):
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}", detail={"field": name})
+        self.sampling(1)
+
+    def sampling(self, attempt: int):
+        from paced.backends.base import SamplingConfig
+
+        return SamplingConfig(n=1, temperature=0.0 if attempt == 0 else self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens, seed=self.seed, stop=self.stop,
+                              chat_template=self.chat_template)
+
+
+def solve_batch(backend, pool, problems: list[WorkItem], config: TeacherConfig) -> tuple[dict, dict]:
+    """Try the batch's problems; returns ({id: (response, attempt)}, stats)."""
+    solved: dict[str, tuple[str, int]] = {}
+    stats = {"samples": 0, "tokens": 0}
+    remaining = problems
+    for attempt in range(config.tries):
+        if not remaining:
+            break
+        first, count = (0, 1) if attempt == 0 else ((attempt - 1) * config.k, config.k)
+        items = [WorkItem(p.problem_id, p.prompt, p.answer, first, count) for p in remaining]
+        completions = generate_items(backend, items, config.sampling(attempt))
+        flat = [(item, c) for item, cs in zip(items, completions, strict=True) for c in cs]
+        verdicts = pool.grade([(c.text, item.answer) for item, c in flat])
+        stats["samples"] += len(flat)
+        stats["tokens"] += sum(c.tokens for _, c in flat)
+        for (item, c), verdict in zip(flat, verdicts, strict=True):
+            if verdict.outcome == "correct" and item.problem_id not in solved:
+                solved[item.problem_id] = (c.text, attempt)
+        remaining = [p for p in remaining if p.problem_id not in solved]
+    return solved, stats
+
+
+def _reference_table(dataset: str, teacher_id: str, solved: dict) -> pa.Table:
+    ids = sorted(solved)
+    return pa.table({"problem_id": ids, "dataset": [dataset] * len(ids), "teacher_id": [teacher_id] * len(ids),
+                     "response": [solved[i][0] for i in ids],
+                     "attempt": pa.array([solved[i][1] for i in ids], pa.int32())}, schema=REFERENCE_SCHEMA)
+
+
+def collect_references(home: Home, teacher_dir: str | Path | None, dataset: str,
+                       config: TeacherConfig = TeacherConfig(), *, teacher_id: str | None = None,
+                       limit: int | None = None, backend=None, backend_name: str | None = None,
+                       progress: bool = True) -> dict:
+    """Collect references for the problems not yet done; returns the run's summary."""
+    start = time.perf_counter()
+    if teacher_id is None:
+        from paced.backends.base import model_id
+
+        if teacher_dir is None:
+            raise InputError("give a teacher directory or a teacher id")
+        teacher_id = model_id(teacher_dir)
+    validate_name(teacher_id, "teacher_id")
+    grader = dataset_info(home, dataset)["grader"]
+    folder = home.references_dir(dataset, teacher_id)
+    totals = {"solved": 0, "samples": 0, "tokens": 0, "batches": 0}
+    with folder_lock(folder, "teacher job"):
+        problems = select_problems(home, dataset, None, limit)
+        done = done_problems(folder)
+        todo = [WorkItem(pid, prompt, answer, 0, 1) for pid, prompt, answer in zip(
+            problems["id"].to_pylist(), problems["prompt"].to_pylist(), problems["answer"].to_pylist(), strict=True)
+            if pid not in done]
+        if todo:
+            _run(home, folder, dataset, teacher_id, teacher_dir, grader, todo, config, totals, backend,
+                 backend_name, progress)
+        else:
+            print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by {teacher_id}",
+                  file=sys.stderr)
+        unsolved_all = unsolved_problems(folder)
+    in_run = set(problems["id"].to_pylist())
+    unsolved = [pid for pid in unsolved_all if pid in in_run]
+    return {"teacher_id": teacher_id, "dataset": dataset, "problems": problems.num_rows, "tried": len(todo),
+            "solved": totals["solved"], "unsolved": len(unsolved), "unsolved_ids": unsolved[:10],
+            "samples": totals["samples"], "tokens": totals["tokens"], "batches": totals["batches"],
+            "seconds": round(time.perf_counter() - start, 3), "already_done": not todo}
+
+
+def _run(home, folder, dataset, teacher_id, teacher_dir, grader, todo, config, totals, backend, backend_name,
+         progress) -> None:
+    from contextlib import ExitStack
+
+    from paced.grading import GradingPool
+    from paced.jobs.rollout import progress_bar
+
+    with ExitStack() as stack:
+        if backend is None:
+            from paced.backends import load_backend
+
+            backend = stack.enter_context(load_backend(backend_name, teacher_dir))
+        pool = stack.enter_context(GradingPool(grader, config.grader_workers, config.grading_timeout_seconds))
+        bar = stack.enter_context(progress_bar(len(todo), progress))
+        bar.set_description("teacher")
+        settings = {"tries": config.tries, "k": config.k, "temperature": config.temperature,
+                    "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
+                    "stop": list(config.stop), "chat_template": config.chat_template, "grader": grader}
+        for batch in chunk_batches(todo, config.batch_size):
+            solved, stats = solve_batch(backend, pool, batch, config)
+            tried = [p.problem_id for p in batch]
+            write_reference_batch(folder, _reference_table(dataset, teacher_id, solved), tried,
+                                  [pid for pid in tried if pid not in solved], REFERENCE_SCHEMA, settings)
+            totals["solved"] += len(solved)
+            totals["samples"] += stats["samples"]
+            totals["tokens"] += stats["tokens"]
+            totals["batches"] += 1
+            bar.update(len(batch))
+            bar.set_postfix(solved=totals["solved"])
+
+
+def add_arguments(parser) -> None:
+    from paced.cli import add_home_argument
+    from paced.jobs.rollout import add_sampling_arguments
+
+    parser.add_argument("--teacher", required=True, metavar="DIR", help="the teacher model directory")
+    parser.add_argument("--teacher-id", default=None, help="id to file references under (default: hash of the model files)")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--tries", type=int, default=4, help="tries per problem: one greedy, then sampled")
+    parser.add_argument("-k", "--k", type=int, default=1, help="samples per sampled try")
+    add_sampling_arguments(parser)
+    add_home_argument(parser)
+
+
+def run(args) -> int:
+    config = TeacherConfig(tries=args.tries, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, stop=tuple(args.stop),
+                           chat_template=args.chat_template, batch_size=args.batch_size,
+                           grader_workers=args.grader_workers, grading_timeout_seconds=args.grading_timeout)
+    home = open_home(args.home, create=False)
+    summary = collect_references(home, args.teacher, args.dataset, config, teacher_id=args.teacher_id,
+                                 limit=args.limit, backend_name=None if args.backend == "auto" else args.backend)
+    print(json.dumps(summary), file=sys.stdout)
+    return 0
