@@ -37,8 +37,10 @@ class HFBackend(Backend):
 
     name = "transformers"
 
-    def __init__(self, model_dir: str | Path, *, batch_size: int = 64, device: str | None = None):
-        """Load tokenizer and model from `model_dir` (float32 on CPU, bfloat16 on CUDA)."""
+    def __init__(self, model_dir: str | Path, *, batch_size: int = 512, device: str | None = None):
+        """Load tokenizer and model from `model_dir` (float32 on CPU, bfloat16 on CUDA).
+
+        `batch_size` counts sequences per `model.generate` call (prompts x samples)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,7 +55,7 @@ class HFBackend(Backend):
         self._setup(model, tokenizer, batch_size)
 
     @classmethod
-    def from_model(cls, model, tokenizer, *, batch_size: int = 64) -> HFBackend:
+    def from_model(cls, model, tokenizer, *, batch_size: int = 512) -> HFBackend:
         """Wrap an already loaded model and tokenizer (e.g. the trainer's student); `close`
         drops the references but leaves the objects to their owner."""
         backend = cls.__new__(cls)
@@ -80,12 +82,13 @@ class HFBackend(Backend):
         prompt_ids = render_prompts(self.tokenizer, prompts, params.chat_template)
         check_prompt_lengths(prompt_ids, self.max_length)
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding
+        per_call = max(1, self.batch_size // (params.n if params.temperature > 0 else 1))
         results: list[list[Completion]] = [[] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
+            for start in range(0, len(order), per_call):
+                chunk = order[start : start + per_call]
                 done = self._generate_chunk([prompt_ids[i] for i in chunk],
                                             [seeds[i] for i in chunk], params)
                 for i, completions in zip(chunk, done, strict=True):

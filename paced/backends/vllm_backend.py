@@ -39,7 +39,7 @@ class VLLMBackend(Backend):
         model_dir: str | Path,
         *,
         max_model_len: int | None = None,
-        dtype: str = "auto",
+        dtype: str | None = None,
         in_process: bool | None = None,
         enforce_eager: bool | None = None,
         cpu_kv_cache_gib: int = 1,
@@ -49,9 +49,11 @@ class VLLMBackend(Backend):
         """Start an engine for `model_dir`.
 
         `in_process` and `enforce_eager` default to True on the CPU (fast start; compiling
-        helps little there) and to vLLM's own choices on a GPU. `cpu_kv_cache_gib` sets
-        VLLM_CPU_KVCACHE_SPACE unless the environment already does. Other keyword arguments
-        go to `vllm.LLM` as they are.
+        helps little there) and to vLLM's own choices on a GPU; on the CPU `max_num_seqs`
+        defaults to 1024 and `cpu_kv_cache_gib` sets VLLM_CPU_KVCACHE_SPACE unless the
+        environment already does. `dtype` defaults to float32 on the CPU (vLLM's "auto" would
+        pick bfloat16 there; float32 matches the transformers backend and the trainer) and to
+        "auto" on a GPU. Other keyword arguments go to `vllm.LLM` as they are.
         """
         path = check_model_dir(model_dir)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -61,16 +63,14 @@ class VLLMBackend(Backend):
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        dtype = dtype or ("float32" if on_cpu else "auto")
         in_process = on_cpu if in_process is None else in_process
+        engine_kwargs = _engine_kwargs(on_cpu, in_process, enforce_eager, engine_kwargs)
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
-            engine_kwargs.setdefault("enforce_eager", True if enforce_eager is None else enforce_eager)
-        elif enforce_eager is not None:
-            engine_kwargs["enforce_eager"] = enforce_eager
-        if in_process:
-            engine_kwargs.setdefault("distributed_executor_backend", "uni")
         self._set_num_threads = torch.set_num_threads
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.llm = None
         try:
             with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None):
                 self.llm = LLM(
@@ -121,6 +121,20 @@ class VLLMBackend(Backend):
         gc.collect()
         cleanup_dist_env_and_memory()
         torch.set_num_threads = self._set_num_threads
+
+
+def _engine_kwargs(on_cpu: bool, in_process: bool, enforce_eager: bool | None, given: dict) -> dict:
+    """Engine arguments: the caller's, over our defaults for the CPU and in-process engines."""
+    kwargs = dict(given)
+    if on_cpu:  # measured on the tiny models: 1024 sequences per step ~1.7x the default 256
+        kwargs.setdefault("enforce_eager", True if enforce_eager is None else enforce_eager)
+        kwargs.setdefault("max_num_seqs", 1024)
+        kwargs.setdefault("max_num_batched_tokens", 16384)
+    elif enforce_eager is not None:
+        kwargs["enforce_eager"] = enforce_eager
+    if in_process:
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    return kwargs
 
 
 def _completion(output) -> Completion:
