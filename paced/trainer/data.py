@@ -41,6 +41,7 @@ class ShardRows:
     epoch: int
     index: int
     start: int = 0
+    wait_seconds: float | None = None  # not a shard: the service asks to come back later
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Batch:
     rows: list[dict]
     done_keys: tuple[str, ...]  # shards whose every row is now consumed (ack after the step)
     position: dict | None  # where the stream resumes after this batch (files: epoch/shard/row)
+    wait_seconds: float | None = None  # no rows: the service has none free now, ask again later
 
 
 # ---------------------------------------------------------------- shard files
@@ -105,7 +107,9 @@ class HttpShardSource:
 
     Connection errors and 5xx answers are retried `retries` times with exponential backoff;
     4xx answers raise a `PacedError` carrying the service's message. A lease answer of
-    `wait` (or 204 with Retry-After) sleeps and asks again; `done` (or a bare 204) ends."""
+    `wait` (or 204 with Retry-After) is passed on as a `ShardRows` with `wait_seconds` (the
+    trainer first finishes and acks what it holds: its own leases may be what blocks the rest);
+    `done` (or a bare 204) ends."""
 
     shared = False
 
@@ -165,7 +169,7 @@ class HttpShardSource:
             if data.get("done") is True or status == "done":
                 return
             if status == "wait":
-                time.sleep(min(60.0, max(0.05, float(retry or 1.0))))
+                yield ShardRows("", [], -1, -1, wait_seconds=min(60.0, max(0.05, float(retry or 1.0))))
                 continue
             self.leased += 1
             yield ShardRows(data["lease_id"], list(data.get("items") or []), int(data.get("epoch", 0)),
@@ -220,6 +224,10 @@ def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path) -> st
                           i.get("uniform_mix", 0.0))
     manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"],
                                               i.get("epoch", 0), i.get("mode", "weighted-loss"))
+    if manifest.num_items == 0:
+        raise InputError(f"the refreshed pass rates of {student_id} leave no problem with a weight > 0 "
+                         f"under scheme {i['scheme']!r}; build the manifest with a guard (--weight-floor, "
+                         "--uniform-mix) or --scheme paced-posterior")
     if out.exists():  # left by an interrupted earlier attempt at this boundary
         shutil.rmtree(out)
     write_manifest_dir(home, manifest, {**i, "student_id": student_id, "snapshot_id": snapshot_id}, out,
@@ -266,11 +274,16 @@ class BatchStream:
     world_size: int = 1
     skipped_rows: int = 0  # rows left out for lack of a completion
     _rows: Iterator | None = field(default=None, repr=False)
+    _pushed: Batch | None = field(default=None, repr=False)
 
-    def _row_stream(self) -> Iterator[tuple[dict | None, str | None, dict | None]]:
-        """(row or None if left out, key of a shard finished at this row, position after it)."""
+    def _row_stream(self) -> Iterator[tuple[dict | None, str | None, dict | None, float | None]]:
+        """(row or None if left out, key of a shard finished at this row, position after it,
+        seconds to wait when the source has nothing now)."""
         useful, counting, epoch = 0, None, None
         for shard in self.source:
+            if shard.wait_seconds is not None:
+                yield None, None, None, shard.wait_seconds
+                continue
             if shard.epoch != epoch:  # a full epoch of files without a trainable row: loop forever
                 if counting and useful == 0 and self.source.shared:
                     raise InputError(f"no row of {getattr(self.source, 'folder', 'the source')} has a weight > 0"
@@ -278,7 +291,7 @@ class BatchStream:
                                      + ": nothing to train on")
                 counting, useful, epoch = shard.index == 0 and shard.start == 0, 0, shard.epoch
             if shard.start >= len(shard.rows):
-                yield None, shard.key, {"epoch": shard.epoch, "shard": shard.index + 1, "row": 0}
+                yield None, shard.key, {"epoch": shard.epoch, "shard": shard.index + 1, "row": 0}, None
             for j in range(shard.start, len(shard.rows)):
                 row = shard.rows[j]
                 last = j == len(shard.rows) - 1
@@ -289,13 +302,17 @@ class BatchStream:
                     row = None
                 elif float(row.get("weight") or 0.0) > 0:
                     useful += 1
-                yield row, (shard.key if last else None), pos
+                yield row, (shard.key if last else None), pos, None
 
     def _cut(self) -> Batch | None:
         rows, keys, position = [], [], None
         if self._rows is None:
             self._rows = self._row_stream()
-        for row, key, after in self._rows:
+        for row, key, after, wait in self._rows:
+            if wait is not None:
+                if rows or keys:  # train on what we hold first, so its shards get acked
+                    break
+                return Batch([], (), position, wait_seconds=wait)
             position = after
             if key is not None:
                 keys.append(key)
@@ -307,8 +324,15 @@ class BatchStream:
             return None
         return Batch(rows, tuple(keys), position)
 
+    def push_back(self, batch: Batch) -> None:
+        """Return a batch to the stream: the next `next_batch` gives it again."""
+        self._pushed = batch
+
     def next_batch(self) -> Batch | None:
         """This process's next batch (None when the source is exhausted)."""
+        if self._pushed is not None:
+            batch, self._pushed = self._pushed, None
+            return batch
         if not self.source.shared or self.world_size == 1:
             return self._cut()
         group = [self._cut() for _ in range(self.world_size)]

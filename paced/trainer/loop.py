@@ -281,6 +281,16 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
         batch = stream.next_batch()
         if t.runtime.any(batch is None):
             break
+        if t.runtime.any(batch.wait_seconds is not None):  # some process has no rows right now
+            if batch.wait_seconds is None:
+                stream.push_back(batch)
+            if micro > 0:
+                break  # step on what is there; its acks may free the shards the service holds back
+            for key in acks:  # only zero-weight batches so far: nothing to train, ack them now
+                stream.source.ack(key)
+            acks.clear()
+            time.sleep(batch.wait_seconds or 0.0)
+            continue
         acks.extend(batch.done_keys)
         progress.position = batch.position
         meter.add_rows(batch.rows)
