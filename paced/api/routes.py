@@ -45,11 +45,11 @@ class Unauthorized(PacedError):
     status = 401
 
 
-def get_service(request: Request) -> RunService:
+async def get_service(request: Request) -> RunService:  # async: no threadpool hop
     return request.app.state.service
 
 
-def require_token(request: Request,
+async def require_token(request: Request,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     settings = request.app.state.settings
     if not settings.require_token():
@@ -143,8 +143,8 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
     files = svc.epoch_files(run_id, lease.epoch)
     head = {"status": "leased", "run_id": run_id, "lease_id": lease.lease_id, "epoch": lease.epoch,
             "shard": lease.shard, "snapshot_id": files.snapshot_id, "expires_at": iso(lease.expires_at),
-            "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": lease.items}
-    metrics.items_served.inc(lease.items)
+            "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": files.shard_items(lease.shard)}
+    metrics.items_served.inc(head["num_items"])
     if not body.include_items:
         return Response(json.dumps(head).encode(), media_type="application/json")
     return Response(json_with_items(head, shard_jsonl(files, lease.shard)), media_type="application/json")

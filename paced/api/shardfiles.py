@@ -4,8 +4,8 @@ When a run's epoch is created the service writes, under a temporary name renamed
 `home/service/runs/{run_id}/epoch-{e:05d}/`:
 
 - `manifest.parquet`  the epoch's manifest items (position, problem_id, weight, pass_rate, n)
-- `shards.jsonl`      every shard row (SHARD_SCHEMA) as one JSON object per line, in epoch order:
-                      the whole epoch is itself a valid JSONL file
+- `shards.jsonl`      every shard row (SHARD_SCHEMA) as one JSON object per line, in epoch order
+                      (the whole epoch is itself a valid JSONL file; DuckDB writes it)
 - `shards.pack`       each shard as a standalone Parquet file, concatenated
 - `epoch.json`        snapshot id, counts, and the byte offsets of each shard in both files
 
@@ -23,15 +23,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paced import __version__
 from paced.curriculum import Manifest, shard_bounds
-from paced.errors import NotFoundError
+from paced.errors import NotFoundError, PacedError
 from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
 from paced.store.home import Home
 from paced.store.shards import assemble_rows
+from paced.store.sql import connect, statement
 
 EPOCH_FILE = "epoch.json"
 FORMATS = ("json", "jsonl", "parquet")
@@ -66,25 +68,46 @@ def epoch_folder(home: Home, run_id: str, epoch: int) -> Path:
     return home.service_dir / "runs" / run_id / f"epoch-{epoch:05d}"
 
 
-def _json_line(row: dict) -> bytes:
-    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode() + b"\n"
+def line_offsets(path: Path, every: int, chunk_bytes: int = 1 << 24) -> list[int]:
+    """Byte offsets of line 0, line `every`, line 2·`every`, …, and the end of the file."""
+    offsets, lines, pos = [0], 0, 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + pos + 1  # just after each newline
+            counts = np.arange(lines + 1, lines + len(ends) + 1)  # lines read once each newline is
+            offsets.extend(int(x) for x in ends[counts % every == 0])
+            lines += len(ends)
+            pos += len(chunk)
+    if offsets[-1] != pos:  # a last, short shard
+        offsets.append(pos)
+    return offsets
 
 
-def _write_shards(rows: pa.Table, bounds: list[tuple[int, int]], folder: Path) -> tuple[list[int], list[int]]:
-    jsonl_offsets, parquet_offsets = [0], [0]
-    with open(folder / "shards.jsonl", "wb") as jsonl, open(folder / "shards.pack", "wb") as pack:
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_shards(rows: pa.Table, bounds: list[tuple[int, int]], folder: Path,
+                  shard_size: int) -> tuple[list[int], list[int]]:
+    """shards.jsonl (written by DuckDB: compact, shortest round-trip floats) and shards.pack."""
+    con = connect()
+    con.register("shard_rows", rows)
+    con.execute(statement("service.write_jsonl"), {"path": str(folder / "shards.jsonl")})
+    con.close()
+    jsonl_offsets = line_offsets(folder / "shards.jsonl", shard_size)
+    parquet_offsets = [0]
+    with open(folder / "shards.pack", "wb") as pack:
         for start, stop in bounds:
-            part = rows.slice(start, stop - start)
-            jsonl.write(b"".join(_json_line(r) for r in part.to_pylist()))
             buf = io.BytesIO()
-            pq.write_table(part, buf, compression="zstd")
+            pq.write_table(rows.slice(start, stop - start), buf, compression="zstd")
             pack.write(buf.getvalue())
-            jsonl_offsets.append(jsonl.tell())
             parquet_offsets.append(pack.tell())
-        for fh in (jsonl, pack):
-            fh.flush()
-            os.fsync(fh.fileno())
+    for name in ("shards.jsonl", "shards.pack"):
+        _fsync(folder / name)
+    if len(jsonl_offsets) != len(parquet_offsets):
+        raise PacedError(f"shards.jsonl has {len(jsonl_offsets) - 1} shards, expected {len(bounds)}",
+                         code="internal")
     return jsonl_offsets, parquet_offsets
 
 
@@ -108,7 +131,7 @@ def write_epoch(home: Home, run_id: str, manifest: Manifest, snapshot_id: str, d
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}.", dir=folder.parent))
     try:
         write_parquet_atomic(tmp / "manifest.parquet", manifest.items)
-        jsonl_offsets, parquet_offsets = _write_shards(rows, bounds, tmp)
+        jsonl_offsets, parquet_offsets = _write_shards(rows, bounds, tmp, shard_size)
         info = {"run_id": run_id, "epoch": manifest.epoch, "snapshot_id": snapshot_id,
                 "items": manifest.num_items, "shard_size": shard_size,
                 "effective_sample_size": manifest.effective_sample_size, "paced_version": __version__,

@@ -1,16 +1,12 @@
-"""The service's own state database (`home/service/state.duckdb`): runs, epochs, shards, leases.
+"""The service's own state database (`home/service/state.duckdb`): runs, epochs, leases, acks.
 
-One DuckDB connection per process; every write goes through one cursor under one lock, inside a
-DuckDB transaction, so lease and ack are serialised read-modify-writes that either commit
-whole or not at all. Reads take their own cursor. The lease state machine, per shard:
-
-    free ──lease──► leased(L, expires_at) ──ack by L──► acked(L)
-                      │  ▲
-                      └──┘ expired, leased again as M: L's ack is now a 409
-
-- lease: the lowest shard of the run's current epoch that is free or whose lease expired.
-- ack of L on shard k: acked by L → idempotent; acked by M ≠ L → 409; held by M ≠ L (L expired
-  and k was re-leased) → 409; else (L live, or expired but k not re-leased) → acked.
+One DuckDB connection per process. Leases and acks are append-only rows; the lease state machine
+(`leases.EpochLeases`) of each run's current epoch is mirrored in memory, rebuilt from those rows
+on first use (so after a restart too). Every write runs on one writer thread (`commit.py`): a
+lease or an ack is decided on the mirror, written, committed with its batch, and answered only
+then, so answers are durable and a restart loses or doubles nothing. A failed batch drops the
+mirrors (they are rebuilt from what was committed). The `acks` primary key (one row per shard)
+makes a second ack of a shard impossible even for a bug above it. Reads take their own cursor.
 """
 
 from __future__ import annotations
@@ -25,15 +21,12 @@ from pathlib import Path
 
 import duckdb
 
+from paced.api.commit import Batch, GroupCommitter, Unavailable
+from paced.api.leases import EpochLeases
 from paced.errors import ConflictError, NotFoundError, PacedError
 from paced.store.sql import connect, statement
 
-TABLES = ("service.create_runs", "service.create_epochs", "service.create_shards", "service.create_leases")
-
-
-class Unavailable(PacedError):
-    code = "unavailable"
-    status = 503
+TABLES = ("service.create_runs", "service.create_epochs", "service.create_leases", "service.create_acks")
 
 
 @dataclass(frozen=True)
@@ -68,7 +61,6 @@ class Lease:
     shard: int
     consumer: str
     expires_at: float
-    items: int
 
 
 @dataclass(frozen=True)
@@ -101,47 +93,49 @@ class StateDB:
 
     def __init__(self, path: Path, clock: Callable[[], float]):
         self.path, self._clock = path, clock
-        self._lock = threading.Lock()
-        self._con = None
+        self._lock = threading.Lock()  # guards open/close
+        self._con = self._committer = None
+        self._runs: dict[str, RunRecord] = {}  # mirrors, touched only on the writer thread
+        self._current: dict[str, EpochLeases] = {}
         self.open()
 
     def open(self) -> None:
-        """Connect (again, after `close`) and create the tables if they are missing."""
+        """Connect (again, after `close`), create missing tables, start the writer thread."""
         with self._lock:
             if self._con is not None:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                con = connect(self.path)
+                con = connect(self.path, threads=1)
             except duckdb.Error as err:
                 raise PacedError(f"cannot open the service state {self.path}: is another `paced serve` using "
                                  f"this data home? ({err})", code="state_locked") from err
-            self._con, self._writer = con, con.cursor()
+            writer = con.cursor()
             for name in TABLES:
-                self._writer.execute(statement(name))
+                writer.execute(statement(name))
+            self._con, self._writer = con, writer
+            self._committer = GroupCommitter(writer, self._drop_mirrors)
 
     def close(self) -> None:
-        """Disconnect (DuckDB checkpoints its write-ahead log on close); a no-op when closed."""
+        """Finish queued writes, disconnect (DuckDB checkpoints its log on close); no-op when closed."""
         with self._lock:
             if self._con is None:
                 return
+            self._committer.stop()
             self._writer.close()
             self._con.close()
             self._con = None
+            self._drop_mirrors()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._lock:
-            if self._con is None:
-                raise Unavailable("the service is shutting down; retry shortly")
-            cur = self._writer
-            cur.begin()
-            try:
-                yield cur
-            except BaseException:
-                cur.rollback()
-                raise
-            cur.commit()
+    def _drop_mirrors(self) -> None:
+        self._runs.clear()
+        self._current.clear()
+
+    def _write(self, op):
+        committer = self._committer
+        if committer is None or self._con is None:
+            raise Unavailable("the service is shutting down; retry shortly")
+        return committer.submit(op)
 
     @contextmanager
     def _reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -154,6 +148,8 @@ class StateDB:
         finally:
             cur.close()
 
+    # ---- mirrors (writer thread only) -------------------------------------------------------------
+
     @staticmethod
     def _fetch_run(cur, run_id: str) -> RunRecord:
         row = cur.execute(statement("service.get_run"), {"run_id": run_id}).fetchone()
@@ -161,83 +157,134 @@ class StateDB:
             raise _not_found_run(run_id)
         return RunRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
 
+    def _run(self, batch: Batch, run_id: str) -> RunRecord:
+        run = self._runs.get(run_id)
+        if run is None:
+            run = self._runs[run_id] = self._fetch_run(batch.sql(), run_id)
+        return run
+
+    def _epoch_leases(self, batch: Batch, run: RunRecord) -> EpochLeases:
+        """The current epoch's lease states, rebuilt from the leases and acks rows if not mirrored."""
+        state = self._current.get(run.run_id)
+        if state is not None and state.epoch == run.current_epoch:
+            return state
+        cur, key = batch.sql(), {"run_id": run.run_id, "epoch": run.current_epoch}
+        state = EpochLeases(run.run_id, run.current_epoch,
+                            cur.execute(statement("service.get_epoch_shards"), key).fetchone()[0])
+        for lease_id, shard, expires_at in cur.execute(statement("service.epoch_leases"), key).fetchall():
+            state.grant(shard, lease_id, expires_at)
+        for shard, lease_id in cur.execute(statement("service.epoch_acks"), key).fetchall():
+            state.record_ack(shard, lease_id)
+        self._current[run.run_id] = state
+        return state
+
+    # ---- writes -----------------------------------------------------------------------------------
+
     @staticmethod
     def _insert_epoch(cur, run_id: str, epoch: EpochRecord, now: float) -> None:
         cur.execute(statement("service.insert_epoch"), {
             "run_id": run_id, "epoch": epoch.epoch, "snapshot_id": epoch.snapshot_id, "items": epoch.items,
             "shards": epoch.shards, "ess": epoch.effective_sample_size, "created_at": now})
-        cur.execute(statement("service.insert_shards"), {
-            "run_id": run_id, "epoch": epoch.epoch, "shards": epoch.shards, "items": epoch.items,
-            "shard_size": epoch.shard_size})
 
     def insert_run(self, record: RunRecord, epoch0: EpochRecord) -> None:
-        with self._transaction() as cur:
+        def op(batch: Batch):
+            cur = batch.sql()
             cur.execute(statement("service.insert_run"), {
                 "run_id": record.run_id, "created_at": record.created_at, "student_id": record.student_id,
                 "dataset": record.dataset, "snapshot_id": record.snapshot_id,
                 "config": json.dumps(record.config, sort_keys=True), "epochs": record.epochs})
             self._insert_epoch(cur, record.run_id, epoch0, record.created_at)
 
+        self._write(op)
+
     def add_epoch(self, run_id: str, epoch: EpochRecord) -> bool:
         """Record `epoch` as the run's current one; False if the run is already there."""
-        with self._transaction() as cur:
-            if self._fetch_run(cur, run_id).current_epoch >= epoch.epoch:
+        def op(batch: Batch):
+            run = self._run(batch, run_id)
+            if run.current_epoch >= epoch.epoch:
                 return False
+            cur = batch.sql()
             self._insert_epoch(cur, run_id, epoch, self._clock())
             cur.execute(statement("service.set_current_epoch"), {"run_id": run_id, "epoch": epoch.epoch})
-        return True
+            self._runs[run_id] = RunRecord(**{**run.__dict__, "current_epoch": epoch.epoch})
+            self._current.pop(run_id, None)
+            return True
+
+        return self._write(op)
+
+    def lease(self, run_id: str, consumer: str, ttl_seconds: float) -> LeaseOutcome:
+        def op(batch: Batch):
+            now = self._clock()
+            run = self._run(batch, run_id)
+            state = self._epoch_leases(batch, run)
+            shard = state.pick(now)
+            if shard is None:
+                return self._no_free_shard(run, state, now)
+            lease = Lease("l-" + secrets.token_hex(8), run_id, run.current_epoch, shard, consumer, now + ttl_seconds)
+            batch.add("service.insert_leases", {
+                "lease_id": lease.lease_id, "run_id": run_id, "epoch": lease.epoch, "shard": shard,
+                "consumer": consumer, "issued_at": now, "expires_at": lease.expires_at})
+            state.grant(shard, lease.lease_id, lease.expires_at)
+            return LeaseOutcome("leased", lease=lease)
+
+        return self._write(op)
+
+    @staticmethod
+    def _no_free_shard(run: RunRecord, state: EpochLeases, now: float) -> LeaseOutcome:
+        soonest = min((state.expires_at[k] for k in state.live(now)), default=None)
+        if soonest is not None:
+            return LeaseOutcome("wait", retry_after_seconds=max(soonest - now, 0.0))
+        if state.all_acked and run.current_epoch + 1 < run.epochs:
+            return LeaseOutcome("next_epoch", next_epoch=run.current_epoch + 1)
+        return LeaseOutcome("done")
+
+    def ack(self, run_id: str, lease_id: str) -> Ack:
+        def op(batch: Batch):
+            state = self._epoch_leases(batch, self._run(batch, run_id))
+            if lease_id not in state.leases:
+                return self._ack_elsewhere(batch.sql(), run_id, lease_id)
+            shard = state.leases[lease_id]
+            ack = Ack(lease_id, run_id, state.epoch, shard, already_acked=state.check_ack(lease_id) == "already")
+            if not ack.already_acked:
+                batch.add("service.insert_acks", {
+                    "run_id": run_id, "epoch": state.epoch, "shard": shard, "lease_id": lease_id,
+                    "acked_at": self._clock()})
+                state.record_ack(shard, lease_id)
+            return ack
+
+        return self._write(op)
+
+    @staticmethod
+    def _ack_elsewhere(cur, run_id: str, lease_id: str) -> Ack:
+        """A lease not of the current epoch: of an earlier, fully acked one, or unknown."""
+        row = cur.execute(statement("service.get_lease"), {"lease_id": lease_id}).fetchone()
+        if row is None or row[0] != run_id:
+            raise NotFoundError(f"run {run_id!r} has no lease {lease_id!r}",
+                                detail={"field": "lease_id", "value": lease_id})
+        _, epoch, shard = row
+        holder = cur.execute(statement("service.get_ack"), {"run_id": run_id, "epoch": epoch, "shard": shard}).fetchone()
+        if holder is None or holder[0] != lease_id:
+            raise ConflictError(f"lease {lease_id} expired and shard {shard} of epoch {epoch} was acked under "
+                                f"lease {holder[0] if holder else None}; discard the work done on it",
+                                code="lease_superseded",
+                                detail={"field": "lease_id", "value": lease_id, "epoch": epoch, "shard": shard})
+        return Ack(lease_id, run_id, epoch, shard, already_acked=True)
+
+    # ---- reads (any thread) -----------------------------------------------------------------------
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._reader() as cur:
             return self._fetch_run(cur, run_id)
 
-    def lease(self, run_id: str, consumer: str, ttl_seconds: float) -> LeaseOutcome:
-        now = self._clock()
-        with self._transaction() as cur:
-            run = self._fetch_run(cur, run_id)
-            key = {"run_id": run_id, "epoch": run.current_epoch}
-            row = cur.execute(statement("service.next_shard"), {**key, "now": now}).fetchone()
-            if row is not None:
-                lease = Lease("l-" + secrets.token_hex(8), run_id, run.current_epoch, row[0], consumer,
-                              now + ttl_seconds, row[1])
-                params = {**key, "shard": lease.shard, "lease_id": lease.lease_id, "expires_at": lease.expires_at}
-                cur.execute(statement("service.lease_shard"), params)
-                cur.execute(statement("service.insert_lease"), {**params, "consumer": consumer, "now": now})
-                return LeaseOutcome("leased", lease=lease)
-            live, soonest, open_ = cur.execute(statement("service.epoch_open"), {**key, "now": now}).fetchone()
-        if live:
-            return LeaseOutcome("wait", retry_after_seconds=max(soonest - now, 0.0))
-        if open_ == 0 and run.current_epoch + 1 < run.epochs:
-            return LeaseOutcome("next_epoch", next_epoch=run.current_epoch + 1)
-        return LeaseOutcome("done")
-
-    def ack(self, run_id: str, lease_id: str) -> Ack:
-        now = self._clock()
-        with self._transaction() as cur:
-            row = cur.execute(statement("service.get_lease"), {"lease_id": lease_id}).fetchone()
-            if row is None or row[0] != run_id:
-                raise NotFoundError(f"run {run_id!r} has no lease {lease_id!r}",
-                                    detail={"field": "lease_id", "value": lease_id})
-            key = {"run_id": run_id, "epoch": row[1], "shard": row[2]}
-            state, holder, _ = cur.execute(statement("service.get_shard"), key).fetchone()
-            ack = Ack(lease_id, run_id, row[1], row[2], already_acked=state == "acked" and holder == lease_id)
-            if ack.already_acked:
-                return ack
-            if holder != lease_id:
-                what = "acked under" if state == "acked" else "handed out again as"
-                raise ConflictError(
-                    f"lease {lease_id} expired and shard {row[2]} of epoch {row[1]} was {what} lease {holder}; "
-                    "discard the work done on it", code="lease_superseded",
-                    detail={"field": "lease_id", "value": lease_id, "epoch": row[1], "shard": row[2]})
-            cur.execute(statement("service.ack_shard"), {**key, "lease_id": lease_id, "now": now})
-            cur.execute(statement("service.ack_lease"), {"lease_id": lease_id, "now": now})
-        return ack
-
     def progress(self, run_id: str) -> list[dict]:
+        """Per epoch: items, shards, acked, leased (live), pending (free or expired)."""
         with self._reader() as cur:
             rel = cur.execute(statement("service.progress"), {"run_id": run_id, "now": self._clock()})
             names = [d[0] for d in rel.description]
-            return [dict(zip(names, row)) for row in rel.fetchall()]
+            rows = [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
+        for row in rows:
+            row["pending"] = row["shards"] - row["acked"] - row["leased"]
+        return rows
 
     def outstanding_leases(self) -> int:
         with self._reader() as cur:

@@ -1,7 +1,8 @@
--- The curriculum service's own state (home/service/state.duckdb): runs, epochs, shards, leases.
+-- The curriculum service's own state (home/service/state.duckdb): runs, epochs, leases, acks.
 -- Only `paced serve` writes this file (DuckDB: one writer per file). Times are Unix seconds.
--- Shard states: 'free' (never leased), 'leased' (lease_id, expires_at; an expired lease stays
--- 'leased' until the shard is handed out again), 'acked' (lease_id of the ack).
+-- Leases and acks are append-only; a shard's state is derived from them: acked if it has an ack
+-- row (one per shard: the primary key makes a second ack impossible), else held by its latest
+-- lease (live until expires_at), else free.
 
 -- name: create_runs
 CREATE TABLE IF NOT EXISTS runs (
@@ -27,19 +28,6 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (run_id, epoch)
 );
 
--- name: create_shards
-CREATE TABLE IF NOT EXISTS shards (
-    run_id VARCHAR NOT NULL,
-    epoch INTEGER NOT NULL,
-    shard INTEGER NOT NULL,
-    items INTEGER NOT NULL,
-    state VARCHAR NOT NULL,
-    lease_id VARCHAR,
-    expires_at DOUBLE,
-    acked_at DOUBLE,
-    PRIMARY KEY (run_id, epoch, shard)
-);
-
 -- name: create_leases
 CREATE TABLE IF NOT EXISTS leases (
     lease_id VARCHAR PRIMARY KEY,
@@ -48,8 +36,17 @@ CREATE TABLE IF NOT EXISTS leases (
     shard INTEGER NOT NULL,
     consumer VARCHAR NOT NULL,
     issued_at DOUBLE NOT NULL,
-    expires_at DOUBLE NOT NULL,
-    acked_at DOUBLE
+    expires_at DOUBLE NOT NULL
+);
+
+-- name: create_acks
+CREATE TABLE IF NOT EXISTS acks (
+    run_id VARCHAR NOT NULL,
+    epoch INTEGER NOT NULL,
+    shard INTEGER NOT NULL,
+    lease_id VARCHAR NOT NULL,
+    acked_at DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, epoch, shard)
 );
 
 -- name: insert_run
@@ -58,12 +55,6 @@ INSERT INTO runs VALUES ($run_id, $created_at, $student_id, $dataset, $snapshot_
 -- name: insert_epoch
 INSERT INTO epochs VALUES ($run_id, $epoch, $snapshot_id, $items, $shards, $ess, $created_at);
 
--- name: insert_shards
--- One row per shard of the epoch; the last shard may be short.
-INSERT INTO shards
-SELECT $run_id, $epoch, k, least($shard_size, $items - k * $shard_size), 'free', NULL, NULL, NULL
-FROM range($shards) AS t(k);
-
 -- name: set_current_epoch
 UPDATE runs SET current_epoch = $epoch WHERE run_id = $run_id;
 
@@ -71,51 +62,51 @@ UPDATE runs SET current_epoch = $epoch WHERE run_id = $run_id;
 SELECT run_id, created_at, student_id, dataset, snapshot_id, config, epochs, current_epoch
 FROM runs WHERE run_id = $run_id;
 
--- name: next_shard
--- The lowest shard of the epoch that is free or whose lease has expired.
-SELECT shard, items FROM shards
+-- name: get_epoch_shards
+SELECT shards FROM epochs WHERE run_id = $run_id AND epoch = $epoch;
+
+-- name: insert_leases
+-- Many rows in one statement: every parameter is a list, one element per row.
+INSERT INTO leases
+SELECT unnest($lease_id), unnest($run_id), unnest($epoch), unnest($shard), unnest($consumer),
+       unnest($issued_at), unnest($expires_at);
+
+-- name: insert_acks
+INSERT INTO acks
+SELECT unnest($run_id), unnest($epoch), unnest($shard), unnest($lease_id), unnest($acked_at);
+
+-- name: epoch_leases
+-- In grant order: the last lease of a shard is its holder.
+SELECT lease_id, shard, expires_at FROM leases
 WHERE run_id = $run_id AND epoch = $epoch
-  AND (state = 'free' OR (state = 'leased' AND expires_at <= $now))
-ORDER BY shard
-LIMIT 1;
+ORDER BY issued_at, shard;
 
--- name: epoch_open
--- Live leases (and the soonest expiry) and shards not yet acked, in one epoch.
-SELECT count(*) FILTER (WHERE state = 'leased' AND expires_at > $now) AS live,
-       min(expires_at) FILTER (WHERE state = 'leased' AND expires_at > $now) AS soonest,
-       count(*) FILTER (WHERE state <> 'acked') AS open
-FROM shards WHERE run_id = $run_id AND epoch = $epoch;
-
--- name: lease_shard
-UPDATE shards SET state = 'leased', lease_id = $lease_id, expires_at = $expires_at
-WHERE run_id = $run_id AND epoch = $epoch AND shard = $shard;
-
--- name: insert_lease
-INSERT INTO leases VALUES ($lease_id, $run_id, $epoch, $shard, $consumer, $now, $expires_at, NULL);
+-- name: epoch_acks
+SELECT shard, lease_id FROM acks WHERE run_id = $run_id AND epoch = $epoch;
 
 -- name: get_lease
-SELECT run_id, epoch, shard, consumer, expires_at, acked_at FROM leases WHERE lease_id = $lease_id;
+SELECT run_id, epoch, shard FROM leases WHERE lease_id = $lease_id;
 
--- name: get_shard
-SELECT state, lease_id, items FROM shards WHERE run_id = $run_id AND epoch = $epoch AND shard = $shard;
-
--- name: ack_shard
-UPDATE shards SET state = 'acked', acked_at = $now
-WHERE run_id = $run_id AND epoch = $epoch AND shard = $shard AND lease_id = $lease_id;
-
--- name: ack_lease
-UPDATE leases SET acked_at = $now WHERE lease_id = $lease_id;
+-- name: get_ack
+SELECT lease_id FROM acks WHERE run_id = $run_id AND epoch = $epoch AND shard = $shard;
 
 -- name: progress
+-- Per epoch: shards acked, and shards under a live lease (a shard has at most one live lease).
 SELECT e.epoch, e.snapshot_id, e.items, e.shards, e.effective_sample_size, e.created_at,
-       count(*) FILTER (WHERE s.state = 'acked') AS acked,
-       count(*) FILTER (WHERE s.state = 'leased' AND s.expires_at > $now) AS leased,
-       count(s.shard) FILTER (WHERE s.state = 'free' OR (s.state = 'leased' AND s.expires_at <= $now)) AS pending
+       (SELECT count(*) FROM acks AS a WHERE a.run_id = e.run_id AND a.epoch = e.epoch) AS acked,
+       (SELECT count(DISTINCT l.shard) FROM leases AS l
+        WHERE l.run_id = e.run_id AND l.epoch = e.epoch AND l.expires_at > $now
+          AND NOT EXISTS (SELECT 1 FROM acks AS a
+                          WHERE a.run_id = l.run_id AND a.epoch = l.epoch AND a.shard = l.shard)) AS leased
 FROM epochs AS e
-LEFT JOIN shards AS s ON s.run_id = e.run_id AND s.epoch = e.epoch
 WHERE e.run_id = $run_id
-GROUP BY ALL
 ORDER BY e.epoch;
 
 -- name: outstanding_leases
-SELECT count(*) AS live FROM shards WHERE state = 'leased' AND expires_at > $now;
+SELECT count(*) AS live FROM leases AS l
+WHERE l.expires_at > $now
+  AND NOT EXISTS (SELECT 1 FROM acks AS a WHERE a.run_id = l.run_id AND a.epoch = l.epoch AND a.shard = l.shard);
+
+-- name: write_jsonl
+-- An epoch's shard rows (registered as `shard_rows`) as JSON lines, in epoch order.
+COPY (SELECT * FROM shard_rows ORDER BY position) TO $path (FORMAT json);
