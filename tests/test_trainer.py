@@ -179,3 +179,47 @@ def test_teacher_with_another_vocabulary_is_refused(models, tmp_path, capsys):
     shards = write_shards(tmp_path / "m", make_rows(8), shard_size=8)
     assert main(train_args((models[0], tmp_path / "other"), shards, tmp_path / "out", "--steps", "1")) == 1
     assert "different tokenizer vocabularies" in capsys.readouterr().err
+
+
+def test_aligned_logits_keep_only_completion_positions_and_match_the_full_forward(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from paced.trainer.data import completion_ids, encode_side, prompt_ids
+    from paced.trainer.loop import aligned_logits
+
+    model = AutoModelForCausalLM.from_pretrained(models[1]).eval()
+    tok = AutoTokenizer.from_pretrained(models[1])
+    side = encode_side(prompt_ids(tok, ["1+2=", "12+34="]), completion_ids(tok, ["3", "46"]), tok.pad_token_id)
+    with torch.no_grad():
+        kept = aligned_logits(model, side, model.config.vocab_size)
+        full = model(input_ids=side.input_ids, attention_mask=side.attention_mask).logits
+    expected = full.gather(1, side.index.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    assert kept.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(kept[side.mask], expected[side.mask])
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers
+def test_resume_after_sigkill_matches_the_uninterrupted_run(models, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shards = write_shards(tmp_path / "m", make_rows(24), shard_size=8)
+    args = ["--steps", "60", "--save-every", "2", "--warmup-steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", *train_args(models, shards, tmp_path / "b", *args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "b" / "checkpoint-4").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "final").exists(), "the run ended before it could be killed"
+    assert main(train_args(models, shards, tmp_path / "b", *args, "--resume")) == 0
+    assert not list((tmp_path / "b").glob(".tmp-*"))
+    assert main(train_args(models, shards, tmp_path / "a", *args)) == 0
+    a, b = parameters(tmp_path / "a" / "final"), parameters(tmp_path / "b" / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)

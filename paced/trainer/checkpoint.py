@@ -1,4 +1,4 @@
-"""Checkpoints that resume to the same result as an uninterrupted run.
+"""Model folders in and checkpoints out, which resume to the same result as an uninterrupted run.
 
 A checkpoint is a folder `OUT/checkpoint-{step}` (or `OUT/final`) holding
 
@@ -79,6 +79,40 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------- model folders in
+
+
+def load_model(path: str | Path, dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"model folder not found or has no config.json: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a causal LM from {path}: {err}") from err
+    return model, tokenizer
+
+
+def load_models(config, student_path: Path, device: str):
+    """Student (float32 weights, trainable) and teacher (frozen, eval, bf16 on GPU)."""
+    import torch
+
+    student, tokenizer = load_model(student_path, torch.float32, device)
+    teacher_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    teacher, teacher_tokenizer = load_model(config.teacher, teacher_dtype, device)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"teacher {config.teacher} and student {config.student} use different tokenizer "
+                         "vocabularies; token-level distillation needs one shared vocabulary")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise InputError("the student's tokenizer has neither a pad nor an EOS token")
+    teacher.eval().requires_grad_(False)
+    student.train()
+    return tokenizer, student, teacher
 
 
 # ---------------------------------------------------------------- save and find
@@ -225,6 +259,9 @@ def save(t, progress: Progress, name: str, stream, optimizer=None, schedule=None
 def resume_point(config, changeable: set[str]) -> Path | None:
     """The checkpoint to resume from (None: start fresh); refuses to overwrite an earlier run."""
     out = Path(config.out)
+    if config.resume and out.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        for leftover in out.glob(".tmp-*"):  # a checkpoint a killed run was still writing
+            shutil.rmtree(leftover, ignore_errors=True)
     found = latest_checkpoint(out)
     if found is None:
         if config.resume:
@@ -235,3 +272,33 @@ def resume_point(config, changeable: set[str]) -> Path | None:
                          "that run, or choose a new --out")
     check_resumable(read_state(found)["config"], config.to_json(), changeable)
     return found
+
+
+def make_summary(t, progress: Progress, stream, checksums: list | None = None) -> dict:
+    """The run's summary (stdout and OUT/final). Collective: every process must call it."""
+    tokens, rows = progress.totals(t.runtime, stream)
+    source = stream.source
+    summary = {
+        "steps": progress.step,
+        "stages": [{"loss": s.loss, "steps": s.steps, "steps_done": done,
+                    "on_policy": s.resolved_on_policy(t.config.on_policy)}
+                   for s, done in zip(t.config.schedule, progress.stage_steps, strict=True)],
+        "skipped_zero_weight_batches": progress.skipped_batches,
+        "skipped_rows_without_completion": rows,
+        "train_tokens": tokens,
+        "loss_first": progress.first_loss, "loss_last": progress.last_loss,
+        "train_seconds": round(progress.seconds, 3),
+        "steps_per_second": round(progress.step / max(progress.seconds, 1e-9), 3),
+        "tokens_per_second": round(tokens / max(progress.seconds, 1e-9), 1),
+        "data_exhausted": progress.data_exhausted,
+        "world_size": t.runtime.world_size,
+        "source": progress.source,
+        "refreshes": progress.refreshes,
+        "final_checkpoint": str(Path(t.config.out) / FINAL),
+    }
+    if not source.shared:  # the current source's leases (after a refresh: the new run's)
+        leased, acked, conflicts = t.runtime.sum([source.leased, source.acked, source.conflicts])
+        summary |= {"shards_leased": int(leased), "shards_acked": int(acked), "ack_conflicts": int(conflicts)}
+    if checksums is not None:
+        summary["parameter_checksums"] = checksums
+    return summary

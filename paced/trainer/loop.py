@@ -32,18 +32,7 @@ from paced.errors import InputError
 from paced.trainer import checkpoint as ckpt
 from paced.trainer.checkpoint import Progress, save
 from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
-from paced.trainer.data import (
-    BatchStream,
-    completion_ids,
-    create_run_like,
-    encode_side,
-    fit_lengths,
-    manifest_inputs,
-    open_source,
-    prompt_ids,
-    rebuild_manifest,
-    service_call,
-)
+from paced.trainer.data import BatchStream, completion_ids, encode_side, fit_lengths, open_source, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -104,40 +93,6 @@ def start_runtime(config: TrainConfig) -> Runtime:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Runtime(dist.get_rank(), dist.get_world_size(), device, True)
-
-
-# ---------------------------------------------------------------- models
-
-
-def load_model(path: str | Path, dtype, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"model folder not found or has no config.json: {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a causal LM from {path}: {err}") from err
-    return model, tokenizer
-
-
-def load_models(config: TrainConfig, student_path: Path, runtime: Runtime):
-    """Student (float32 weights, trainable) and teacher (frozen, eval, bf16 on GPU)."""
-    import torch
-
-    student, tokenizer = load_model(student_path, torch.float32, runtime.device)
-    teacher_dtype = torch.bfloat16 if runtime.device.startswith("cuda") else torch.float32
-    teacher, teacher_tokenizer = load_model(config.teacher, teacher_dtype, runtime.device)
-    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise InputError(f"teacher {config.teacher} and student {config.student} use different tokenizer "
-                         "vocabularies; token-level distillation needs one shared vocabulary")
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-        raise InputError("the student's tokenizer has neither a pad nor an EOS token")
-    teacher.eval().requires_grad_(False)
-    student.train()
-    return tokenizer, student, teacher
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -202,16 +157,28 @@ def sample_targets(t: Trainee, prompts: list[str], seed_key: str) -> list[list[i
     return targets
 
 
-def _aligned_logits(model, side, vocab: int):
-    """Logits predicting each completion token, lined up: [B, L, vocab]."""
-    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False)
-    logits = out.logits[..., :vocab]
-    index = side.index.unsqueeze(-1).expand(-1, -1, vocab)
-    return logits.gather(1, index)
+def aligned_logits(model, side, vocab: int):
+    """Logits predicting each completion token, lined up: [B, L, vocab]. Where the model takes
+    `logits_to_keep`, only positions from the first completion token on get logits at all."""
+    import inspect
+
+    import torch
+
+    forward = getattr(model, "module", model).forward
+    lo, kwargs = 0, {}
+    if "logits_to_keep" in inspect.signature(forward).parameters:
+        lo = int(side.index[side.mask].min())
+        kwargs["logits_to_keep"] = torch.arange(lo, int(side.index.max()) + 1, device=side.index.device)
+    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False, **kwargs)
+    index = (side.index - lo).clamp_min(0).unsqueeze(-1).expand(-1, -1, vocab)
+    return out.logits[..., :vocab].gather(1, index)
 
 
 def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool, seed_key: str):
-    """(BatchLoss, completion tokens) of one micro-batch."""
+    """(BatchLoss or None, completion tokens, the tensor to backpropagate) of one micro-batch.
+
+    A batch without weight (another process has some) gives a zero loss over the student's
+    logits, so DDP's gradient all-reduce still happens on this process."""
     import torch
 
     from paced.trainer.losses import weighted_batch_loss
@@ -232,8 +199,8 @@ def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool
     vocab = min(t.raw_student.config.vocab_size, t.teacher.config.vocab_size)
     with t.runtime.autocast():
         with torch.no_grad():
-            teacher_logits = _aligned_logits(t.teacher, encoded[-1], vocab)
-        student_logits = _aligned_logits(t.student, encoded[0], vocab)
+            teacher_logits = aligned_logits(t.teacher, encoded[-1], vocab)
+        student_logits = aligned_logits(t.student, encoded[0], vocab)
         if not any(w > 0 for w in weights):  # another process has weight: join its all-reduce
             return None, 0, student_logits.sum() * 0.0
         result = weighted_batch_loss(student_logits, teacher_logits, encoded[0].mask, weights,
@@ -380,7 +347,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict:
     if state and state.get("finished"):
         return state["summary"]
     torch.manual_seed(config.seed)
-    tokenizer, student, teacher = load_models(config, resume_from or Path(config.student), runtime)
+    tokenizer, student, teacher = ckpt.load_models(config, resume_from or Path(config.student), runtime.device)
     model = student
     if runtime.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -402,7 +369,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict:
             if progress.data_exhausted or index + 1 == len(config.schedule):
                 break
             stream = _next_stage(t, progress, stream, index)
-    summary = make_summary(t, progress, stream)
+    checksums = parameter_checksums(t) if runtime.distributed else None
+    summary = ckpt.make_summary(t, progress, stream, checksums)
     save(t, progress, ckpt.FINAL, stream, extra={"finished": True, "summary": summary})
     stream.source.close()
     return summary
@@ -425,35 +393,6 @@ def _next_stage(t: Trainee, progress: Progress, stream: BatchStream, index: int)
     stream = _open_stream(t.config, t.runtime, progress)
     save(t, progress, f"checkpoint-{progress.step}", stream)  # resume here skips the refresh
     return stream
-
-
-def make_summary(t: Trainee, progress: Progress, stream: BatchStream) -> dict:
-    tokens, rows = progress.totals(t.runtime, stream)
-    source = stream.source
-    summary = {
-        "steps": progress.step,
-        "stages": [{"loss": s.loss, "steps": s.steps, "steps_done": done,
-                    "on_policy": s.resolved_on_policy(t.config.on_policy)}
-                   for s, done in zip(t.config.schedule, progress.stage_steps, strict=True)],
-        "skipped_zero_weight_batches": progress.skipped_batches,
-        "skipped_rows_without_completion": rows,
-        "train_tokens": tokens,
-        "loss_first": progress.first_loss, "loss_last": progress.last_loss,
-        "train_seconds": round(progress.seconds, 3),
-        "steps_per_second": round(progress.step / max(progress.seconds, 1e-9), 3),
-        "tokens_per_second": round(tokens / max(progress.seconds, 1e-9), 1),
-        "data_exhausted": progress.data_exhausted,
-        "world_size": t.runtime.world_size,
-        "source": progress.source,
-        "refreshes": progress.refreshes,
-        "final_checkpoint": str(Path(t.config.out) / ckpt.FINAL),
-    }
-    if not source.shared:
-        leased, acked, conflicts = t.runtime.sum([source.leased, source.acked, source.conflicts])
-        summary |= {"shards_leased": int(leased), "shards_acked": int(acked), "ack_conflicts": int(conflicts)}
-    if t.runtime.distributed:
-        summary["parameter_checksums"] = parameter_checksums(t)
-    return summary
 
 
 def parameter_checksums(t: Trainee) -> list[list[float]]:
@@ -509,6 +448,7 @@ def refresh_source(ctx: StageBoundary) -> dict:
     from paced.jobs.refresh import refresh_student
     from paced.jobs.rollout import RolloutConfig, rollout
     from paced.store.home import open_home
+    from paced.trainer.data import create_run_like, manifest_inputs, rebuild_manifest, service_call
 
     c = ctx.config
     home = open_home(c.home, create=False)
