@@ -201,3 +201,20 @@ def test_vllm_rollout_is_resumable_and_raising_k_equals_a_direct_run(tmp_path, v
     assert set(ta["outcome"].to_pylist()) <= {"correct", "wrong", "unparseable"}
     done = rollout(open_home(a), None, "arith", raised, student_id="v", backend=vllm_backend, progress=False)
     assert done["already_done"] and done["pass_rates"]["rollouts"] == 40
+
+
+def test_rollouts_feed_refresh_passrates_and_a_manifest(tmp_path, hf_backend, capsys):
+    home_dir = make_home(tmp_path)
+    summary = rollout(open_home(home_dir), None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
+    capsys.readouterr()
+    assert main(["refresh", "--home", str(home_dir)]) == 0
+    refreshed = json.loads(capsys.readouterr().out)
+    assert (refreshed["student_id"], refreshed["sampling_hash"], refreshed["rollouts"]) == ("s1", CONFIG.sampling_hash, 24)
+    assert main(["passrates", "show", "--student", "s1", "--json", "--home", str(home_dir)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["snapshot_id"] == refreshed["snapshot_id"]
+    assert {k: shown[k] for k in summary["pass_rates"]} == summary["pass_rates"]
+    out = tmp_path / "manifest"
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--scheme", "uniform",
+                 "--out", str(out), "--home", str(home_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == 12

@@ -174,18 +174,29 @@ def generate_items(backend, items: list[WorkItem], base: SamplingConfig) -> list
     return out
 
 
-def grade_rows(pool, items: list[WorkItem], completions: list[list[Completion]], *, dataset: str,
-               student_id: str, sampling_hash: str) -> pa.Table:
+@dataclass(frozen=True)
+class RolloutTarget:
+    """Where a run's rows are committed and what they are labelled with."""
+
+    folder: Path
+    dataset: str
+    model_id: str  # the student's (or, for references, the teacher's) id
+    sampling_hash: str
+    grader: str
+
+
+def grade_rows(pool, items: list[WorkItem], completions: list[list[Completion]], target: RolloutTarget) -> pa.Table:
     """ROLLOUT_SCHEMA rows of a generated batch, graded by `pool`."""
     flat = [(item, item.first + i, c) for item, cs in zip(items, completions, strict=True) for i, c in enumerate(cs)]
     verdicts = pool.grade([(c.text, item.answer) for item, _, c in flat])
+    rows = len(flat)
     return pa.table({
-        "problem_id": [item.problem_id for item, _, _ in flat], "dataset": [dataset] * len(flat),
+        "problem_id": [item.problem_id for item, _, _ in flat], "dataset": [target.dataset] * rows,
         "sample_idx": pa.array([j for _, j, _ in flat], pa.int32()),
         "completion": [c.text for _, _, c in flat], "outcome": [str(v.outcome) for v in verdicts],
         "tokens": pa.array([c.tokens for _, _, c in flat], pa.int32()),
-        "finish_reason": [c.finish_reason for _, _, c in flat], "student_id": [student_id] * len(flat),
-        "sampling_hash": [sampling_hash] * len(flat), "grader": [v.grader for v in verdicts],
+        "finish_reason": [c.finish_reason for _, _, c in flat], "student_id": [target.model_id] * rows,
+        "sampling_hash": [target.sampling_hash] * rows, "grader": [v.grader for v in verdicts],
     }, schema=ROLLOUT_SCHEMA)
 
 
@@ -228,35 +239,48 @@ def progress_bar(total: int, enabled: bool):
                 dynamic_ncols=True)
 
 
-def rollout(home: Home, student_dir: str | Path | None, dataset: str, config: RolloutConfig = RolloutConfig(), *,
-            student_id: str | None = None, problem_ids=None, limit: int | None = None, backend=None,
-            backend_name: str | None = None, progress: bool = True) -> dict:
+def resolve_model_id(model_dir: str | Path | None, given: str | None, what: str) -> str:
+    """`given`, else the backends' hash of the model files in `model_dir`."""
+    if given is None:
+        from paced.backends.base import model_id
+
+        if model_dir is None:
+            raise InputError(f"give a {what} directory or a {what} id")
+        given = model_id(model_dir)
+    return validate_name(given, f"{what}_id")
+
+
+def rollout(home: Home | str | Path, student_dir: str | Path | None, dataset: str,
+            config: RolloutConfig = RolloutConfig(), *, student_id: str | None = None, problem_ids=None,
+            limit: int | None = None, backend=None, backend_name: str | None = None,
+            progress: bool = True) -> dict:
     """Roll out what is pending (see the module doc) and return the run's summary.
 
     `backend`: an already-built backend to use (not closed here); else one is loaded from
-    `student_dir` with `backend_name` (None: auto) only if something is pending."""
+    `student_dir` with `backend_name` (None: auto), and only if something is pending.
+    `problem_ids`: only these problems; `limit`: only the first N by id."""
     start = time.perf_counter()
-    if student_id is None:
-        from paced.backends.base import model_id
-
-        if student_dir is None:
-            raise InputError("give a student directory or a student id")
-        student_id = model_id(student_dir)
-    validate_name(student_id, "student_id")
-    grader = dataset_info(home, dataset)["grader"]
-    folder = home.rollouts_dir(student_id, config.sampling_hash, dataset)
-    with folder_lock(folder, "rollout"):
+    home = home if isinstance(home, Home) else open_home(home, create=False)
+    student_id = resolve_model_id(student_dir, student_id, "student")
+    target = RolloutTarget(home.rollouts_dir(student_id, config.sampling_hash, dataset), dataset, student_id,
+                           config.sampling_hash, dataset_info(home, dataset)["grader"])
+    stats = {"samples": 0, "tokens": 0, "batches": 0}
+    with folder_lock(target.folder, "rollout"):
         problems = select_problems(home, dataset, problem_ids, limit)
-        items = pending_work(problems, committed_samples(batch_files(folder)), config.k)
-        stats = {"samples": 0, "tokens": 0, "batches": 0}
+        items = pending_work(problems, committed_samples(batch_files(target.folder)), config.k)
         if items:
-            write_sampling_config(folder, config.record())
-            _roll(items, folder, config, dataset, student_id, grader, stats, backend, backend_name,
-                  student_dir, progress)
+            write_sampling_config(target.folder, config.record())
+            if backend is None:
+                from paced.backends import load_backend
+
+                with load_backend(backend_name, student_dir) as loaded:
+                    _roll(items, target, config, loaded, stats, progress)
+            else:
+                _roll(items, target, config, backend, stats, progress)
         else:
             print(f"paced rollout: nothing to do: all {problems.num_rows} problems already have "
                   f"{config.k} rollouts for {student_id}/{config.sampling_hash}", file=sys.stderr)
-        counts = pass_counts(batch_files(folder), config.k)
+        counts = pass_counts(batch_files(target.folder), config.k)
     in_run = set(problems["id"].to_pylist())
     keep = [i for i, pid in enumerate(counts["problem_id"].to_pylist()) if pid in in_run]
     n, correct = (np.asarray(counts[c].to_pylist(), dtype=np.int64)[keep] for c in ("n", "correct"))
@@ -270,28 +294,19 @@ def rollout(home: Home, student_dir: str | Path | None, dataset: str, config: Ro
             "pass_rates": passrate_summary(np.divide(correct, np.maximum(n, 1)), n)}
 
 
-def _roll(items, folder, config, dataset, student_id, grader, stats, backend, backend_name, student_dir,
-          progress) -> None:
-    """Load what is needed (backend, grading pool) and run the batches."""
-    from contextlib import ExitStack
-
+def _roll(items: list[WorkItem], target: RolloutTarget, config: RolloutConfig, backend, stats: dict,
+          progress: bool) -> None:
+    """Generate, grade and commit the batches, with a progress bar."""
     from paced.grading import GradingPool
 
     base = config.sampling(1)
-    batches = chunk_batches(items, config.batch_size)
-    with ExitStack() as stack:
-        if backend is None:
-            from paced.backends import load_backend
-
-            backend = stack.enter_context(load_backend(backend_name, student_dir))
-        pool = stack.enter_context(GradingPool(grader, config.grader_workers, config.grading_timeout_seconds))
-        bar = stack.enter_context(progress_bar(len({i.problem_id for i in items}), progress))
+    with GradingPool(target.grader, config.grader_workers, config.grading_timeout_seconds) as pool, \
+            progress_bar(len({i.problem_id for i in items}), progress) as bar:
         t0 = time.perf_counter()
 
         def commit(batch, completions):
-            table = grade_rows(pool, batch, completions, dataset=dataset, student_id=student_id,
-                               sampling_hash=config.sampling_hash)
-            write_rollout_batch(folder, table)
+            table = grade_rows(pool, batch, completions, target)
+            write_rollout_batch(target.folder, table)
             return batch, table
 
         def on_commit(done):
@@ -303,7 +318,8 @@ def _roll(items, folder, config, dataset, student_id, grader, stats, backend, ba
             bar.update(len({i.problem_id for i in batch}))
             bar.set_postfix(samples_s=f"{stats['samples'] / elapsed:.1f}", tokens_s=f"{stats['tokens'] / elapsed:.0f}")
 
-        run_batches(batches, lambda b: generate_items(backend, b, base), commit, on_commit)
+        run_batches(chunk_batches(items, config.batch_size), lambda b: generate_items(backend, b, base), commit,
+                    on_commit)
 
 
 def add_sampling_arguments(parser, *, temperature: float = 1.0) -> None:

@@ -31,8 +31,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from paced.errors import InputError
-from paced.jobs.rollout import WorkItem, chunk_batches, generate_items, select_problems
-from paced.store.home import Home, open_home, validate_name
+from paced.jobs.rollout import (
+    RolloutTarget,
+    WorkItem,
+    chunk_batches,
+    generate_items,
+    progress_bar,
+    resolve_model_id,
+    select_problems,
+)
+from paced.store.home import Home, open_home
 from paced.store.problems import dataset_info
 from paced.store.rollouts import done_problems, folder_lock, unsolved_problems, write_reference_batch
 from paced.store.shards import REFERENCE_SCHEMA
@@ -96,21 +104,17 @@ def _reference_table(dataset: str, teacher_id: str, solved: dict) -> pa.Table:
                      "attempt": pa.array([solved[i][1] for i in ids], pa.int32())}, schema=REFERENCE_SCHEMA)
 
 
-def collect_references(home: Home, teacher_dir: str | Path | None, dataset: str,
+def collect_references(home: Home | str | Path, teacher_dir: str | Path | None, dataset: str,
                        config: TeacherConfig = TeacherConfig(), *, teacher_id: str | None = None,
                        limit: int | None = None, backend=None, backend_name: str | None = None,
                        progress: bool = True) -> dict:
     """Collect references for the problems not yet done; returns the run's summary."""
     start = time.perf_counter()
-    if teacher_id is None:
-        from paced.backends.base import model_id
-
-        if teacher_dir is None:
-            raise InputError("give a teacher directory or a teacher id")
-        teacher_id = model_id(teacher_dir)
-    validate_name(teacher_id, "teacher_id")
-    grader = dataset_info(home, dataset)["grader"]
-    folder = home.references_dir(dataset, teacher_id)
+    home = home if isinstance(home, Home) else open_home(home, create=False)
+    teacher_id = resolve_model_id(teacher_dir, teacher_id, "teacher")
+    target = RolloutTarget(home.references_dir(dataset, teacher_id), dataset, teacher_id, "",
+                           dataset_info(home, dataset)["grader"])
+    folder = target.folder
     totals = {"solved": 0, "samples": 0, "tokens": 0, "batches": 0}
     with folder_lock(folder, "teacher job"):
         problems = select_problems(home, dataset, None, limit)
@@ -118,9 +122,13 @@ def collect_references(home: Home, teacher_dir: str | Path | None, dataset: str,
         todo = [WorkItem(pid, prompt, answer, 0, 1) for pid, prompt, answer in zip(
             problems["id"].to_pylist(), problems["prompt"].to_pylist(), problems["answer"].to_pylist(), strict=True)
             if pid not in done]
-        if todo:
-            _run(home, folder, dataset, teacher_id, teacher_dir, grader, todo, config, totals, backend,
-                 backend_name, progress)
+        if todo and backend is None:
+            from paced.backends import load_backend
+
+            with load_backend(backend_name, teacher_dir) as loaded:
+                _run(target, todo, config, loaded, totals, progress)
+        elif todo:
+            _run(target, todo, config, backend, totals, progress)
         else:
             print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by {teacher_id}",
                   file=sys.stderr)
@@ -133,29 +141,23 @@ def collect_references(home: Home, teacher_dir: str | Path | None, dataset: str,
             "seconds": round(time.perf_counter() - start, 3), "already_done": not todo}
 
 
-def _run(home, folder, dataset, teacher_id, teacher_dir, grader, todo, config, totals, backend, backend_name,
-         progress) -> None:
-    from contextlib import ExitStack
-
+def _run(target: RolloutTarget, todo: list[WorkItem], config: TeacherConfig, backend, totals: dict,
+         progress: bool) -> None:
+    """Solve and commit the batches, with a progress bar."""
     from paced.grading import GradingPool
-    from paced.jobs.rollout import progress_bar
 
-    with ExitStack() as stack:
-        if backend is None:
-            from paced.backends import load_backend
-
-            backend = stack.enter_context(load_backend(backend_name, teacher_dir))
-        pool = stack.enter_context(GradingPool(grader, config.grader_workers, config.grading_timeout_seconds))
-        bar = stack.enter_context(progress_bar(len(todo), progress))
+    settings = {"tries": config.tries, "k": config.k, "temperature": config.temperature, "top_p": config.top_p,
+                "max_new_tokens": config.max_new_tokens, "seed": config.seed, "stop": list(config.stop),
+                "chat_template": config.chat_template, "grader": target.grader}
+    with GradingPool(target.grader, config.grader_workers, config.grading_timeout_seconds) as pool, \
+            progress_bar(len(todo), progress) as bar:
         bar.set_description("teacher")
-        settings = {"tries": config.tries, "k": config.k, "temperature": config.temperature,
-                    "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
-                    "stop": list(config.stop), "chat_template": config.chat_template, "grader": grader}
         for batch in chunk_batches(todo, config.batch_size):
             solved, stats = solve_batch(backend, pool, batch, config)
             tried = [p.problem_id for p in batch]
-            write_reference_batch(folder, _reference_table(dataset, teacher_id, solved), tried,
-                                  [pid for pid in tried if pid not in solved], REFERENCE_SCHEMA, settings)
+            table = _reference_table(target.dataset, target.model_id, solved)
+            write_reference_batch(target.folder, table, tried, [pid for pid in tried if pid not in solved],
+                                  REFERENCE_SCHEMA, settings)
             totals["solved"] += len(solved)
             totals["samples"] += stats["samples"]
             totals["tokens"] += stats["tokens"]
