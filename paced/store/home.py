@@ -5,8 +5,8 @@ Layout (schema version 1)::
     SCHEMA_VERSION.json                          {"schema_version": 1, "paced_version": ...}
     problems/{dataset}/dataset.json              grader and import history
     problems/{dataset}/part-{seq:05d}.parquet    immutable, one per import that added rows
-    rollouts/{student}/{sampling}/{dataset}/batch-{first:08d}.parquet
-    references/{dataset}/{teacher}/batch-{first:08d}.parquet
+    rollouts/{student}/{sampling}/{dataset}/batch-{seq:08d}.parquet, sampling.json
+    references/{dataset}/{teacher}/batch-{seq:08d}.parquet, done-{seq:08d}.json
     snapshots/{student}/{snapshot_id}.parquet    immutable pass-rate snapshots
     manifests/{name}/                            manifest.parquet, shard-*.parquet, manifest.json
     service/state.duckdb                         the service's own mutable state (runs, leases)
