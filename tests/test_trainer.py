@@ -18,15 +18,6 @@ def models(tmp_path_factory):
     return build_models(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one thread per test keeps tiny models fast and runs deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def changed(before: dict, after: dict) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before)
 

@@ -12,7 +12,6 @@ import time
 import httpx
 import pyarrow.parquet as pq
 import pytest
-import torch
 from api_fixtures import make_service_home
 from trainer_helpers import build_models, summary_of, train_args
 
@@ -24,14 +23,6 @@ TOKEN = "s3cret-token"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return build_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def free_port() -> int:

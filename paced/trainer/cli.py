@@ -12,8 +12,15 @@ Off-policy stages (forward, jsd, akl by default) train on the shard's reference 
 on-policy stages (reverse by default; --on-policy for all) on one sample per prompt from the
 current student. Each problem's loss is weighted by the shard row's `weight`. Checkpoints go to
 OUT/checkpoint-STEP and OUT/final (save_pretrained + trainer_state.json); --resume continues
-from the newest one to the same result as an uninterrupted run. Under `torchrun`, every process
-trains on its own batches (gloo on CPU, nccl on GPU).
+from the newest one: from shard files to the same result as an uninterrupted run (the checkpoint
+holds the epoch, shard and row to go on from); from the service by leasing anew (a shard the
+killed trainer held but had not acked is served again once its lease expires, so keep
+--lease-ttl-seconds short). Under `torchrun`, every process trains on its own batches (files:
+every world-size-th batch of the one stream; service: its own leases); rank 0 saves.
+
+--refresh-between-stages (with --home): after each stage but the last, roll out the saved
+student (--rollout-k samples per problem), refresh its pass rates and continue from a manifest
+rebuilt with the same inputs for it (OUT/manifest-stageN) or a new run with the same config.
 
 stdout: the summary as one JSON object; stderr: a progress bar and logs.
 """
