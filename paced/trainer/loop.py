@@ -15,6 +15,10 @@ completion and EOS; the loss covers completion + EOS tokens, aligned between the
 even when the teacher sees a different prompt (`--teacher-prompt-template`).
 
 Multi-process: run under `torchrun`; gloo on CPU, nccl on GPU; rank 0 writes checkpoints.
+
+Longer than 400 lines on purpose: one module read top to bottom (runtime, optimizer, one
+micro-batch, steps, stages, the refresh hook), as nanochat's base_train.py is. The refresh hook
+is the part to move into a module of its own when it grows (`--refresh-every N`).
 """
 
 from __future__ import annotations
