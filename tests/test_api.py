@@ -3,6 +3,7 @@ and real Parquet snapshots in tmp_path; a settable clock drives lease expiry."""
 
 import io
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -119,10 +120,12 @@ def test_wait_while_all_open_shards_are_leased_then_done(client, clock):
 def consume(client, run_id, consumer="c"):
     """Lease and ack until done; the items of every acked shard, by epoch."""
     seen: dict[int, list] = {}
-    while (got := lease(client, run_id, consumer))["status"] == "leased":
+    while (got := lease(client, run_id, consumer))["status"] != "done":
+        if got["status"] == "wait":  # the next epoch is still being built
+            time.sleep(got["retry_after_seconds"])
+            continue
         assert ack(client, run_id, got["lease_id"]).status_code == 200
         seen.setdefault(got["epoch"], []).extend(got["items"])
-    assert got["status"] == "done"
     return seen
 
 
@@ -134,6 +137,19 @@ def test_every_item_of_every_epoch_is_served_exactly_once_in_a_new_order(client)
         assert [it["position"] for it in items] == list(range(eligible(N)))
     ids0, ids1 = ([it["problem_id"] for it in seen[e]] for e in (0, 1))
     assert sorted(ids0) == sorted(ids1) and ids0 != ids1  # same problems, new epoch order
+
+
+def test_a_new_epoch_is_built_in_the_background_while_leases_answer_wait(home):
+    app = create_app(Settings(home=home[0].root, epoch_build_wait_seconds=0))
+    with TestClient(app) as c:
+        run = new_run(c, epochs=2)["run_id"]
+        while (got := lease(c, run))["status"] == "leased" and got["epoch"] == 0:
+            ack(c, run, got["lease_id"])
+        assert got["status"] == "wait" and got["retry_after_seconds"] <= 1
+        deadline = time.monotonic() + 60
+        while (got := lease(c, run))["status"] == "wait" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got["status"] == "leased" and got["epoch"] == 1
 
 
 def test_follow_snapshots_takes_new_weights_per_epoch_and_records_them(client, home):

@@ -8,7 +8,9 @@ the epoch starts. The snapshot each epoch used is recorded.
 
 from __future__ import annotations
 
+import logging
 import secrets
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,12 +19,14 @@ from paced.api.settings import Settings
 from paced.api.shardfiles import EpochFiles, epoch_folder, read_epoch, write_epoch
 from paced.api.state import Ack, EpochRecord, LeaseOutcome, RunRecord, StateDB
 from paced.curriculum import WeightScheme
-from paced.errors import InputError, NotFoundError
+from paced.errors import InputError, NotFoundError, PacedError
 from paced.jobs.manifest import snapshot_manifest
+from paced.store.files import TMP_PREFIX
 from paced.store.home import Home, validate_name
 from paced.store.shards import reference_files
 from paced.store.snapshots import list_snapshots, read_snapshot
 
+log = logging.getLogger("paced.api")
 RUN_ID_PATTERN = r"^r-[0-9a-f]{12}$"
 LEASE_ID_PATTERN = r"^l-[0-9a-f]{16}$"
 
@@ -69,6 +73,35 @@ class RunConfig:
         self.weight_scheme()  # raises InputError naming the field
 
 
+class _Build:
+    """A background epoch build; `error` is what it raised, if anything."""
+
+    def __init__(self, target: Callable[[], None]):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(target,), name="paced-epoch-build", daemon=True)
+        self.thread.start()
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as err:  # handed to the requests waiting on this build
+            if not isinstance(err, PacedError):
+                log.exception("epoch build failed")
+            self.error = err
+
+
+def sweep_unfinished(home: Home) -> int:
+    """Remove epoch folders a killed service left half-written (`.tmp-*`); returns how many."""
+    count = 0
+    for path in (home.service_dir / "runs").glob(f"*/{TMP_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
 def new_run_id() -> str:
     return "r-" + secrets.token_hex(6)
 
@@ -80,6 +113,9 @@ class RunService:
         self.home, self.settings, self.clock = home, settings, clock
         self.state = StateDB(home.service_dir / "state.duckdb", clock)
         self._build_lock = threading.Lock()  # one epoch materialised at a time
+        self._builds: dict[tuple[str, int], _Build] = {}
+        self._builds_lock = threading.Lock()
+        sweep_unfinished(home)
         self._epochs: dict[tuple[str, int], EpochFiles] = {}
 
     def open(self) -> None:
@@ -129,15 +165,32 @@ class RunService:
                     return snapshot_id
         return previous
 
-    def _advance(self, run_id: str, epoch: int) -> None:
+    def _build_next(self, run_id: str, epoch: int) -> None:
         with self._build_lock:
             run = self.state.get_run(run_id)
             if run.current_epoch >= epoch:
-                return  # another request started it
+                return  # built already
             config = RunConfig(**run.config)
             previous = self.epoch_files(run_id, run.current_epoch).snapshot_id
             files = self._build_epoch(run_id, config, epoch, self._next_snapshot(config, previous))
             self.state.add_epoch(run_id, self._record(files))
+
+    def _advance(self, run_id: str, epoch: int) -> bool:
+        """Build `epoch` on a background thread (one per run and epoch) and wait for it a little:
+        True once it is the run's current epoch, False while it is still being built."""
+        key = (run_id, epoch)
+        with self._builds_lock:
+            build = self._builds.get(key)
+            if build is None:
+                build = self._builds[key] = _Build(lambda: self._build_next(run_id, epoch))
+        build.thread.join(self.settings.epoch_build_wait_seconds)
+        if build.thread.is_alive():
+            return False
+        with self._builds_lock:
+            self._builds.pop(key, None)  # a failed build is tried again by the next request
+        if build.error is not None:
+            raise build.error
+        return True
 
     def lease(self, run_id: str, consumer: str, ttl_seconds: float | None) -> LeaseOutcome:
         ttl = self.settings.lease_ttl_seconds if ttl_seconds is None else ttl_seconds
@@ -147,8 +200,9 @@ class RunService:
         while True:  # each pass either returns or moves the run to a later epoch (bounded by epochs)
             outcome = self.state.lease(run_id, consumer, ttl)
             if outcome.status == "next_epoch":
-                self._advance(run_id, outcome.next_epoch)
-                continue
+                if self._advance(run_id, outcome.next_epoch):
+                    continue
+                return LeaseOutcome("wait", retry_after_seconds=min(1.0, self.settings.retry_after_seconds))
             if outcome.status == "wait":
                 wait = min(max(outcome.retry_after_seconds, 0.05), self.settings.retry_after_seconds)
                 return LeaseOutcome("wait", retry_after_seconds=round(wait, 3))

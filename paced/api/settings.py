@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     max_lease_ttl_seconds: float = Field(86400.0, gt=0, description="the longest lease a consumer may ask for")
     retry_after_seconds: float = Field(
         5.0, gt=0, description="the longest wait suggested when every open shard is under a live lease")
+    epoch_build_wait_seconds: float = Field(
+        2.0, ge=0, description="how long a lease request waits for a new epoch to be built before it "
+        "answers `wait` (the build goes on in the background)")
     max_shard_size: int = Field(4096, ge=1, description="largest shard a run may ask for")
     max_epochs: int = Field(10000, ge=1, description="most epochs a run may ask for")
     max_num_samples: int = Field(10_000_000, ge=1, description="most draws per epoch (weighted-sample mode)")
