@@ -6,7 +6,9 @@ shards of 1,024 is created (its epoch build is timed), and a load generator (htt
 threads, keep-alive) leases and acks until every shard of the epoch is acked. The bare app (also
 uvicorn, its own process) answers POST lease with the same bytes from memory and POST ack with a
 small JSON: the same two requests per cycle, none of the service's work. Clients parse each
-lease response in both cases. Prints one table side by side.
+lease response in both cases. Besides throughput and latency it reports the server process's
+CPU time per cycle (from /proc), which a busy shared machine distorts far less than wall time.
+Prints one table side by side.
 
     .venv/bin/python bench/service.py                   # 1M problems, shards of 1,024, 4 threads
     .venv/bin/python bench/service.py --n 200000 --threads 8
