@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,6 +199,7 @@ def main() -> None:
         ours = measured(proc, url, run["run_id"], args.threads, run["shards"] - 1)
     finally:
         stop(proc)
+        shutil.rmtree(home / "service", ignore_errors=True)  # the run's shards: ~150 MB at 1M problems
     body = OUT / "service-lease-body.json"
     body.write_bytes(probe)
     bare_port = free_port()
