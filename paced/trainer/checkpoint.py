@@ -212,6 +212,8 @@ class Progress:
     seconds: float = 0.0
     data_exhausted: bool = False
     refreshes: list[dict] = field(default_factory=list)
+    pending_refresh: dict | None = None  # a refresh whose checkpoint is saved but whose snapshot may not be
+    evals: list[dict] = field(default_factory=list)  # the --eval-every curve
     first_loss: float | None = None  # this process's mean loss of the first and last step
     last_loss: float | None = None
     local_tokens: int = 0
@@ -222,8 +224,9 @@ class Progress:
         if state is None:
             return cls(stage_steps=[0] * stages, source=source)
         keep = ("step", "stage", "stage_step", "stage_steps", "source", "position", "skipped_batches",
-                "tokens", "skipped_rows", "seconds", "refreshes", "first_loss", "last_loss")
-        return cls(**{k: state.get(k) for k in keep})
+                "tokens", "skipped_rows", "seconds", "first_loss", "last_loss", "pending_refresh")
+        return cls(**{k: state.get(k) for k in keep}, refreshes=list(state.get("refreshes") or []),
+                   evals=list(state.get("evals") or []))
 
     def totals(self, runtime, stream) -> tuple[int, int]:
         """(tokens, skipped rows) over all processes. Collective: every process must call it."""
@@ -237,7 +240,8 @@ class Progress:
         return {"step": self.step, "stage": self.stage, "stage_step": self.stage_step,
                 "stage_steps": list(self.stage_steps), "source": self.source, "position": self.position,
                 "skipped_batches": self.skipped_batches, "tokens": tokens, "skipped_rows": rows,
-                "seconds": round(self.seconds, 3), "refreshes": self.refreshes, "first_loss": self.first_loss,
+                "seconds": round(self.seconds, 3), "refreshes": self.refreshes,
+                "pending_refresh": self.pending_refresh, "evals": self.evals, "first_loss": self.first_loss,
                 "last_loss": self.last_loss, "world_size": runtime.world_size}
 
 
@@ -254,6 +258,20 @@ def save(t, progress: Progress, name: str, stream, optimizer=None, schedule=None
 
         dist.barrier()
     return Path(t.config.out) / name
+
+
+def rewrite_state(t, progress: Progress, name: str, stream) -> None:
+    """Record `progress` in OUT/name's trainer_state.json; weights, optimizer and RNG state stay
+    as saved (collective). The rename keeps the checkpoint complete at every moment."""
+    record = progress.record(t.runtime, stream)
+    if t.runtime.rank == 0:
+        path = Path(t.config.out) / name / STATE_FILE
+        write_json_atomic(path, {**read_state(path.parent), "config": t.config.to_json(), **record,
+                                 "paced_version": __version__})
+    if t.runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def resume_point(config, changeable: set[str]) -> Path | None:
@@ -293,7 +311,9 @@ def make_summary(t, progress: Progress, stream, checksums: list | None = None) -
         "data_exhausted": progress.data_exhausted,
         "world_size": t.runtime.world_size,
         "source": progress.source,
+        **compute_summary(progress, tokens),
         "refreshes": progress.refreshes,
+        "eval_curve": progress.evals,
         "final_checkpoint": str(Path(t.config.out) / FINAL),
     }
     if not source.shared:  # the current source's leases (after a refresh: the new run's)
@@ -302,3 +322,17 @@ def make_summary(t, progress: Progress, stream, checksums: list | None = None) -
     if checksums is not None:
         summary["parameter_checksums"] = checksums
     return summary
+
+
+def compute_summary(progress: Progress, train_tokens: int) -> dict:
+    """Compute spent: training (loss tokens, step seconds), refresh rollouts (generated tokens,
+    seconds), and the totals. Refresh seconds cover a refresh's save, rollout, snapshot and
+    manifest; eval seconds are reported apart."""
+    r = progress.refreshes
+    rollout_tokens = sum(x["rollout_tokens"] for x in r)
+    refresh_seconds = sum(x.get("refresh_seconds", 0.0) for x in r)
+    return {"rollout_tokens": rollout_tokens, "rollout_samples": sum(x["rollout_samples"] for x in r),
+            "rollout_seconds": round(sum(x["rollout_seconds"] for x in r), 3),
+            "refresh_seconds": round(refresh_seconds, 3),
+            "eval_seconds": round(sum(e["seconds"] for e in progress.evals), 3),
+            "total_tokens": train_tokens + rollout_tokens, "total_seconds": round(progress.seconds + refresh_seconds, 3)}

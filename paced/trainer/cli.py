@@ -18,11 +18,24 @@ killed trainer held but had not acked is served again once its lease expires, so
 --lease-ttl-seconds short). Under `torchrun`, every process trains on its own batches (files:
 every world-size-th batch of the one stream; service: its own leases); rank 0 saves.
 
---refresh-between-stages (with --home): after each stage but the last, roll out the saved
-student (--rollout-k samples per problem), refresh its pass rates and continue from a manifest
-rebuilt with the same inputs for it (OUT/manifest-stageN) or a new run with the same config.
+Pass rates measured while training (--home: the data home, the service's when --from is a run):
+--refresh-every N: every N steps, save OUT/checkpoint-N, roll it out on the problems that can
+have moved (every 0 < p < 1, plus a rotating --reprobe-fraction of p in {0, 1}; 1.0: all),
+write the next snapshot of the student's lineage (the manifest's or run's student id: fresh
+rows from this checkpoint, the rest carried with their stale age) and go on with its weights:
+files → OUT/manifest-stepN (--scheme/--alpha/--beta/--prior/--weight-floor/--uniform-mix
+override the manifest's weights here and from step 0); service → the run, created with
+follow_snapshots: true, takes the new snapshot at its next epoch. --refresh-between-stages:
+the same with all problems after each stage but the last; the next stage trains on a new
+lineage named by the checkpoint (OUT/manifest-stageK, or a new run like the old one). Rollouts
+use the base snapshot's sampling (--rollout-k, --rollout-temperature, --rollout-max-new-tokens
+override it) on --refresh-backend. A kill during a refresh resumes into it (--resume).
+--eval-every N --eval-dataset NAME: greedy held-out accuracy at step 0 and every N steps, with
+cumulative training and rollout tokens (the summary's eval_curve).
 
-stdout: the summary as one JSON object; stderr: a progress bar and logs.
+stdout: the summary as one JSON object (steps, losses, train_tokens/train_seconds, the refreshes,
+rollout_tokens/rollout_samples/rollout_seconds/refresh_seconds, total_tokens/total_seconds,
+eval_curve); stderr: a progress bar and logs.
 """
 
 from __future__ import annotations
@@ -32,7 +45,16 @@ import dataclasses
 import json
 import sys
 
-from paced.trainer.config import TrainConfig, parse_stages
+from paced.errors import InputError
+from paced.trainer.config import REFRESH_BACKENDS, SCHEME_NAMES, TrainConfig, parse_stages
+
+
+def parse_prior(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError as err:
+        raise InputError(f"--prior must be two numbers 'a,b', got {text!r}") from err
+    return a, b
 
 # Flags whose spelling, type or action differ from the field's: field -> add_argument kwargs.
 SPECIAL = {
@@ -51,6 +73,14 @@ SPECIAL = {
     "teacher_prompt_template": {"metavar": "TEMPLATE"},
     "loss_chunk_size": {"type": int},
     "lease_ttl_seconds": {"type": float},
+    "refresh_backend": {"choices": list(REFRESH_BACKENDS)},
+    "scheme": {"choices": list(SCHEME_NAMES)},
+    "prior": {"type": parse_prior, "metavar": "A,B"},
+    "rollout_temperature": {"type": float},
+    "rollout_max_new_tokens": {"type": int},
+    "eval_limit": {"type": int},
+    "eval_dataset": {"metavar": "NAME"},
+    **{name: {"type": float} for name in ("alpha", "beta", "weight_floor", "uniform_mix")},
 }
 
 

@@ -200,35 +200,46 @@ def open_source(config, rank: int, position: dict | None, source: str | None = N
     return FileShardSource(source, position)
 
 
+def open_stream(config, rank: int, world_size: int, source: str, position: dict | None) -> BatchStream:
+    """A batch stream over `source` (files: from `position`)."""
+    return BatchStream(open_source(config, rank, position, source), config.batch_size, need_completion=True,
+                       rank=rank, world_size=world_size)
+
+
 # ---------------------------------------------------------------- the next source (after a refresh)
 
 
 def manifest_inputs(folder: str | Path) -> dict:
     """manifest.json of a manifest folder (what built it: student, data set, scheme, seed...)."""
     path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path} is missing: a refresh between stages needs a folder from `paced manifest build`")
+    if not path.is_file() or "inputs" not in read_json(path):
+        raise InputError(f"{path} is missing or has no inputs: refreshes and --scheme/--weight-floor/... need a "
+                         "manifest folder from `paced manifest build`")
     return read_json(path)
 
 
-def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path) -> str:
-    """The manifest of `folder` rebuilt from `student_id`'s newest snapshot, written to `out`."""
+def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path, *, snapshot_id: str | None = None,
+                     epoch: int | None = None, overrides: dict | None = None) -> str:
+    """The manifest of `folder` rebuilt from a snapshot of `student_id` (default: its newest),
+    with epoch `epoch` (default: the folder's) and `overrides` of its inputs (scheme, alpha,
+    beta, prior, weight_floor, uniform_mix), written to `out` (replacing an unfinished one)."""
     import shutil
 
     from paced.curriculum import WeightScheme
     from paced.jobs.manifest import snapshot_manifest, write_manifest_dir
 
     built = manifest_inputs(folder)
-    i = built["inputs"]
-    scheme = WeightScheme(i["scheme"], i["alpha"], i["beta"], tuple(i["prior"]), i.get("weight_floor", 0.0),
-                          i.get("uniform_mix", 0.0))
-    manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"],
-                                              i.get("epoch", 0), i.get("mode", "weighted-loss"))
+    i = {"weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss", "epoch": 0, **built["inputs"],
+         **(overrides or {})}
+    i["epoch"] = i["epoch"] if epoch is None else epoch
+    scheme = WeightScheme(i["scheme"], i["alpha"], i["beta"], tuple(i["prior"]), i["weight_floor"], i["uniform_mix"])
+    manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"], i["epoch"],
+                                              i["mode"], snapshot_id)
     if manifest.num_items == 0:
-        raise InputError(f"the refreshed pass rates of {student_id} leave no problem with a weight > 0 "
-                         f"under scheme {i['scheme']!r}; build the manifest with a guard (--weight-floor, "
-                         "--uniform-mix) or --scheme paced-posterior")
-    if out.exists():  # left by an interrupted earlier attempt at this boundary
+        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {snapshot_id}) leave no problem with "
+                         f"a weight > 0 under scheme {i['scheme']!r}; add a guard (--weight-floor, --uniform-mix) "
+                         "or use --scheme paced-posterior")
+    if out.exists():  # left by an interrupted earlier attempt at this refresh
         shutil.rmtree(out)
     write_manifest_dir(home, manifest, {**i, "student_id": student_id, "snapshot_id": snapshot_id}, out,
                        built["shard_size"])

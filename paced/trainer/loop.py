@@ -16,9 +16,8 @@ even when the teacher sees a different prompt (`--teacher-prompt-template`).
 
 Multi-process: run under `torchrun`; gloo on CPU, nccl on GPU; rank 0 writes checkpoints.
 
-Longer than 400 lines on purpose: one module read top to bottom (runtime, optimizer, one
-micro-batch, steps, stages, the refresh hook), as nanochat's base_train.py is. The refresh hook
-is the part to move into a module of its own when it grows (`--refresh-every N`).
+Pass-rate refreshes (`--refresh-every N`, `--refresh-between-stages`) and held-out evals
+(`--eval-every N`) live in `paced/trainer/refresh.py`; the loop calls them between steps.
 """
 
 from __future__ import annotations
@@ -36,7 +35,8 @@ from paced.errors import InputError
 from paced.trainer import checkpoint as ckpt
 from paced.trainer.checkpoint import Progress, save
 from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
-from paced.trainer.data import BatchStream, completion_ids, encode_side, fit_lengths, open_source, prompt_ids
+from paced.trainer.data import BatchStream, completion_ids, encode_side, fit_lengths, open_stream, prompt_ids
+from paced.trainer.refresh import EVERY, STAGE, check_setup, measure, refresh, refresh_due, starting_source
 
 log = logging.getLogger(__name__)
 
@@ -289,18 +289,20 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
     return True
 
 
-def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, bar, optimizer_state) -> None:
-    """Steps of stage `index` from `progress.stage_step` to the stage's end (or the data's)."""
+def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, bar, optimizer_state,
+              on_step=None) -> BatchStream:
+    """Steps of stage `index` from `progress.stage_step` to the stage's end (or the data's), with
+    the evals and --refresh-every refreshes due after each; returns the stream to go on with."""
     c = t.config
     stage = c.schedule[index]
     on_policy = stage.resolved_on_policy(c.on_policy)
-    stream.need_completion = not on_policy
     optimizer, schedule = make_optimizer(t.student, c, stage.steps)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         schedule.load_state_dict(optimizer_state["scheduler"])
     meter, acks = Meter(), []
     while progress.stage_step < stage.steps:
+        stream.need_completion = not on_policy
         started = time.perf_counter()
         stepped = train_step(t, stream, stage, on_policy, optimizer, schedule, progress, meter, acks)
         for key in acks:  # after the step (or at the end of the data: those rows are consumed)
@@ -309,7 +311,7 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
         progress.seconds += time.perf_counter() - started
         if not stepped:
             progress.data_exhausted = True
-            return
+            return stream
         progress.step += 1
         progress.stage_step += 1
         progress.stage_steps[index] += 1
@@ -317,18 +319,25 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
         if progress.step % 5 == 0 or progress.stage_step == stage.steps:
             bar.set_postfix(stage=f"{index}:{stage.loss}", **meter.postfix(), refresh=False)
             meter = Meter()
-        if c.save_every and progress.step % c.save_every == 0 and progress.step < c.total_steps:
+        measure(t, progress, stream, on_step)
+        if refresh_due(c, progress.step, progress.stage_step == stage.steps):
+            stream = refresh(t, progress, stream, EVERY, optimizer, schedule)
+        elif c.save_every and progress.step % c.save_every == 0 and progress.step < c.total_steps:
             save(t, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
+    return stream
 
 
 # ---------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig) -> dict:
-    """Run every stage of `config.schedule`; returns the summary (also in OUT/final)."""
+def train(config: TrainConfig, on_step=None) -> dict:
+    """Run every stage of `config.schedule`; returns the summary (also in OUT/final).
+
+    `on_step(step, model, tokenizer)`, if given, is called at step 0 and after every optimizer
+    step with the in-memory student (the Python API's hook, e.g. for a bench's own evals)."""
     runtime = start_runtime(config)
     try:
-        return _train(config, runtime)
+        return _train(config, runtime, on_step)
     finally:
         if runtime.distributed:
             import torch.distributed as dist
@@ -336,13 +345,7 @@ def train(config: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _open_stream(config: TrainConfig, runtime: Runtime, progress: Progress) -> BatchStream:
-    source = open_source(config, runtime.rank, progress.position, progress.source)
-    return BatchStream(source, config.batch_size, need_completion=True, rank=runtime.rank,
-                       world_size=runtime.world_size)
-
-
-def _train(config: TrainConfig, runtime: Runtime) -> dict:
+def _train(config: TrainConfig, runtime: Runtime, on_step) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -363,40 +366,30 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict:
     if state:
         ckpt.restore_rng_state(state["rng"])
         optimizer_state = ckpt.load_optimizer_state(resume_from) if progress.stage_step > 0 else None
-    stream = _open_stream(config, runtime, progress)
+    check_setup(config, progress)
+    if state is None:
+        starting_source(config, progress)
+    stream = open_stream(config, runtime.rank, runtime.world_size, progress.source, progress.position)
+    if progress.pending_refresh is not None:  # killed during a refresh: finish it first
+        stream = refresh(t, progress, stream, progress.pending_refresh["kind"])
+    measure(t, progress, stream, on_step if progress.step == 0 else None)
     bar = tqdm(total=config.total_steps, initial=progress.step, unit="step", desc="train", file=sys.stderr,
                disable=not config.progress or runtime.rank != 0, dynamic_ncols=True)
     with bar:
         for index in range(progress.stage, len(config.schedule)):
-            run_stage(t, stream, index, progress, bar, optimizer_state)
+            stream = run_stage(t, stream, index, progress, bar, optimizer_state, on_step)
             optimizer_state = None
             if progress.data_exhausted or index + 1 == len(config.schedule):
                 break
-            stream = _next_stage(t, progress, stream, index)
+            if config.refresh_between_stages:
+                stream = refresh(t, progress, stream, STAGE)
+            else:
+                progress.stage, progress.stage_step = index + 1, 0
     checksums = parameter_checksums(t) if runtime.distributed else None
     summary = ckpt.make_summary(t, progress, stream, checksums)
     save(t, progress, ckpt.FINAL, stream, extra={"finished": True, "summary": summary})
     stream.source.close()
     return summary
-
-
-def _next_stage(t: Trainee, progress: Progress, stream: BatchStream, index: int) -> BatchStream:
-    """Move on to stage index + 1, through the refresh hook when it is asked for."""
-    refreshed = None
-    if t.config.refresh_between_stages:
-        boundary = save(t, progress, f"checkpoint-{progress.step}", stream)
-        refreshed = between_stages(StageBoundary(t.config, t.runtime, index, progress.step, boundary,
-                                                 progress.source, t.raw_student, t.tokenizer))
-    progress.stage, progress.stage_step = index + 1, 0
-    if refreshed is None:
-        return stream
-    progress.local_rows += stream.skipped_rows
-    stream.source.close()
-    progress.source, progress.position = refreshed["source"], None
-    progress.refreshes.append(refreshed)
-    stream = _open_stream(t.config, t.runtime, progress)
-    save(t, progress, f"checkpoint-{progress.step}", stream)  # resume here skips the refresh
-    return stream
 
 
 def parameter_checksums(t: Trainee) -> list[list[float]]:
@@ -411,61 +404,3 @@ def parameter_checksums(t: Trainee) -> list[list[float]]:
     gathered = [torch.zeros_like(mine) for _ in range(t.runtime.world_size)]
     dist.all_gather(gathered, mine)
     return [g.tolist() for g in gathered]
-
-
-# ---------------------------------------------------------------- between stages (the refresh hook)
-
-
-@dataclass(frozen=True)
-class StageBoundary:
-    """What the hook between stage `stage` and the next one sees."""
-
-    config: TrainConfig
-    runtime: Runtime
-    stage: int
-    step: int
-    checkpoint: Path  # the student at the end of `stage`, saved
-    source: str  # the data source of `stage`
-    student: object
-    tokenizer: object
-
-
-def between_stages(ctx: StageBoundary) -> dict | None:
-    """Re-measure pass rates for the new student and point the data at them (rank 0 works,
-    every process gets the result). Returns {source, student_id, snapshot_id, ...} or None.
-
-    Rolls out the saved checkpoint (K = --rollout-k, the trainer's sampling settings), refreshes
-    its snapshot, then builds OUT/manifest-stage{N} with the old manifest's inputs (file
-    source) or creates a new run with the old run's config (HTTP source)."""
-    if not ctx.config.refresh_between_stages:
-        return None
-    result = [refresh_source(ctx)] if ctx.runtime.rank == 0 else [None]
-    if ctx.runtime.distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(result, src=0)
-    return result[0]
-
-
-def refresh_source(ctx: StageBoundary) -> dict:
-    from paced.backends.hf_backend import HFBackend
-    from paced.jobs.refresh import refresh_student
-    from paced.jobs.rollout import RolloutConfig, rollout
-    from paced.store.home import open_home
-    from paced.trainer.data import create_run_like, manifest_inputs, rebuild_manifest, service_call
-
-    c = ctx.config
-    home = open_home(c.home, create=False)
-    http = {"token": c.token, "timeout_seconds": c.http_timeout_seconds}
-    is_http = ctx.source.startswith(("http://", "https://"))
-    dataset = (service_call("GET", ctx.source, **http)["config"] if is_http else manifest_inputs(ctx.source)["inputs"])["dataset"]
-    config = RolloutConfig(k=c.rollout_k, temperature=c.sample_temperature, top_p=c.sample_top_p,
-                           max_new_tokens=c.max_new_tokens, seed=c.seed)
-    backend = HFBackend.from_model(ctx.student, ctx.tokenizer, batch_size=max(32, c.batch_size))
-    rolled = rollout(home, ctx.checkpoint, dataset, config, backend=backend, progress=c.progress)
-    snapshot = refresh_student(home, rolled["student_id"], config.sampling_hash)
-    source = create_run_like(ctx.source, rolled["student_id"], **http) if is_http else \
-        rebuild_manifest(home, ctx.source, rolled["student_id"], Path(c.out) / f"manifest-stage{ctx.stage + 1}")
-    return {"after_stage": ctx.stage, "step": ctx.step, "student_id": rolled["student_id"],
-            "snapshot_id": snapshot["snapshot_id"], "rollout_samples": rolled["samples"],
-            "rollout_seconds": rolled["seconds"], "source": source}
