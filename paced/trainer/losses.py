@@ -30,10 +30,12 @@ left as it is: forward KL and AKL are then +inf, their true value.
 
 Memory. Only the masked positions are gathered, `chunk_size` tokens at a time; the float32
 copies, the softmaxes and the gradient of one chunk exist at once, never of the whole batch.
-The gradient with respect to the student logits is computed analytically in the same sweep
-and written into one buffer of the logits' own dtype and shape (bf16 logits stay bf16), which
-becomes `student_logits.grad` in backward (scaled in place by the incoming gradient). Teacher
-logits are constants: they get no gradient. Backward through a loss may run once.
+The gradient with respect to the student logits z is computed analytically in the same sweep
+(forward KL: s - t; reverse KL: s (log(s/t) - KL(s||t)); JSD: (1 - beta) s (log(s/m) - KL(s||m));
+AKL: the gap-weighted mix of the first two) and written into one buffer of the logits' own dtype and shape (bf16 logits stay bf16), which
+becomes `student_logits.grad` in backward (scaled in place by the incoming gradient); with
+`in_place=True` that buffer is the student logits' own storage, so the full logits never sit in
+memory twice. Teacher logits are constants: they get no gradient. Backward may run once.
 
 Weighted batches: `weighted_batch_loss` returns sum_i w_i L_i / sum_i w_i, or a skipped batch
 when every weight is 0 (see `BatchLoss`).
@@ -51,9 +53,12 @@ from torch.autograd.function import once_differentiable
 
 from paced.errors import InputError
 
-# Auto chunk size: as many tokens as make about this many vocabulary entries per chunk
-# (2^22 float32 entries = 16 MiB per [chunk, vocab] tensor; a chunk holds a few of them).
-CHUNK_ENTRIES = 2**22
+# Auto chunk size: as many tokens as make about this many vocabulary entries per chunk. On the
+# CPU, 2^21 float32 entries (8 MiB per [chunk, vocab] tensor, a chunk holds a few) measured
+# near the fastest (smaller chunks cost time, larger ones memory: bench/kl_loss.py
+# --chunk-size); accelerators get larger chunks (fewer kernel launches).
+CHUNK_ENTRIES_CPU = 2**21
+CHUNK_ENTRIES_ACCELERATOR = 2**24
 # AKL looks for the head among the teacher's top tokens first (see `_head_threshold`).
 HEAD_TOPK = 32
 
@@ -195,13 +200,19 @@ def _write_rows(x: torch.Tensor, idx: torch.Tensor, span: slice | None, rows: to
         x[idx // x.shape[1], idx % x.shape[1]] = rows.to(x.dtype)
 
 
-def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_grad: bool):
-    """Per-token losses [B,T] (float32, 0 off the mask) and, if wanted, d sum / d student."""
+def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_grad: bool,
+           in_place: bool = False):
+    """Per-token losses [B,T] (float32, 0 off the mask) and, if wanted, d sum / d student
+    (written over `student` itself when `in_place`: each chunk is read before it is written)."""
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=student.device)
     grad = None
     if want_grad:  # every row written when every position is masked: no need to zero it first
-        grad = torch.empty_like(student) if bool(mask.all()) else torch.zeros_like(student)
-    step = chunk_size or max(1, CHUNK_ENTRIES // student.shape[-1])
+        everything = bool(mask.all())
+        grad = student if in_place else torch.empty_like(student) if everything else torch.zeros_like(student)
+        if in_place and not everything:
+            grad[~mask] = 0
+    entries = CHUNK_ENTRIES_CPU if student.device.type == "cpu" else CHUNK_ENTRIES_ACCELERATOR
+    step = chunk_size or max(1, entries // student.shape[-1])
     for idx, span in _chunks(mask, step):
         t_logits = _read_rows(teacher, idx, span).float()
         s_logits = _read_rows(student, idx, span).float()
@@ -215,22 +226,36 @@ def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_gra
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
-    """Per-token losses [B,T] whose student gradient was computed in the forward sweep."""
+    """Per-token losses [B,T] whose student gradient was computed in the forward sweep.
+
+    In place, the student logits are overwritten by their gradient and returned, marked dirty,
+    as a second output (so autograd knows; any other node that saved them fails loudly).
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, rows, chunk_size):
-        per_token, grad = _sweep(student, teacher, mask, rows, chunk_size, want_grad=True)
-        ctx.grad = grad
-        return per_token
+    def forward(ctx, student, teacher, mask, rows, chunk_size, in_place):
+        per_token, grad = _sweep(student, teacher, mask, rows, chunk_size, True, in_place)
+        ctx.used = False
+        ctx.set_materialize_grads(False)  # no [B,T,V] zeros for the overwritten logits' gradient
+        if not in_place:
+            ctx.grad = grad
+            return per_token
+        ctx.mark_dirty(student)
+        ctx.save_for_backward(student)
+        return per_token, student
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_per_token):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
+    def backward(ctx, grad_per_token, *_ignored):
+        if ctx.used:
             raise RuntimeError("backward through a paced distillation loss can run only once")
+        ctx.used = True
+        grad = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.grad
+        ctx.grad = None
+        if grad_per_token is None:  # the losses were not used
+            return None, None, None, None, None, None
         grad.mul_(grad_per_token.to(grad.dtype).unsqueeze(-1))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _check_inputs(student, teacher, mask) -> None:
@@ -255,7 +280,7 @@ def _check_inputs(student, teacher, mask) -> None:
         raise InputError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
 
 
-def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None) -> torch.Tensor:
+def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None, in_place: bool):
     """The shared body of every loss: check, sweep in chunks, average over each row's tokens."""
     _check_inputs(student, teacher, mask)
     if chunk_size is not None and chunk_size < 1:
@@ -263,7 +288,13 @@ def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None) -
     mask = mask.to(device=student.device, dtype=torch.bool)
     teacher = teacher.detach()
     if torch.is_grad_enabled() and student.requires_grad:
-        per_token = _ChunkedTokenLoss.apply(student, teacher, mask, rows, chunk_size)
+        if in_place and student.is_leaf:
+            raise InputError(
+                "in_place=True needs student logits computed by a model (not a leaf tensor): "
+                "torch forbids overwriting a leaf that requires grad"
+            )
+        per_token = _ChunkedTokenLoss.apply(student, teacher, mask, rows, chunk_size, in_place)
+        per_token = per_token[0] if in_place else per_token
     else:
         per_token, _ = _sweep(student, teacher, mask, rows, chunk_size, want_grad=False)
     return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
@@ -272,17 +303,26 @@ def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None) -
 # ---------------------------------------------------------------- public losses
 
 
-def forward_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None = None) -> torch.Tensor:
-    """KL(teacher || student) per token, mean over each row's masked tokens: [B] float32."""
-    return _per_sequence(student_logits, teacher_logits, mask, _forward_rows, chunk_size)
+def forward_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None = None,
+               in_place: bool = False) -> torch.Tensor:
+    """KL(teacher || student) per token, mean over each row's masked tokens: [B] float32.
+
+    Every loss takes `chunk_size` (tokens per chunk; None: about CHUNK_ENTRIES_CPU, or
+    CHUNK_ENTRIES_ACCELERATOR, vocabulary entries per chunk) and `in_place`: when a gradient is computed, write it over the student
+    logits instead of a new buffer, saving one [B,T,V] tensor (as Liger's fused cross-entropy
+    does). The logits are then gone after this call: read what you need from them first.
+    """
+    return _per_sequence(student_logits, teacher_logits, mask, _forward_rows, chunk_size, in_place)
 
 
-def reverse_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None = None) -> torch.Tensor:
+def reverse_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None = None,
+               in_place: bool = False) -> torch.Tensor:
     """KL(student || teacher) per token, mean over each row's masked tokens: [B] float32."""
-    return _per_sequence(student_logits, teacher_logits, mask, _reverse_rows, chunk_size)
+    return _per_sequence(student_logits, teacher_logits, mask, _reverse_rows, chunk_size, in_place)
 
 
-def jsd(student_logits, teacher_logits, mask, *, beta: float = 0.5, chunk_size: int | None = None):
+def jsd(student_logits, teacher_logits, mask, *, beta: float = 0.5, chunk_size: int | None = None,
+        in_place: bool = False) -> torch.Tensor:
     """Generalised JSD: beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s. [B] float32.
 
     beta = 0.5 is the symmetric Jensen-Shannon divergence; beta = 0 and beta = 1 give exactly 0.
@@ -294,10 +334,11 @@ def jsd(student_logits, teacher_logits, mask, *, beta: float = 0.5, chunk_size: 
     def rows(s_lp, t_lp, want_grad):
         return _jsd_rows(s_lp, t_lp, want_grad, beta=beta)
 
-    return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size)
+    return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size, in_place)
 
 
-def akl(student_logits, teacher_logits, mask, *, head_mass: float = 0.5, chunk_size: int | None = None):
+def akl(student_logits, teacher_logits, mask, *, head_mass: float = 0.5, chunk_size: int | None = None,
+        in_place: bool = False) -> torch.Tensor:
     """Adaptive KL (Wu et al., 2025): forward and reverse KL mixed by head/tail gaps. [B] float32."""
     head_mass = float(head_mass)
     if not 0.0 <= head_mass <= 1.0:
@@ -306,7 +347,7 @@ def akl(student_logits, teacher_logits, mask, *, head_mass: float = 0.5, chunk_s
     def rows(s_lp, t_lp, want_grad):
         return _akl_rows(s_lp, t_lp, want_grad, head_mass=head_mass)
 
-    return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size)
+    return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size, in_place)
 
 
 # The registry is a dict from the name a config uses to the function.
@@ -333,11 +374,12 @@ class BatchLoss:
 
 def weighted_batch_loss(
     student_logits, teacher_logits, mask, weights, loss: str = "forward",
-    chunk_size: int | None = None, **loss_kwargs,
+    chunk_size: int | None = None, in_place: bool = False, **loss_kwargs,
 ) -> BatchLoss:
     """sum_i w_i L_i / sum_i w_i over the batch, L = LOSSES[loss]; skipped if all w_i are 0.
 
-    `loss_kwargs` go to the loss (`beta=` for "jsd", `head_mass=` for "akl").
+    `loss_kwargs` go to the loss (`beta=` for "jsd", `head_mass=` for "akl"); `chunk_size` and
+    `in_place` as for `forward_kl`.
     """
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
@@ -351,6 +393,8 @@ def weighted_batch_loss(
     weight_sum = float(weights.sum())
     if weight_sum == 0.0:
         return BatchLoss(loss=None, per_sequence=None, weight_sum=0.0, skipped=True)
-    per_seq = LOSSES[loss](student_logits, teacher_logits, mask, chunk_size=chunk_size, **loss_kwargs)
+    per_seq = LOSSES[loss](
+        student_logits, teacher_logits, mask, chunk_size=chunk_size, in_place=in_place, **loss_kwargs
+    )
     value = (weights * per_seq).sum() / weight_sum
     return BatchLoss(loss=value, per_sequence=per_seq.detach(), weight_sum=weight_sum, skipped=False)

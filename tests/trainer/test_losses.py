@@ -272,6 +272,33 @@ def test_non_contiguous_shifted_logits_work():
     assert_close(got_grad.double(), student.grad.double(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_gives_the_same_gradient_and_reuses_the_logits_storage(name, dtype):
+    leaf, teacher, mask = make_batch(seed=18, dtype=dtype)
+    upstream = torch.tensor([1.0, 0.5, 2.0])
+    want, want_grad = value_and_grad(LOSSES[name], leaf, teacher, mask, upstream, chunk_size=4, **KWARGS[name])
+    leaf.grad = None
+    logits = leaf * 1.0  # as a model's output: not a leaf
+    storage = logits.data_ptr()
+    per_seq = LOSSES[name](logits, teacher, mask, chunk_size=4, in_place=True, **KWARGS[name])
+    (per_seq * upstream).sum().backward()
+    assert_close(per_seq.detach().double(), want)
+    assert_close(leaf.grad.double(), want_grad, rtol=0, atol=0)  # the very same numbers
+    assert logits.data_ptr() == storage and torch.equal(logits, leaf.grad)
+
+
+def test_in_place_refuses_a_leaf_and_fails_loudly_if_the_logits_were_saved_elsewhere():
+    leaf, teacher, mask = make_batch(seed=19)
+    with pytest.raises(InputError, match="leaf"):
+        forward_kl(leaf, teacher, mask, in_place=True)
+    logits = leaf * 1.0
+    other = (logits * logits).mean()  # saves the logits for its own backward
+    loss = forward_kl(logits, teacher, mask, in_place=True).sum() + other
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
 def test_backward_twice_is_refused_rather_than_wrong():
     student, teacher, mask = make_batch(seed=12)
     loss = forward_kl(student, teacher, mask).sum()
@@ -346,9 +373,14 @@ def test_losses_train_the_tiny_model_like_the_reference():
     with torch.no_grad():
         t_logits = teacher(**batch).logits
     grads = []
-    for fn in (lambda s: akl(s, t_logits, mask, chunk_size=3), lambda s: reference("akl", s, t_logits, mask, head_mass=0.5)):
+    for fn in (
+        lambda s: reference("akl", s, t_logits, mask, head_mass=0.5),
+        lambda s: akl(s, t_logits, mask, chunk_size=3),
+        lambda s: akl(s, t_logits, mask, in_place=True),
+    ):
         student.zero_grad()
         fn(student(**batch).logits).mean().backward()
         grads.append(student.model.embed_tokens.weight.grad.clone())
     assert t_logits.shape[-1] == len(tok)
-    assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=1e-6)
+    for grad in grads[1:]:
+        assert_close(grad, grads[0].float(), rtol=1e-4, atol=1e-6)
