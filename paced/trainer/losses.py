@@ -203,7 +203,15 @@ def _write_rows(x: torch.Tensor, idx: torch.Tensor, span: slice | None, rows: to
 def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_grad: bool,
            in_place: bool = False):
     """Per-token losses [B,T] (float32, 0 off the mask) and, if wanted, d sum / d student
-    (written over `student` itself when `in_place`: each chunk is read before it is written)."""
+    (written over `student` itself when `in_place`: each chunk is read before it is written).
+
+    Autocast is off inside: a trainer's bf16 autocast must not turn the float32 sums into bf16.
+    """
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        return _sweep_float32(student, teacher, mask, rows, chunk_size, want_grad, in_place)
+
+
+def _sweep_float32(student, teacher, mask, rows, chunk_size, want_grad, in_place):
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=student.device)
     grad = None
     if want_grad:  # every row written when every position is masked: no need to zero it first

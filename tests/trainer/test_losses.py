@@ -260,6 +260,16 @@ def test_chunked_equals_unchunked_and_no_grad_path(name):
         assert_close(LOSSES[name](student, teacher, mask, **KWARGS[name]).double(), whole[0])
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_autocast_does_not_change_the_float32_computation(name):
+    student, teacher, mask = make_batch(seed=20)
+    upstream = torch.ones(3)
+    want = value_and_grad(LOSSES[name], student, teacher, mask, upstream, **KWARGS[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a bf16 trainer runs its step
+        got = value_and_grad(LOSSES[name], student, teacher, mask, upstream, **KWARGS[name])
+    assert_close(got, want, rtol=0, atol=0)
+
+
 def test_non_contiguous_shifted_logits_work():
     student, teacher, mask = make_batch(seed=11, tokens=8)
     shifted = student[:, :-1]  # the usual next-token shift: a non-contiguous view
