@@ -59,8 +59,69 @@ def plot_accuracy(arms: dict[str, dict[str, float]], out: Path, title: str) -> P
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.3f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _pass_rates(home: Path, student: str) -> list[float]:
+    from paced.store.home import Home
+    from paced.store.snapshots import read_snapshot
+
+    try:
+        return read_snapshot(Home(home), student, dataset="arith")["pass_rate"].to_pylist()
+    except Exception:  # noqa: BLE001 - a missing snapshot only leaves a plot out
+        return []
+
+
+def _greedy(result: dict, dataset: str) -> dict:
+    return result["sets"][dataset]["greedy"]
+
+
+def result_rows(results: dict, stages: list) -> tuple[list[str], list[list]]:
+    """One row per model: held-out accuracy by difficulty, skill accuracy, forgetting, steps."""
+    levels = sorted(_greedy(results["base"], "arith-heldout")["by_difficulty"], key=str)
+    header = ["model", *[f"{lvl}-digit" for lvl in levels], "held-out", "subtraction (unseen skill)",
+              "mastered", "forgetting", "steps"]
+    steps = {s.name.removeprefix("train-"): (s.output or {}).get("steps") for s in stages if s.name.startswith("train-")}
+    base_mastered = _greedy(results["base"], "mastered")["accuracy"]
+    rows = []
+    for name, res in results.items():
+        held = _greedy(res, "arith-heldout")
+        mastered = _greedy(res, "mastered")["accuracy"]
+        drop = None if mastered is None or base_mastered is None else base_mastered - mastered
+        rows.append([name, *[held["by_difficulty"].get(lvl, 0.0) for lvl in levels], held["accuracy"],
+                     _greedy(res, "arith-sub")["accuracy"], mastered, drop, steps.get(name, 0)])
+    return header, rows
+
+
+def write_report(demo, results: dict, failure: str | None) -> str:
+    """report.md + PNGs in the data home; returns the text table printed on stdout."""
+    home = Path(demo.home)
+    parts = ["# paced demo", "", f"Mode: {'quick' if demo.cfg.quick else 'full'}.", ""]
+    if failure:
+        parts += [f"**FAILED**: {failure}", ""]
+    text = ""
+    if {"base", "paced", "uniform"} <= set(results):
+        header, rows = result_rows(results, demo.stages)
+        table = markdown_table(header, rows)
+        text = table
+        parts += ["## Greedy accuracy (held-out addition by digits; subtraction never trained)", "", table, "",
+                  "Forgetting: the base student's greedy accuracy on the problems it had mastered (p̂ = 1) "
+                  "minus the model's.", ""]
+        acc = {r[0]: {h: v for h, v in zip(header[1:], r[1:]) if h.endswith("-digit")} for r in rows}
+        plot_accuracy(acc, home / "accuracy_by_difficulty.png", "held-out accuracy by difficulty")
+        parts += ["![accuracy by difficulty](accuracy_by_difficulty.png)", ""]
+    before, after = _pass_rates(home, "base"), _pass_rates(home, "paced-round2")
+    if before:
+        plot_histograms(before, after, home / "passrate_histogram.png")
+        parts += ["## Pass rates before and after PACED training, with the weight curve", "",
+                  f"Mean pass rate: base {np.mean(before):.3f}" + (f", after {np.mean(after):.3f}" if after else ""),
+                  "", "![pass-rate histogram](passrate_histogram.png)", ""]
+    stage_rows = [[s.name, round(s.seconds, 1), "ok" if s.ok else "FAILED"] for s in demo.stages]
+    parts += ["## Stages", "", markdown_table(["stage", "seconds", "status"], stage_rows), ""]
+    (home / "report.md").write_text("\n".join(parts))
+    return (text + "\n\n" if text else "") + markdown_table(["stage", "seconds", "status"], stage_rows) + \
+        f"\n\nreport: {home / 'report.md'}"

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from paced.errors import InputError, NotFoundError
+from paced.errors import InputError
 from paced.store.home import Home, open_home
 from paced.store.problems import dataset_info, read_problems
 from paced.store.snapshots import read_snapshot
@@ -76,6 +76,9 @@ def evaluate_backend(backend, sets: dict[str, tuple[pa.Table, str]], cfg: EvalCo
                              seed=cfg.seed)
     report = {}
     for name, (problems, grader) in sets.items():
+        if problems.num_rows == 0:
+            report[name] = {"greedy": compute_accuracy(np.zeros(0), [])}
+            continue
         seeds = [cfg.seed + i for i in range(problems.num_rows)]
         difficulty = problems["difficulty"].to_pylist()
         entry = {"greedy": compute_accuracy(_grade_share(backend, problems, grader, greedy, seeds), difficulty)}
@@ -101,10 +104,7 @@ def load_sets(home: Home, datasets: list[str], cfg: EvalConfig, mastered: tuple[
         sets[name] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, name)["grader"])
     if mastered:
         student, dataset = mastered
-        table = mastered_problems(home, student, dataset)
-        if table.num_rows == 0:
-            raise NotFoundError(f"student {student!r} mastered no problem of {dataset!r}: nothing to "
-                                "measure forgetting on")
+        table = mastered_problems(home, student, dataset)  # may be empty: forgetting is then null
         sets["mastered"] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, dataset)["grader"])
     return sets
 
@@ -121,6 +121,8 @@ def forgetting(model: dict, base: dict) -> dict | None:
         return None
     m = model["sets"]["mastered"]["greedy"]["accuracy"]
     b = base["sets"]["mastered"]["greedy"]["accuracy"]
+    if m is None or b is None:
+        return None
     return {"problems": model["sets"]["mastered"]["greedy"]["problems"], "base_greedy": b,
             "model_greedy": m, "drop": round(b - m, 6)}
 
