@@ -40,6 +40,7 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 1e-3
     shard_size: int = 64
+    refresh_every: int = 50  # the PACED arm's pass-rate refresh cadence (0: measured once)
     seed: int = 0
     max_new_tokens: int = 8
     rollout_backend: str = "vllm"
@@ -52,7 +53,7 @@ class DemoConfig:
 
             return cls(rollout_backend=default_backend_name())
         return cls(quick=True, train_problems=300, heldout_problems=100, skill_problems=50, k=4, steps=16,
-                   batch_size=16, shard_size=32, rollout_backend="transformers")
+                   batch_size=16, shard_size=32, refresh_every=8, rollout_backend="transformers")
 
     @property
     def models(self) -> tuple[str, str]:
@@ -178,20 +179,34 @@ def train_arms(demo: Demo, url: str) -> dict[str, Path]:
     cfg, (teacher, student) = demo.cfg, demo.cfg.models
     outs = {}
     for scheme in ("paced", "uniform"):
+        # The PACED arm closes the loop: pass rates re-measured on the checkpoint being trained
+        # every `refresh_every` steps, and its run follows the newest snapshot (DESIGN.md §7).
+        follow = scheme == "paced" and cfg.refresh_every > 0
         run = create_run(url, {"student_id": "base", "dataset": "arith", "scheme": scheme, "seed": cfg.seed,
-                               "shard_size": cfg.shard_size, "epochs": 1000})
+                               "shard_size": cfg.shard_size, "epochs": 1000, "follow_snapshots": follow})
+        refresh = ["--refresh-every", str(cfg.refresh_every), "--rollout-k", str(cfg.k)] if follow else []
         out = demo.home / "demo" / scheme
         demo.paced(f"train-{scheme}", "train", "--student", str(demo.home / "models" / student),
                    "--teacher", str(demo.home / "models" / teacher), "--from", f"{url}/v1/runs/{run['run_id']}",
                    "--loss", "forward", "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-                   "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--out", str(out), "--lease-ttl-seconds", "120")
+                   "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--out", str(out), "--lease-ttl-seconds", "600",
+                   "--max-new-tokens", str(cfg.max_new_tokens), *refresh)
         outs[scheme] = out / "final"
     return outs
+
+
+def base_snapshot(home: Path) -> str:
+    """The base student's first snapshot (later ones are the PACED arm's refreshes of its lineage)."""
+    from paced.store.home import Home
+    from paced.store.snapshots import list_snapshots
+
+    return list_snapshots(Home(home), "base")[0]
 
 
 def evaluate(demo: Demo, name: str, model_dir: Path) -> dict:
     return demo.paced(f"evaluate-{name}", "evaluate", "--model", str(model_dir), "--dataset", "arith-heldout",
                       "--dataset", "arith-sub", "--mastered-student", "base", "--mastered-dataset", "arith",
+                      "--mastered-snapshot", base_snapshot(demo.home),
                       "--greedy-only", "--max-new-tokens", str(demo.cfg.max_new_tokens),
                       "--backend", demo.cfg.eval_backend)["model"]
 

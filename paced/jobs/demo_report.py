@@ -66,12 +66,13 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _pass_rates(home: Path, student: str) -> list[float]:
+def _pass_rates(home: Path, student: str, first: bool = False) -> list[float]:
     from paced.store.home import Home
-    from paced.store.snapshots import read_snapshot
+    from paced.store.snapshots import list_snapshots, read_snapshot
 
     try:
-        return read_snapshot(Home(home), student, dataset="arith")["pass_rate"].to_pylist()
+        snapshot = list_snapshots(Home(home), student)[0] if first else None
+        return read_snapshot(Home(home), student, snapshot, dataset="arith")["pass_rate"].to_pylist()
     except Exception:  # noqa: BLE001 - a missing snapshot only leaves a plot out
         return []
 
@@ -114,7 +115,7 @@ def write_report(demo, results: dict, failure: str | None) -> str:
         acc = {r[0]: {h: v for h, v in zip(header[1:], r[1:]) if h.endswith("-digit")} for r in rows}
         plot_accuracy(acc, home / "accuracy_by_difficulty.png", "held-out accuracy by difficulty")
         parts += ["![accuracy by difficulty](accuracy_by_difficulty.png)", ""]
-    before, after = _pass_rates(home, "base"), _pass_rates(home, "paced-round2")
+    before, after = _pass_rates(home, "base", first=True), _pass_rates(home, "paced-round2")
     if before:
         plot_histograms(before, after, home / "passrate_histogram.png")
         parts += ["## Pass rates before and after PACED training, with the weight curve", "",

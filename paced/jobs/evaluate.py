@@ -89,22 +89,22 @@ def evaluate_backend(backend, sets: dict[str, tuple[pa.Table, str]], cfg: EvalCo
     return report
 
 
-def mastered_problems(home: Home, student_id: str, dataset: str) -> pa.Table:
-    """Problems of `dataset` the student solved in every rollout of its newest snapshot."""
-    snap = read_snapshot(home, student_id, dataset=dataset)
+def mastered_problems(home: Home, student_id: str, dataset: str, snapshot_id: str | None = None) -> pa.Table:
+    """Problems of `dataset` the student solved in every rollout of a snapshot (the newest: None)."""
+    snap = read_snapshot(home, student_id, snapshot_id, dataset=dataset)
     ids = snap.filter(pc.equal(snap["pass_rate"], 1.0))["problem_id"]
     problems = read_problems(home, dataset)
     return problems.filter(pc.is_in(problems["id"], value_set=ids))
 
 
-def load_sets(home: Home, datasets: list[str], cfg: EvalConfig, mastered: tuple[str, str] | None):
+def load_sets(home: Home, datasets: list[str], cfg: EvalConfig, mastered: tuple[str, str, str | None] | None):
     sets = {}
     for name in datasets:
         table = read_problems(home, name)
         sets[name] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, name)["grader"])
     if mastered:
-        student, dataset = mastered
-        table = mastered_problems(home, student, dataset)  # may be empty: forgetting is then null
+        student, dataset, snapshot_id = mastered
+        table = mastered_problems(home, student, dataset, snapshot_id)  # may be empty: forgetting is then null
         sets["mastered"] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, dataset)["grader"])
     return sets
 
@@ -135,6 +135,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dataset", action="append", required=True, help="held-out data set (repeatable)")
     parser.add_argument("--mastered-student", default=None, help="student id whose p̂=1 problems measure forgetting")
     parser.add_argument("--mastered-dataset", default=None, help="data set those problems come from")
+    parser.add_argument("--mastered-snapshot", default=None, help="that student's snapshot id (default: newest)")
     parser.add_argument("-k", "--k", type=int, default=8, help="samples per problem for mean@k")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -151,7 +152,7 @@ def run(args) -> int:
         raise InputError("--mastered-student and --mastered-dataset go together")
     cfg = EvalConfig(args.k, args.temperature, args.max_new_tokens, args.seed, args.limit,
                      None if args.backend == "auto" else args.backend, not args.greedy_only)
-    mastered = (args.mastered_student, args.mastered_dataset) if args.mastered_student else None
+    mastered = (args.mastered_student, args.mastered_dataset, args.mastered_snapshot) if args.mastered_student else None
     sets = load_sets(home, args.dataset, cfg, mastered)
     model = evaluate_model(args.model, sets, cfg)
     base = evaluate_model(args.base, sets, cfg) if args.base else None
