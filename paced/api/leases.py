@@ -11,7 +11,13 @@ Per shard:
 - `pick(now)`: the lowest shard that is free or whose lease expired (None if there is none).
 - `check_ack(L)`: acked by L → "already" (idempotent); acked by M ≠ L → conflict; held by M ≠ L
   (L expired and the shard went out again) → conflict; else (L live, or expired but nobody took
-  the shard since) → "ack".
+  the shard since) → "ack". `check_renew(L)`: the same, but acked by L is a conflict too.
+
+Shards are granted in order, so the shards ever granted are exactly `[0, next_fresh)`: their
+bytes are fixed. The rest (never granted) may be re-planned: `pending` (a re-plan being built)
+stops fresh grants meanwhile (expired shards still go out again), and `resize(n)` then makes
+the epoch `n` shards long, `next_fresh` unchanged. `starts` and `snapshot_id` describe the plan: where each
+segment (the epoch's first plan, then each re-plan) starts, and the snapshot of the newest.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ class EpochLeases:
     next_fresh: int = 0  # every shard below it has been granted at least once
     open_leased: set[int] = field(default_factory=set)  # granted and not acked
     acked: int = 0
+    starts: list[int] = field(default_factory=lambda: [0])  # first shard of each plan segment
+    snapshot_id: str | None = None  # the snapshot the newest segment was planned from
+    pending: object = None  # the re-plan being built (the service's record of it); freezes fresh grants
+    declined: str | None = None  # a snapshot whose re-plan failed: not tried again this epoch
 
     def __post_init__(self):
         if not self.holder:
@@ -42,9 +52,14 @@ class EpochLeases:
             self.expires_at = [0.0] * self.shards
             self.acked_by = [None] * self.shards
 
+    @property
+    def frozen(self) -> bool:
+        return self.pending is not None
+
     def pick(self, now: float) -> int | None:
         expired = [k for k in self.open_leased if self.expires_at[k] <= now]
-        candidates = expired + ([self.next_fresh] if self.next_fresh < self.shards else [])
+        fresh = self.next_fresh < self.shards and not self.frozen
+        candidates = expired + ([self.next_fresh] if fresh else [])
         return min(candidates) if candidates else None
 
     def grant(self, shard: int, lease_id: str, expires_at: float) -> None:
@@ -60,6 +75,16 @@ class EpochLeases:
         shard = self.leases[lease_id]
         if self.acked_by[shard] == lease_id:
             return "already"
+        self.check_renew(lease_id)
+        return "ack"
+
+    def check_renew(self, lease_id: str) -> None:
+        """ConflictError unless `lease_id` still holds its shard, unacked (live or expired)."""
+        shard = self.leases[lease_id]
+        if self.acked_by[shard] == lease_id:
+            raise ConflictError(f"lease {lease_id} has acked shard {shard} of epoch {self.epoch}; there is "
+                                "nothing to renew", code="lease_acked",
+                                detail={"field": "lease_id", "value": lease_id, "epoch": self.epoch, "shard": shard})
         other = self.acked_by[shard] or self.holder[shard]
         if other != lease_id:
             what = "acked under" if self.acked_by[shard] else "handed out again as"
@@ -67,12 +92,30 @@ class EpochLeases:
                 f"lease {lease_id} expired and shard {shard} of epoch {self.epoch} was {what} lease {other}; "
                 "discard the work done on it", code="lease_superseded",
                 detail={"field": "lease_id", "value": lease_id, "epoch": self.epoch, "shard": shard})
-        return "ack"
+
+    def renew(self, lease_id: str, expires_at: float) -> None:
+        self.expires_at[self.leases[lease_id]] = expires_at
 
     def record_ack(self, shard: int, lease_id: str) -> None:
         self.acked_by[shard] = lease_id
         self.open_leased.discard(shard)
         self.acked += 1
+
+    def resize(self, shards: int) -> None:
+        """The epoch now has `shards` shards; only never-granted ones are added or dropped."""
+        if shards < self.next_fresh:
+            raise ValueError(f"cannot cut epoch {self.epoch} to {shards} shards: {self.next_fresh} were granted")
+        extra = shards - self.shards
+        for values, fill in ((self.holder, None), (self.expires_at, 0.0), (self.acked_by, None)):
+            if extra >= 0:
+                values.extend([fill] * extra)
+            else:
+                del values[shards:]
+        self.shards = shards
+
+    def segment_of(self, shard: int) -> int:
+        """The plan segment shard `shard` belongs to (the last one starting at or before it)."""
+        return max(i for i, start in enumerate(self.starts) if start <= shard)
 
     def live(self, now: float) -> list[int]:
         return [k for k in self.open_leased if self.expires_at[k] > now]

@@ -24,11 +24,13 @@ from paced.api.schemas import (
     LeaseRequest,
     LeaseResponse,
     PassRates,
+    RenewRequest,
+    RenewResponse,
     RunCreate,
     RunCreated,
     RunView,
 )
-from paced.api.shardfiles import FORMATS, MEDIA_TYPES, json_with_items, shard_bytes, shard_jsonl
+from paced.api.shardfiles import FORMATS, MEDIA_TYPES, json_with_items
 from paced.errors import NotFoundError, PacedError
 from paced.store.home import validate_name
 from paced.store.snapshots import list_snapshots, list_students, read_snapshot, snapshot_path
@@ -103,7 +105,9 @@ def passrates(svc: Service, student_id: Annotated[str, Path(pattern=NAME_PATTERN
 @router.post("/v1/runs", response_model=RunCreated, status_code=201, responses=ERRORS, dependencies=Guarded,
              tags=["runs"])
 def create_run(svc: Service, body: RunCreate) -> RunCreated:
-    """Create a run: build epoch 0 from the student's snapshot (pinned) and cut it into shards."""
+    """Create a run: build epoch 0 from the student's snapshot and cut it into shards. The run
+    keeps that snapshot, unless `follow_snapshots`: then each new epoch, and within an epoch the
+    shards not leased yet, are planned again from the student's newest snapshot."""
     record, files = svc.create_run(RunConfig(**body.model_dump()))
     return RunCreated(run_id=record.run_id, snapshot_id=files.snapshot_id, epoch=0, epochs=record.epochs,
                       shards=files.shards, items=files.items, effective_sample_size=files.effective_sample_size)
@@ -111,15 +115,17 @@ def create_run(svc: Service, body: RunCreate) -> RunCreated:
 
 @router.get("/v1/runs/{run_id}", response_model=RunView, responses=ERRORS, tags=["runs"])
 def get_run(svc: Service, run_id: RunId) -> RunView:
-    """A run's config, progress per epoch (shards acked / leased / pending) and snapshot history."""
+    """A run's config, progress per epoch (shards acked / handed out / leased / pending) and its
+    snapshot history: the snapshot each epoch, and each re-plan within an epoch, was planned from."""
     view = svc.describe(run_id)
     run, progress = view["run"], view["progress"]
-    for row in progress:
+    for row in progress + view["history"]:
         row["created_at"] = iso(row["created_at"])
+    history = [{k: row[k] for k in ("epoch", "segment", "from_shard", "snapshot_id", "student_ids", "checkpoint_id",
+                                    "created_at")} for row in view["history"]]
     return RunView(run_id=run.run_id, created_at=iso(run.created_at), snapshot_id=run.snapshot_id,
                    config=run.config, epochs=run.epochs, current_epoch=run.current_epoch, done=view["done"],
-                   progress=progress,
-                   snapshot_history=[{"epoch": r["epoch"], "snapshot_id": r["snapshot_id"]} for r in progress])
+                   progress=progress, snapshot_history=history)
 
 
 @router.post("/v1/runs/{run_id}/leases", response_model=LeaseResponse, responses=ERRORS, dependencies=Guarded,
@@ -130,7 +136,9 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
     Always 200 with a `status`: `leased` (the shard and its rows), `wait` (every open shard is
     leased to another consumer: retry after `retry_after_seconds`, also sent as Retry-After), or
     `done` (every epoch acked). When the current epoch is fully acked and the run has more
-    epochs, the next epoch starts here (new order; new weights if the run follows snapshots)."""
+    epochs, the next epoch starts here (new order; new weights if the run follows snapshots).
+    A run that follows snapshots and finds a snapshot newer than its plan re-plans the shards
+    not leased yet from it here; `snapshot_id` names the snapshot of the shard handed out."""
     outcome = svc.lease(run_id, body.consumer, body.ttl_seconds)
     metrics = request.app.state.metrics
     metrics.leases.labels(outcome.status).inc()
@@ -140,14 +148,14 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
     if outcome.status == "done":
         return JSONResponse({"status": "done", "run_id": run_id})
     lease = outcome.lease
-    files = svc.epoch_files(run_id, lease.epoch)
+    plan = svc.epoch_plan(run_id, lease.epoch, lease.segment + 1)
     head = {"status": "leased", "run_id": run_id, "lease_id": lease.lease_id, "epoch": lease.epoch,
-            "shard": lease.shard, "snapshot_id": files.snapshot_id, "expires_at": iso(lease.expires_at),
-            "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": files.shard_items(lease.shard)}
+            "shard": lease.shard, "snapshot_id": plan.snapshot_for(lease.shard), "expires_at": iso(lease.expires_at),
+            "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": plan.shard_items(lease.shard)}
     metrics.items_served.inc(head["num_items"])
     if not body.include_items:
         return Response(json.dumps(head).encode(), media_type="application/json")
-    return Response(json_with_items(head, shard_jsonl(files, lease.shard)), media_type="application/json")
+    return Response(json_with_items(head, plan.jsonl(lease.shard)), media_type="application/json")
 
 
 @router.post("/v1/runs/{run_id}/leases/{lease_id}/ack", response_model=AckResponse, responses=ERRORS,
@@ -162,13 +170,28 @@ def ack(request: Request, svc: Service, run_id: RunId,
     return AckResponse(**asdict(result))
 
 
+@router.post("/v1/runs/{run_id}/leases/{lease_id}/renew", response_model=RenewResponse, responses=ERRORS,
+             dependencies=Guarded, tags=["leases"])
+def renew(svc: Service, run_id: RunId, lease_id: Annotated[str, Path(pattern=LEASE_ID_PATTERN)],
+          body: RenewRequest | None = None) -> RenewResponse:
+    """Extend a lease to `ttl_seconds` from now (default: the lease_ttl_seconds setting), e.g.
+    while its consumer pauses mid-shard. A live lease, or an expired one whose shard nobody took
+    since, is renewed; 409 `lease_superseded` if the shard went out again (discard the work),
+    409 `lease_acked` if the lease already acked its shard; 404 for an unknown lease."""
+    renewal = svc.renew(run_id, lease_id, body.ttl_seconds if body else None)
+    return RenewResponse(run_id=run_id, lease_id=lease_id, epoch=renewal.epoch, shard=renewal.shard,
+                         expires_at=iso(renewal.expires_at), ttl_seconds=round(renewal.expires_at - svc.clock(), 3))
+
+
 @router.get("/v1/runs/{run_id}/epochs/{epoch}/shards/{shard}", responses={
     **ERRORS, 200: {"content": {MEDIA_TYPES[f]: {} for f in FORMATS}, "description": "the shard's rows"}},
     tags=["runs"])
 def get_shard(svc: Service, run_id: RunId, epoch: Index, shard: Index,
               fmt: Annotated[Literal[FORMATS], Query(alias="format")] = "json") -> Response:  # type: ignore[valid-type]
-    """A shard of a started epoch as JSON, JSONL or Parquet: the same request returns the same bytes."""
-    data = shard_bytes(svc.epoch_files(run_id, epoch), shard, fmt)
+    """A shard of a started epoch as JSON, JSONL or Parquet: the same request returns the same bytes.
+    Of a run that follows snapshots, a shard is served once it has been leased (before that a
+    re-plan may still change it: 404 `shard_not_built`, ask again later)."""
+    data = svc.shard_plan(run_id, epoch, shard).shard_bytes(shard, fmt)
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     return Response(data, media_type=MEDIA_TYPES[fmt],
                     headers={"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"})

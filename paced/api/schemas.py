@@ -38,7 +38,9 @@ class RunCreate(BaseModel):
     epochs: int = Field(1, ge=1, le=2**31 - 1, description="epochs to serve (at most the max_epochs setting)")
     weight_floor: Finite = Field(0.0, ge=0, le=1, description="every measured problem gets at least this weight")
     uniform_mix: Finite = Field(0.0, ge=0, le=1, description="w' = (1−λ)·w/mean(w) + λ")
-    follow_snapshots: bool = Field(False, description="each new epoch takes weights from the newest snapshot")
+    follow_snapshots: bool = Field(
+        False, description="take weights from the student's newest snapshot: each new epoch, and within an epoch "
+        "the shards not leased yet are planned again when a newer snapshot appears")
     num_samples: int | None = Field(None, ge=0, le=2**31 - 1, description="draws per epoch (weighted-sample mode)")
     snapshot_id: Name | None = Field(None, description="pin this snapshot (default: the newest)")
     teacher_id: Name | None = Field(None, description="whose references fill `completion` (default: the first)")
@@ -60,9 +62,23 @@ class EpochProgress(BaseModel):
     items: int
     shards: int
     acked: int
+    handed_out: int = Field(description="shards leased at least once (their bytes are fixed)")
     leased: int = Field(description="shards under a live lease")
     pending: int = Field(description="shards free or whose lease expired")
     effective_sample_size: float
+    created_at: str
+
+
+class PlanSegment(BaseModel):
+    """Where an epoch's plan took a snapshot: segment 0 from the epoch's start, each later
+    segment (a re-plan of the shards not leased yet) from `from_shard` on."""
+
+    epoch: int
+    segment: int
+    from_shard: int = Field(description="the epoch's first shard planned from this snapshot")
+    snapshot_id: str
+    student_ids: list[str] | None = Field(description="the checkpoints whose rollouts measured the snapshot")
+    checkpoint_id: str | None = Field(description="the lineage's newest checkpoint, when the snapshot records it")
     created_at: str
 
 
@@ -75,7 +91,8 @@ class RunView(BaseModel):
     current_epoch: int
     done: bool
     progress: list[EpochProgress]
-    snapshot_history: list[dict[str, Any]] = Field(description="[{epoch, snapshot_id}]: the snapshot each epoch used")
+    snapshot_history: list[PlanSegment] = Field(description="the snapshot each epoch, and each re-plan within "
+                                                "an epoch, was planned from, in order")
 
 
 class LeaseRequest(BaseModel):
@@ -84,6 +101,21 @@ class LeaseRequest(BaseModel):
     consumer: str = Field(pattern=CONSUMER_PATTERN, max_length=128, description="who takes the shard")
     ttl_seconds: Finite | None = Field(None, gt=0, le=1e7, description="lease lifetime (default: a setting)")
     include_items: bool = Field(True, description="false: fetch the rows from the shard endpoint instead")
+
+
+class RenewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: Finite | None = Field(None, gt=0, le=1e7, description="new lifetime from now (default: a setting)")
+
+
+class RenewResponse(BaseModel):
+    run_id: str
+    lease_id: str
+    epoch: int
+    shard: int
+    expires_at: str = Field(description="ISO 8601, UTC")
+    ttl_seconds: float
 
 
 class ShardItem(BaseModel):

@@ -22,8 +22,8 @@ class Settings(BaseSettings):
     retry_after_seconds: float = Field(
         5.0, gt=0, description="the longest wait suggested when every open shard is under a live lease")
     epoch_build_wait_seconds: float = Field(
-        2.0, ge=0, description="how long a lease request waits for a new epoch to be built before it "
-        "answers `wait` (the build goes on in the background)")
+        2.0, ge=0, description="how long a lease request waits for a new epoch, or a re-plan of a run that "
+        "follows snapshots, to be built before it answers `wait` (the build goes on in the background)")
     max_shard_size: int = Field(4096, ge=1, description="largest shard a run may ask for")
     max_epochs: int = Field(10000, ge=1, description="most epochs a run may ask for")
     max_num_samples: int = Field(10_000_000, ge=1, description="most draws per epoch (weighted-sample mode)")

@@ -11,6 +11,10 @@ When a run's epoch is created the service writes, under a temporary name renamed
 
 Serving a shard is then a seek and a read: the same request returns the same bytes from any
 process and across restarts, and a refresh writing new snapshots cannot change them.
+
+A re-plan of a run that follows snapshots (`plans.py`) writes the same four files for its part
+of the epoch into `epoch-{e:05d}/seg-{k:03d}/` (segment k ≥ 1), its positions continuing the
+epoch's: its first shard is shard `from_shard` of the epoch.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class EpochFiles:
     effective_sample_size: float
     jsonl_offsets: tuple[int, ...]  # shards + 1 byte offsets into shards.jsonl
     parquet_offsets: tuple[int, ...]  # shards + 1 byte offsets into shards.pack
+    segment: int = 0  # 0: the epoch as first built; k: its k-th re-plan
+    from_shard: int = 0  # the epoch's shard index of this segment's shard 0
 
     @property
     def shards(self) -> int:
@@ -63,9 +69,11 @@ class EpochFiles:
         return min(self.shard_size, self.items - shard * self.shard_size)
 
 
-def epoch_folder(home: Home, run_id: str, epoch: int) -> Path:
-    """`run_id` is generated and validated by the service before it reaches here."""
-    return home.service_dir / "runs" / run_id / f"epoch-{epoch:05d}"
+def epoch_folder(home: Home, run_id: str, epoch: int, segment: int = 0) -> Path:
+    """The folder of an epoch's segment (0: the epoch's own). `run_id` is generated and
+    validated by the service before it reaches here."""
+    folder = home.service_dir / "runs" / run_id / f"epoch-{epoch:05d}"
+    return folder / f"seg-{segment:03d}" if segment else folder
 
 
 def line_offsets(path: Path, every: int, chunk_bytes: int = 1 << 24) -> list[int]:
@@ -120,21 +128,29 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_epoch(home: Home, run_id: str, manifest: Manifest, snapshot_id: str, dataset: str,
-                shard_size: int, teacher_id: str | None = None) -> EpochFiles:
-    """Materialise an epoch's shards (atomically, as a folder). An existing epoch is kept as is."""
-    folder = epoch_folder(home, run_id, manifest.epoch)
+                shard_size: int, teacher_id: str | None = None, *, segment: int = 0, from_shard: int = 0,
+                extra: dict | None = None) -> EpochFiles:
+    """Materialise an epoch's shards (atomically, as a folder). An existing epoch is kept as is.
+    `segment` ≥ 1: a re-plan starting at the epoch's shard `from_shard` (its positions are shifted
+    to follow the shards before it). `extra`: more to record in epoch.json."""
+    folder = epoch_folder(home, run_id, manifest.epoch, segment)
     if (folder / EPOCH_FILE).exists():
         return read_epoch(folder)
-    rows = assemble_rows(home, manifest.items, dataset, manifest.scheme.guard, teacher_id)
+    items = manifest.items
+    if from_shard:
+        offset = pa.array(np.arange(items.num_rows, dtype=np.int64) + from_shard * shard_size)
+        items = items.set_column(items.schema.get_field_index("position"), "position", offset)
+    rows = assemble_rows(home, items, dataset, manifest.scheme.guard, teacher_id)
     bounds = shard_bounds(manifest.num_items, shard_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}.", dir=folder.parent))
     try:
-        write_parquet_atomic(tmp / "manifest.parquet", manifest.items)
+        write_parquet_atomic(tmp / "manifest.parquet", items)
         jsonl_offsets, parquet_offsets = _write_shards(rows, bounds, tmp, shard_size)
         info = {"run_id": run_id, "epoch": manifest.epoch, "snapshot_id": snapshot_id,
                 "items": manifest.num_items, "shard_size": shard_size,
                 "effective_sample_size": manifest.effective_sample_size, "paced_version": __version__,
+                "segment": segment, "from_shard": from_shard, "seed": manifest.seed, **(extra or {}),
                 "jsonl_offsets": jsonl_offsets, "parquet_offsets": parquet_offsets}
         write_json_atomic(tmp / EPOCH_FILE, info)
         tmp.rename(folder)
@@ -155,6 +171,7 @@ def read_epoch(folder: Path) -> EpochFiles:
         items=int(info["items"]), shard_size=int(info["shard_size"]),
         effective_sample_size=float(info["effective_sample_size"]),
         jsonl_offsets=tuple(info["jsonl_offsets"]), parquet_offsets=tuple(info["parquet_offsets"]),
+        segment=int(info.get("segment", 0)), from_shard=int(info.get("from_shard", 0)),
     )
 
 
@@ -180,7 +197,8 @@ def json_with_items(head: dict, jsonl: bytes) -> bytes:
 
 
 def shard_bytes(files: EpochFiles, shard: int, fmt: str) -> bytes:
-    """Shard `shard` of the epoch as `json`, `jsonl` or `parquet` bytes."""
+    """Shard `shard` of the segment as `json`, `jsonl` or `parquet` bytes (JSON names it by its
+    index in the epoch)."""
     if not 0 <= shard < files.shards:
         raise NotFoundError(f"epoch {files.epoch} of run {files.run_id} has {files.shards} shards; "
                             f"no shard {shard}", detail={"field": "shard", "value": shard})
@@ -190,5 +208,6 @@ def shard_bytes(files: EpochFiles, shard: int, fmt: str) -> bytes:
     jsonl = shard_jsonl(files, shard)
     if fmt == "jsonl":
         return jsonl
-    head = {"run_id": files.run_id, "epoch": files.epoch, "shard": shard, "snapshot_id": files.snapshot_id}
+    head = {"run_id": files.run_id, "epoch": files.epoch, "shard": files.from_shard + shard,
+            "snapshot_id": files.snapshot_id}
     return json_with_items(head, jsonl)

@@ -1,12 +1,20 @@
-"""The service's own state database (`home/service/state.duckdb`): runs, epochs, leases, acks.
+"""The service's own state database (`home/service/state.duckdb`): runs, epochs and their plan
+segments, leases, acks.
 
-One DuckDB connection per process. Leases and acks are append-only rows; the lease state machine
-(`leases.EpochLeases`) of each run's current epoch is mirrored in memory, rebuilt from those rows
-on first use (so after a restart too). Every write runs on one writer thread (`commit.py`): a
+One DuckDB connection per process. Leases and acks are append-only rows (a renewal moves a
+lease's expiry); the lease state machine (`leases.EpochLeases`) of each run's current epoch,
+with its plan segments, is mirrored in memory, rebuilt from those rows on first use (so after a
+restart too). Every write runs on one writer thread (`commit.py`): a
 lease or an ack is decided on the mirror, written, committed with its batch, and answered only
 then, so answers are durable and a restart loses or doubles nothing. A failed batch drops the
 mirrors (they are rebuilt from what was committed). The `acks` primary key (one row per shard)
 makes a second ack of a shard impossible even for a bug above it. Reads take their own cursor.
+
+A re-plan (runs that follow snapshots) is three steps: a lease that sees a newer snapshot marks
+the mirror `pending` (fresh grants stop; the answer says `replan`), the service builds the
+segment's files, and `install_segment` records it, but only if no shard was granted meanwhile
+(`next_fresh` still at the re-plan's `from_shard`), so the new plan never repeats a problem of a
+shard already out. `release_replan` lifts the freeze when a build fails.
 """
 
 from __future__ import annotations
@@ -16,72 +24,27 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 from paced.api.commit import Batch, GroupCommitter, Unavailable
 from paced.api.leases import EpochLeases
+from paced.api.records import (  # noqa: F401 - re-exported: the nouns the state reads and writes
+    Ack,
+    EpochRecord,
+    Lease,
+    LeaseOutcome,
+    Renewal,
+    Replan,
+    RunRecord,
+    SegmentRecord,
+)
 from paced.errors import ConflictError, NotFoundError, PacedError
 from paced.store.sql import connect, statement
 
-TABLES = ("service.create_runs", "service.create_epochs", "service.create_leases", "service.create_acks")
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    run_id: str
-    created_at: float
-    student_id: str
-    dataset: str
-    snapshot_id: str  # the snapshot epoch 0 was built from
-    config: dict
-    epochs: int
-    current_epoch: int
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """What the state database needs to know of a materialised epoch."""
-
-    epoch: int
-    snapshot_id: str
-    items: int
-    shards: int
-    shard_size: int
-    effective_sample_size: float
-
-
-@dataclass(frozen=True)
-class Lease:
-    lease_id: str
-    run_id: str
-    epoch: int
-    shard: int
-    consumer: str
-    expires_at: float
-
-
-@dataclass(frozen=True)
-class LeaseOutcome:
-    """`leased` (with `lease`), `wait` (every open shard is under a live lease: retry after
-    `retry_after_seconds`), `done` (every shard of the last epoch acked), or `next_epoch`
-    (every shard of the current epoch acked and the run has more: create `next_epoch`)."""
-
-    status: str
-    lease: Lease | None = None
-    retry_after_seconds: float | None = None
-    next_epoch: int | None = None
-
-
-@dataclass(frozen=True)
-class Ack:
-    lease_id: str
-    run_id: str
-    epoch: int
-    shard: int
-    already_acked: bool
+TABLES = ("service.create_runs", "service.create_epochs", "service.create_segments", "service.create_leases",
+          "service.create_acks")
 
 
 def _not_found_run(run_id: str) -> NotFoundError:
@@ -169,8 +132,12 @@ class StateDB:
         if state is not None and state.epoch == run.current_epoch:
             return state
         cur, key = batch.sql(), {"run_id": run.run_id, "epoch": run.current_epoch}
-        state = EpochLeases(run.run_id, run.current_epoch,
-                            cur.execute(statement("service.get_epoch_shards"), key).fetchone()[0])
+        shards, snapshot_id = cur.execute(statement("service.get_epoch_shards"), key).fetchone()
+        state = EpochLeases(run.run_id, run.current_epoch, shards, snapshot_id=snapshot_id)
+        for segment, from_shard, snapshot_id in cur.execute(statement("service.epoch_segments"), key).fetchall():
+            if segment > 0:
+                state.starts.append(from_shard)
+            state.snapshot_id = snapshot_id
         for lease_id, shard, expires_at in cur.execute(statement("service.epoch_leases"), key).fetchall():
             state.grant(shard, lease_id, expires_at)
         for shard, lease_id in cur.execute(statement("service.epoch_acks"), key).fetchall():
@@ -181,10 +148,21 @@ class StateDB:
     # ---- writes -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert_epoch(cur, run_id: str, epoch: EpochRecord, now: float) -> None:
+    def _insert_segment(cur, replan: Replan, items: int, shards: int, ess: float, student_ids: tuple[str, ...],
+                        checkpoint_id: str | None, now: float) -> None:
+        cur.execute(statement("service.insert_segment"), {
+            "run_id": replan.run_id, "epoch": replan.epoch, "segment": replan.segment,
+            "from_shard": replan.from_shard, "snapshot_id": replan.snapshot_id, "items": items, "shards": shards,
+            "ess": ess, "student_ids": json.dumps(list(student_ids)), "checkpoint_id": checkpoint_id,
+            "created_at": now})
+
+    @classmethod
+    def _insert_epoch(cls, cur, run_id: str, epoch: EpochRecord, now: float) -> None:
         cur.execute(statement("service.insert_epoch"), {
             "run_id": run_id, "epoch": epoch.epoch, "snapshot_id": epoch.snapshot_id, "items": epoch.items,
             "shards": epoch.shards, "ess": epoch.effective_sample_size, "created_at": now})
+        cls._insert_segment(cur, Replan(run_id, epoch.epoch, 0, 0, epoch.snapshot_id), epoch.items, epoch.shards,
+                            epoch.effective_sample_size, epoch.student_ids, epoch.checkpoint_id, now)
 
     def insert_run(self, record: RunRecord, epoch0: EpochRecord) -> None:
         def op(batch: Batch):
@@ -212,15 +190,24 @@ class StateDB:
 
         return self._write(op)
 
-    def lease(self, run_id: str, consumer: str, ttl_seconds: float) -> LeaseOutcome:
+    def lease(self, run_id: str, consumer: str, ttl_seconds: float, newest_snapshot: str | None = None) -> LeaseOutcome:
+        """The next shard for `consumer`. `newest_snapshot`: a snapshot the run's current epoch
+        should follow; if it is newer than the plan and some shard was never leased, fresh grants
+        stop and the outcome is `replan` (once the shards already out are exhausted)."""
         def op(batch: Batch):
             now = self._clock()
             run = self._run(batch, run_id)
             state = self._epoch_leases(batch, run)
+            if (newest_snapshot and not state.frozen and newest_snapshot > (state.snapshot_id or "")
+                    and newest_snapshot != state.declined and state.next_fresh < state.shards):
+                state.pending = Replan(run_id, state.epoch, len(state.starts), state.next_fresh, newest_snapshot)
             shard = state.pick(now)
             if shard is None:
+                if state.frozen:
+                    return LeaseOutcome("replan", replan=state.pending)
                 return self._no_free_shard(run, state, now)
-            lease = Lease("l-" + secrets.token_hex(8), run_id, run.current_epoch, shard, consumer, now + ttl_seconds)
+            lease = Lease("l-" + secrets.token_hex(8), run_id, run.current_epoch, shard, consumer,
+                          now + ttl_seconds, state.segment_of(shard))
             batch.add("service.insert_leases", {
                 "lease_id": lease.lease_id, "run_id": run_id, "epoch": lease.epoch, "shard": shard,
                 "consumer": consumer, "issued_at": now, "expires_at": lease.expires_at})
@@ -228,6 +215,41 @@ class StateDB:
             return LeaseOutcome("leased", lease=lease)
 
         return self._write(op)
+
+    def install_segment(self, record: SegmentRecord) -> None:
+        """Record a built re-plan as the epoch's newest segment; ConflictError if the epoch moved on,
+        another segment came first, or a shard from `from_shard` on was granted meanwhile."""
+        replan = record.replan
+
+        def op(batch: Batch):
+            state = self._epoch_leases(batch, self._run(batch, replan.run_id))
+            if (state.epoch, len(state.starts), state.next_fresh) != (replan.epoch, replan.segment, replan.from_shard):
+                raise ConflictError(f"re-plan {replan} no longer fits epoch {state.epoch} of {replan.run_id} "
+                                    f"({len(state.starts)} segments, {state.next_fresh} shards out)")
+            cur, now = batch.sql(), self._clock()
+            self._insert_segment(cur, replan, record.items, record.shards, record.effective_sample_size,
+                                 record.student_ids, record.checkpoint_id, now)
+            shard_size = self._run(batch, replan.run_id).config["shard_size"]
+            cur.execute(statement("service.resize_epoch"), {
+                "run_id": replan.run_id, "epoch": replan.epoch, "shards": replan.from_shard + record.shards,
+                "items": replan.from_shard * shard_size + record.items})
+            state.resize(replan.from_shard + record.shards)
+            state.starts.append(replan.from_shard)
+            state.snapshot_id, state.pending = replan.snapshot_id, None
+
+        self._write(op)
+
+    def release_replan(self, replan: Replan, decline: bool) -> None:
+        """Lift the freeze of a re-plan that was not installed (`decline`: and do not try its
+        snapshot again this epoch)."""
+        def op(batch: Batch):
+            state = self._current.get(replan.run_id)
+            if state is not None and state.pending == replan:
+                state.pending = None
+                if decline:
+                    state.declined = replan.snapshot_id
+
+        self._write(op)
 
     @staticmethod
     def _no_free_shard(run: RunRecord, state: EpochLeases, now: float) -> LeaseOutcome:
@@ -251,6 +273,22 @@ class StateDB:
                     "acked_at": self._clock()})
                 state.record_ack(shard, lease_id)
             return ack
+
+        return self._write(op)
+
+    def renew(self, run_id: str, lease_id: str, ttl_seconds: float) -> Renewal:
+        """Extend a lease to now + `ttl_seconds`: live, or expired with its shard not leased again."""
+        def op(batch: Batch):
+            state = self._epoch_leases(batch, self._run(batch, run_id))
+            if lease_id not in state.leases:
+                self._ack_elsewhere(batch.sql(), run_id, lease_id)  # 404 unknown, 409 superseded
+                raise ConflictError(f"lease {lease_id} has acked its shard; there is nothing to renew",
+                                    code="lease_acked", detail={"field": "lease_id", "value": lease_id})
+            state.check_renew(lease_id)
+            expires_at = self._clock() + ttl_seconds
+            batch.sql().execute(statement("service.renew_lease"), {"lease_id": lease_id, "expires_at": expires_at})
+            state.renew(lease_id, expires_at)
+            return Renewal(lease_id, run_id, state.epoch, state.leases[lease_id], expires_at)
 
         return self._write(op)
 
@@ -285,6 +323,30 @@ class StateDB:
         for row in rows:
             row["pending"] = row["shards"] - row["acked"] - row["leased"]
         return rows
+
+    def history(self, run_id: str) -> list[dict]:
+        """Every plan segment of every epoch: epoch, segment, from_shard, snapshot_id, student_ids,
+        checkpoint_id, created_at (epochs recorded before segments existed: segment 0 only)."""
+        with self._reader() as cur:
+            rel = cur.execute(statement("service.run_segments"), {"run_id": run_id})
+            names = [d[0] for d in rel.description]
+            rows = [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
+        for row in rows:
+            row["student_ids"] = json.loads(row["student_ids"]) if row["student_ids"] else None
+        return rows
+
+    def segment_starts(self, run_id: str, epoch: int) -> list[int]:
+        """The first shard of each plan segment of an epoch ([0] for one recorded before segments)."""
+        with self._reader() as cur:
+            rows = cur.execute(statement("service.epoch_segments"), {"run_id": run_id, "epoch": epoch}).fetchall()
+        return [row[1] for row in rows] or [0]
+
+    def handed_out(self, run_id: str, epoch: int) -> tuple[int, int]:
+        """(shards of the epoch ever leased, its plan segments), read together."""
+        with self._reader() as cur:
+            key = {"run_id": run_id, "epoch": epoch}
+            shards, segments = cur.execute(statement("service.handed_out"), key).fetchone()
+        return int(shards), int(segments)
 
     def outstanding_leases(self) -> int:
         with self._reader() as cur:
