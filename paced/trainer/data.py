@@ -9,7 +9,8 @@ a shard are done:
 - `HttpShardSource`: a run of the service. Each process leases its own shards
   (`POST {run}/leases`) and acks a shard (`POST {run}/leases/{lease}/ack`) after the optimizer
   step that consumed its last row. A shard that was leased but not acked (a killed or finished
-  trainer) is handed out again by the service once its lease expires.
+  trainer) is handed out again by the service once its lease expires; `renew()` extends the
+  leases it holds (before a pass-rate refresh, which may outlast them).
 
 `BatchStream` cuts `batch_size`-row batches from the row stream (rows without a completion are
 left out and counted when training off-policy). With a shared source and several processes,
@@ -124,6 +125,7 @@ class HttpShardSource:
         self.client = httpx.Client(headers=headers, timeout=timeout_seconds)
         self.consumer, self.ttl_seconds, self.retries = consumer, ttl_seconds, retries
         self.leased = self.acked = self.conflicts = 0
+        self.held: dict[str, None] = {}  # leases yielded and not acked yet, in order
 
     def _post(self, url: str, body: dict | None = None):
         import httpx
@@ -172,10 +174,29 @@ class HttpShardSource:
                 yield ShardRows("", [], -1, -1, wait_seconds=min(60.0, max(0.05, float(retry or 1.0))))
                 continue
             self.leased += 1
+            self.held[data["lease_id"]] = None
             yield ShardRows(data["lease_id"], list(data.get("items") or []), int(data.get("epoch", 0)),
                             int(data.get("shard", 0)))
 
+    def renew(self, ttl_seconds: float | None = None) -> int:
+        """Extend every lease held (not acked yet) to `ttl_seconds` (default: the source's TTL,
+        else the service's) from now; how many were renewed. A lease the service no longer
+        lets us keep (409: its shard went out again; 404) is dropped with a warning: its ack
+        would be refused anyway."""
+        ttl = ttl_seconds if ttl_seconds is not None else self.ttl_seconds
+        renewed = 0
+        for key in list(self.held):
+            response = self._post(f"{self.run_url}/leases/{key}/renew", {} if ttl is None else {"ttl_seconds": ttl})
+            if response.status_code in (404, 409):
+                log.warning("lease %s could not be renewed (%s): %s", key, response.status_code, response.text[:200])
+                self.held.pop(key, None)
+                continue
+            self._raise_for(response, f"renewing lease {key}")
+            renewed += 1
+        return renewed
+
     def ack(self, key: str) -> None:
+        self.held.pop(key, None)
         response = self._post(f"{self.run_url}/leases/{key}/ack")
         if response.status_code == 409:  # our lease expired and the shard went to someone else
             self.conflicts += 1

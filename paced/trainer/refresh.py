@@ -190,6 +190,8 @@ def starting_source(config, progress) -> None:
 def refresh(t, progress, stream, kind: str, optimizer=None, schedule=None):
     """Steps 1–6 of the module doc (collective); returns the stream to go on with."""
     name, started = f"checkpoint-{progress.step}", time.perf_counter()
+    if hasattr(stream.source, "renew"):  # service leases held mid-shard: keep them through the refresh
+        stream.source.renew()
     if progress.pending_refresh is None:
         progress.pending_refresh = {"kind": kind, "step": progress.step, "stage": progress.stage,
                                     "round": len(progress.refreshes) + 1}
