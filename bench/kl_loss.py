@@ -30,7 +30,7 @@ compare each chunked variant with naive (loss value, norm of W.grad).
     .venv/bin/python bench/kl_loss.py --tokens 2048 --vocab 8192 --losses forward,reverse
 
 The default size does about 10 CPU-minutes of work (the naive AKL alone about 4) and needs
-~15 GiB free memory for the naive JSD/AKL; `--tokens 2048` is about 4x less of both.
+~17 GiB free memory for the naive JSD/AKL; `--tokens 2048` is about 4x less of both.
 """
 
 from __future__ import annotations
