@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,21 +97,28 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_shards(rows: pa.Table, bounds: list[tuple[int, int]], folder: Path,
-                  shard_size: int) -> tuple[list[int], list[int]]:
-    """shards.jsonl (written by DuckDB: compact, shortest round-trip floats) and shards.pack."""
+def _write_jsonl(rows: pa.Table, path: Path, shard_size: int) -> list[int]:
+    """shards.jsonl (written by DuckDB: compact, shortest round-trip floats); its shard offsets."""
     con = connect()
     con.register("shard_rows", rows)
-    con.execute(statement("service.write_jsonl"), {"path": str(folder / "shards.jsonl")})
+    con.execute(statement("service.write_jsonl"), {"path": str(path)})
     con.close()
-    jsonl_offsets = line_offsets(folder / "shards.jsonl", shard_size)
-    parquet_offsets = [0]
-    with open(folder / "shards.pack", "wb") as pack:
-        for start, stop in bounds:
-            buf = io.BytesIO()
-            pq.write_table(rows.slice(start, stop - start), buf, compression="zstd")
-            pack.write(buf.getvalue())
-            parquet_offsets.append(pack.tell())
+    return line_offsets(path, shard_size)
+
+
+def _write_shards(rows: pa.Table, bounds: list[tuple[int, int]], folder: Path,
+                  shard_size: int) -> tuple[list[int], list[int]]:
+    """shards.jsonl and shards.pack, side by side (DuckDB and Parquet's writer release the GIL)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="paced-jsonl") as pool:
+        jsonl = pool.submit(_write_jsonl, rows, folder / "shards.jsonl", shard_size)
+        parquet_offsets = [0]
+        with open(folder / "shards.pack", "wb") as pack:
+            for start, stop in bounds:
+                buf = io.BytesIO()
+                pq.write_table(rows.slice(start, stop - start), buf, compression="zstd")
+                pack.write(buf.getvalue())
+                parquet_offsets.append(pack.tell())
+        jsonl_offsets = jsonl.result()
     for name in ("shards.jsonl", "shards.pack"):
         _fsync(folder / name)
     if len(jsonl_offsets) != len(parquet_offsets):
