@@ -43,6 +43,7 @@ when every weight is 0 (see `BatchLoss`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,21 +184,18 @@ def _chunks(mask: torch.Tensor, step: int):
 
 def _read_rows(x: torch.Tensor, idx: torch.Tensor, span: slice | None) -> torch.Tensor:
     """Rows `idx` of x viewed as [B*T, V], without copying x (a view when `span` is set)."""
-    if x.is_contiguous():
-        flat = x.view(-1, x.shape[-1])
-        return flat[span] if span is not None else flat.index_select(0, idx)
-    return x[idx // x.shape[1], idx % x.shape[1]]
+    if not x.is_contiguous():
+        return x[idx // x.shape[1], idx % x.shape[1]]
+    return x.view(-1, x.shape[-1])[span] if span is not None else x.view(-1, x.shape[-1]).index_select(0, idx)
 
 
 def _write_rows(x: torch.Tensor, idx: torch.Tensor, span: slice | None, rows: torch.Tensor) -> None:
-    if x.is_contiguous():
-        flat = x.view(-1, x.shape[-1])
-        if span is not None:
-            flat[span].copy_(rows)
-        else:
-            flat.index_copy_(0, idx, rows.to(x.dtype))
-    else:
+    if not x.is_contiguous():
         x[idx // x.shape[1], idx % x.shape[1]] = rows.to(x.dtype)
+    elif span is not None:
+        x.view(-1, x.shape[-1])[span].copy_(rows)
+    else:
+        x.view(-1, x.shape[-1]).index_copy_(0, idx, rows.to(x.dtype))
 
 
 def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_grad: bool,
@@ -296,10 +294,11 @@ def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None, i
     mask = mask.to(device=student.device, dtype=torch.bool)
     teacher = teacher.detach()
     if torch.is_grad_enabled() and student.requires_grad:
-        if in_place and student.is_leaf:
+        if in_place and (student.is_leaf or student._base is not None):
             raise InputError(
-                "in_place=True needs student logits computed by a model (not a leaf tensor): "
-                "torch forbids overwriting a leaf that requires grad"
+                "in_place=True needs student logits computed by a model, not a leaf tensor and "
+                "not a view (e.g. logits[:, :-1]; torch cannot overwrite those here): pass the "
+                "model's own output, or use in_place=False"
             )
         per_token = _ChunkedTokenLoss.apply(student, teacher, mask, rows, chunk_size, in_place)
         per_token = per_token[0] if in_place else per_token
@@ -338,10 +337,7 @@ def jsd(student_logits, teacher_logits, mask, *, beta: float = 0.5, chunk_size: 
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
         raise InputError(f"jsd beta must be in [0, 1], got {beta}")
-
-    def rows(s_lp, t_lp, want_grad):
-        return _jsd_rows(s_lp, t_lp, want_grad, beta=beta)
-
+    rows = functools.partial(_jsd_rows, beta=beta)
     return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size, in_place)
 
 
@@ -351,10 +347,7 @@ def akl(student_logits, teacher_logits, mask, *, head_mass: float = 0.5, chunk_s
     head_mass = float(head_mass)
     if not 0.0 <= head_mass <= 1.0:
         raise InputError(f"akl head_mass must be in [0, 1], got {head_mass}")
-
-    def rows(s_lp, t_lp, want_grad):
-        return _akl_rows(s_lp, t_lp, want_grad, head_mass=head_mass)
-
+    rows = functools.partial(_akl_rows, head_mass=head_mass)
     return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size, in_place)
 
 

@@ -270,16 +270,21 @@ def test_autocast_does_not_change_the_float32_computation(name):
     assert_close(got, want, rtol=0, atol=0)
 
 
-def test_non_contiguous_shifted_logits_work():
-    student, teacher, mask = make_batch(seed=11, tokens=8)
-    shifted = student[:, :-1]  # the usual next-token shift: a non-contiguous view
-    assert not shifted.is_contiguous()
-    per_seq = forward_kl(shifted, teacher[:, 1:], mask[:, 1:], chunk_size=3)
-    per_seq.sum().backward()
-    got_grad = student.grad.clone()
-    student.grad = None
-    reference("forward", shifted, teacher[:, 1:], mask[:, 1:]).sum().backward()
-    assert_close(got_grad.double(), student.grad.double(), rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_non_contiguous_logits_work(in_place):
+    leaf, teacher, mask = make_batch(seed=11, tokens=8)
+
+    def inputs():
+        if in_place:  # a model output laid out [T,B,V] in memory: non-contiguous, not a view
+            return leaf.transpose(0, 1) * 1.0, teacher.transpose(0, 1), mask.transpose(0, 1)
+        return (leaf * 1.0)[:, :-1], teacher[:, 1:], mask[:, 1:]  # the next-token shift: a view
+
+    reference("forward", *inputs()).sum().backward()
+    want, leaf.grad = leaf.grad.clone(), None
+    student, t, m = inputs()
+    assert not student.is_contiguous()
+    forward_kl(student, t, m, chunk_size=3, in_place=in_place).sum().backward()
+    assert_close(leaf.grad, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -302,6 +307,8 @@ def test_in_place_refuses_a_leaf_and_fails_loudly_if_the_logits_were_saved_elsew
     leaf, teacher, mask = make_batch(seed=19)
     with pytest.raises(InputError, match="leaf"):
         forward_kl(leaf, teacher, mask, in_place=True)
+    with pytest.raises(InputError, match="view"):
+        forward_kl((leaf * 1.0)[:, 1:], teacher[:, 1:], mask[:, 1:], in_place=True)
     logits = leaf * 1.0
     other = (logits * logits).mean()  # saves the logits for its own backward
     loss = forward_kl(logits, teacher, mask, in_place=True).sum() + other
