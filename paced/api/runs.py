@@ -222,6 +222,7 @@ class RunService:
                 plan = self.epoch_plan(replan.run_id, replan.epoch)
                 record = build_segment(self.home, self.config(replan.run_id), plan, replan)
             self.state.install_segment(record)
+            self._plans.pop((replan.run_id, replan.epoch), None)
         except BaseException as err:
             remove_segment(self.home, replan)
             if not isinstance(err, ConflictError):  # a conflict: shards went out meanwhile; plan again
@@ -257,8 +258,8 @@ class RunService:
     def lease(self, run_id: str, consumer: str, ttl_seconds: float | None) -> LeaseOutcome:
         ttl = self._ttl(ttl_seconds)
         config = self.config(run_id)
-        while True:  # each pass returns, moves the run to a later epoch, or re-plans (bounded)
-            newest = self._newest_snapshot(config) if config.follow_snapshots else None
+        newest = self._newest_snapshot(config) if config.follow_snapshots else None
+        while True:  # each pass returns, or moves the run to a later epoch or plan (bounded: `newest` is fixed)
             outcome = self.state.lease(run_id, consumer, ttl, newest)
             if outcome.status in ("next_epoch", "replan"):
                 if outcome.status == "next_epoch":
