@@ -1,5 +1,6 @@
-"""`paced serve` as a real subprocess on a loopback port: serve, SIGTERM, restart, and the state
-(runs, leases, acks) survives: every item exactly once across the restart, same shard bytes."""
+"""`paced serve` as a real subprocess on a loopback port: serve, SIGTERM (or SIGKILL), restart, and
+the state (runs, leases, acks, re-plans) survives: every item exactly once across the restart,
+same shard bytes."""
 
 import os
 import signal
@@ -110,3 +111,44 @@ def test_a_second_server_on_the_same_home_fails_clearly(tmp_path):
         assert r.returncode == 1 and "another `paced serve`" in r.stderr
     finally:
         assert stop(proc) == -signal.SIGTERM
+
+
+def test_a_killed_server_restarts_with_its_replans_and_serves_each_item_once(tmp_path):
+    from api_fixtures import add_snapshot
+
+    home, base = make_service_home(tmp_path, n=N)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(home.root, port)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            rid = c.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 8,
+                                           "follow_snapshots": True}).json()["run_id"]
+            acked = [lease(c, rid) for _ in range(2)]
+            for got in acked:
+                assert c.post(f"/v1/runs/{rid}/leases/{got['lease_id']}/ack").status_code == 200
+            newer = add_snapshot(home, "s1", [(i * 5 + 3) % 9 for i in range(N)])
+            switched = lease(c, rid)
+            assert (switched["shard"], switched["snapshot_id"]) == (2, newer)
+            shard2 = c.get(f"/v1/runs/{rid}/epochs/0/shards/2?format=parquet").content
+    finally:
+        proc.kill()  # SIGKILL: no shutdown, the state file is recovered from its write-ahead log
+        proc.wait(timeout=30)
+    proc = start(home.root, port)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get(f"/v1/runs/{rid}/epochs/0/shards/2?format=parquet").content == shard2
+            history = c.get(f"/v1/runs/{rid}").json()["snapshot_history"]
+            assert [(h["from_shard"], h["snapshot_id"]) for h in history] == [(0, base), (2, newer)]
+            assert c.post(f"/v1/runs/{rid}/leases/{switched['lease_id']}/ack").status_code == 200
+            acked.append(switched)
+            while (got := lease(c, rid))["status"] != "done":
+                assert got["snapshot_id"] == newer
+                assert c.post(f"/v1/runs/{rid}/leases/{got['lease_id']}/ack").status_code == 200
+                acked.append(got)
+            items = c.get(f"/v1/runs/{rid}").json()["progress"][0]["items"]
+    finally:
+        assert stop(proc) == -signal.SIGTERM
+    rows = [it for got in acked for it in got["items"]]
+    assert sorted(it["position"] for it in rows) == list(range(items))
+    assert len({it["problem_id"] for it in rows}) == len(rows)
