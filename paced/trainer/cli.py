@@ -25,7 +25,7 @@ write the next snapshot of the student's lineage (the manifest's or run's studen
 rows from this checkpoint, the rest carried with their stale age) and go on with its weights:
 files → OUT/manifest-stepN (--scheme/--alpha/--beta/--prior/--weight-floor/--uniform-mix
 override the manifest's weights here and from step 0); service → the run, created with
-follow_snapshots: true, takes the new snapshot at its next epoch. --refresh-between-stages:
+follow_snapshots: true, re-plans the rest of its epoch from the new snapshot at the next shard it hands out. --refresh-between-stages:
 the same with all problems after each stage but the last; the next stage trains on a new
 lineage named by the checkpoint (OUT/manifest-stageK, or a new run like the old one). Rollouts
 use the base snapshot's sampling (--rollout-k, --rollout-temperature, --rollout-max-new-tokens

@@ -14,7 +14,7 @@ A refresh at step N (rank 0 does the work, every process gets the result):
 5. point the data at it: files → OUT/manifest-step{N} (between stages: manifest-stage{k}), built
    with the manifest's inputs (or the --scheme/--weight-floor/... overrides) and the next epoch
    number; service, every N steps → nothing: the run (follow_snapshots) takes L's newest snapshot
-   at its next epoch; service, between stages → a new run like the old one for the new lineage;
+   at the next shard it hands out (the rest of the epoch is re-planned); service, between stages → a new run like the old one for the new lineage;
 6. rewrite checkpoint-N's trainer_state.json: the refresh recorded, no longer pending, the new
    source (weights, optimizer and RNG state as saved in 1).
 
