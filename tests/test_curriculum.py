@@ -7,8 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paced.curriculum import (
-    WeightScheme, apply_guards, beta_weight, build_manifest, compute_weights, effective_sample_size,
-    posterior_weight, shard_bounds,
+    WeightScheme,
+    apply_guards,
+    beta_weight,
+    build_manifest,
+    compute_weights,
+    effective_sample_size,
+    posterior_weight,
+    shard_bounds,
 )
 from paced.errors import InputError, PacedError
 
