@@ -45,16 +45,8 @@ import dataclasses
 import json
 import sys
 
-from paced.errors import InputError
+from paced.jobs.manifest import parse_prior
 from paced.trainer.config import REFRESH_BACKENDS, SCHEME_NAMES, TrainConfig, parse_stages
-
-
-def parse_prior(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in text.split(","))
-    except ValueError as err:
-        raise InputError(f"--prior must be two numbers 'a,b', got {text!r}") from err
-    return a, b
 
 # Flags whose spelling, type or action differ from the field's: field -> add_argument kwargs.
 SPECIAL = {
