@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from paced.tasks.pretrain import (
     build_model,
     compute_spread,
     encode_examples,
+    init_from_layers,
     learning_rate_at,
     sample_pass_rates,
     sample_texts,
@@ -27,13 +29,14 @@ from paced.tasks.pretrain import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = ModelSize(hidden_size=32, num_layers=1, num_heads=1, intermediate_size=64, max_positions=32)
+TINY = ModelSize(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, max_positions=32)
 
 
-def tiny_recipe(name: str = "tiny", steps: int = 20, **pretrain_args) -> ModelRecipe:
+def tiny_recipe(name: str = "tiny", steps: int = 20, init_from: ModelRecipe | None = None) -> ModelRecipe:
+    size, keep = (TINY, ()) if init_from is None else (replace(TINY, num_layers=1), (1,))
     return ModelRecipe(
-        name, TINY, PretrainConfig(steps=steps, batch_size=32, warmup_steps=5, **pretrain_args),
-        eval_problems_per_operation=24, passrate_problems=12, passrate_samples=4,
+        name, size, PretrainConfig(steps=steps, batch_size=32, warmup_steps=5), init_from=init_from,
+        keep_layers=keep, eval_problems_per_operation=24, passrate_problems=12, passrate_samples=4,
     )
 
 
@@ -73,6 +76,9 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
     assert rates[-1] == pytest.approx(0.1, abs=0.01)
+    late = PretrainConfig(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1, decay_fraction=0.2)
+    rates = [learning_rate_at(s, late) for s in range(100)]
+    assert rates[10:82] == [1.0] * 72 and rates[90] < 1.0 and rates[-1] == pytest.approx(0.1, abs=0.01)
 
 
 def test_bad_config_is_refused_with_a_message():
@@ -143,6 +149,31 @@ def test_build_writes_a_loadable_model_and_reuses_the_cache(tmp_path, torch_thre
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temp folders left behind
 
 
+def test_building_a_student_builds_its_teacher_first(tmp_path, torch_threads):
+    teacher = tiny_recipe("teacher", steps=6)
+    student = build_model(tiny_recipe("student", 6, init_from=teacher), tmp_path, threads=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "teacher"]
+    assert student.record["init_from"] == {"name": "teacher", "keep_layers": [1]}
+    assert student.record["config"]["init_from"] == teacher.to_json()
+    assert build_model(teacher, tmp_path, threads=1, progress=False).reused
+
+
+def test_student_starts_from_the_chosen_teacher_layers(torch_threads):
+    import torch
+
+    tokenizer = build_tokenizer()
+    teacher = init_model(tokenizer, TINY, seed=3).eval()
+    same = init_from_layers(teacher, tokenizer, TINY, (0, 1)).eval()
+    ids = tokenizer(["12+34=", "7-9="], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(same(**ids).logits, teacher(**ids).logits)
+    student = init_from_layers(teacher, tokenizer, replace(TINY, num_layers=1), (1,))
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    with pytest.raises(InputError, match="keep_layers"):
+        ModelRecipe("bad", replace(TINY, num_layers=1), PretrainConfig(), init_from=tiny_recipe(), keep_layers=(2,))
+
+
 def test_cli_help_lists_the_build_options(capsys):
     assert main(["tasks", "build-models", "--help"]) == 0
     out = capsys.readouterr().out
@@ -152,8 +183,9 @@ def test_cli_help_lists_the_build_options(capsys):
 
 def test_cli_builds_then_reuses_and_prints_a_json_summary(tmp_path, capsys, monkeypatch, torch_threads):
     # The real command on recipes small enough for a test (the registry is a plain dict).
-    for role in ("teacher", "student"):
-        monkeypatch.setitem(pretrain.RECIPES, f"quick-{role}", tiny_recipe(f"quick-{role}", steps=8))
+    teacher = tiny_recipe("quick-teacher", steps=8)
+    monkeypatch.setitem(pretrain.RECIPES, "quick-teacher", teacher)
+    monkeypatch.setitem(pretrain.RECIPES, "quick-student", tiny_recipe("quick-student", 8, init_from=teacher))
     argv = ["tasks", "build-models", "--home", str(tmp_path), "--quick", "--threads", "1", "--no-progress"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -163,3 +195,5 @@ def test_cli_builds_then_reuses_and_prints_a_json_summary(tmp_path, capsys, monk
     assert main(argv + ["--only", "student"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert set(again) == {"student"} and again["student"]["reused"]
+    record = json.loads((tmp_path / "models" / "quick-student" / "build.json").read_text())
+    assert record["init_from"] == {"name": "quick-teacher", "keep_layers": [1]}
