@@ -126,7 +126,7 @@ def _recipes() -> dict[str, ModelRecipe]:
     mix = dict(digit_weights=(1.0, 2.0, 3.0, 3.0), subtraction_fraction=0.25)
     teacher = ModelRecipe(
         "teacher", ModelSize(hidden_size=96, num_layers=3, num_heads=3, intermediate_size=384),
-        PretrainConfig(steps=4000, batch_size=64, learning_rate=3e-3, warmup_steps=100, **mix),
+        PretrainConfig(steps=5000, batch_size=64, learning_rate=3e-3, warmup_steps=100, **mix),
     )
     student = ModelRecipe(
         "student", ModelSize(hidden_size=96, num_layers=2, num_heads=3, intermediate_size=384),
