@@ -44,6 +44,10 @@ ARMS: dict[str, dict] = {
     "hard-filter-refresh50": {"scheme": "hard-filter", "refresh_every": 50},
     "paced-floor": {"scheme": "paced", "weight_floor": 0.2},
     "paced-mix": {"scheme": "paced", "uniform_mix": 0.2},
+    # the guards on top of the closed loop (DESIGN.md §7: refreshing is the regime that gains)
+    "paced-posterior-refresh50": {"scheme": "paced-posterior", "refresh_every": 50},
+    "paced-floor-refresh50": {"scheme": "paced", "weight_floor": 0.2, "refresh_every": 50},
+    "paced-mix-refresh50": {"scheme": "paced", "uniform_mix": 0.2, "refresh_every": 50},
 }
 
 
