@@ -13,7 +13,8 @@ and subtraction, a skill both models learned in pre-training that the pool never
 
 Each (arm, seed) runs in its own process and data home (problems, references and models are
 linked, the base snapshot copied), so refresh arms never touch another arm's pass rates.
-Results: bench/out/experiment/results.json and a Markdown table on stdout.
+Results: OUT/results.json (--out, default bench/out/experiment) and a Markdown table on stdout;
+`--report OUT/results.json` prints the table of an earlier run again.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def prepare(home: Path, args) -> None:
     demo_prepare(Demo(home, cfg))
 
 
-def arm_home(base: Path, name: str) -> Path:
+def arm_home(base: Path, name: str, out: Path = OUT) -> Path:
     """A data home for one run: shared read-only parts linked, the base snapshot copied."""
-    home = OUT / "runs" / name / "home"
+    home = out / "runs" / name / "home"
     if home.exists():
         shutil.rmtree(home.parent)
     home.mkdir(parents=True)
@@ -88,7 +89,7 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     from paced.trainer.loop import train
 
     spec = ARMS[arm]
-    home_dir = arm_home(base, f"{arm}-s{seed}")
+    home_dir = arm_home(base, f"{arm}-s{seed}", Path(args.out))
     home = open_home(home_dir)
     scheme = WeightScheme(spec["scheme"], floor=spec.get("weight_floor", 0.0), mix=spec.get("uniform_mix", 0.0))
     manifest, sid = snapshot_manifest(home, "base", "arith", scheme, seed)
@@ -143,8 +144,9 @@ def aggregate(results: list[dict]) -> str:
     uni = by_arm.get("uniform")
     target = np.mean([r["curve"][-1]["accuracy"] for r in uni]) if uni else None
     budget = np.mean([r["curve"][-1]["total_tokens"] for r in uni]) if uni else None
-    header = ("| arm | held-out acc (%) | 1 / 2 / 3 / 4 digits (%) | mastered (%) | subtraction (%) | "
-              "steps to uniform's final | acc at uniform's compute (%) | total tokens |")
+    levels = sorted({int(d) for r in results for d in r["curve"][-1]["by_difficulty"]})
+    header = (f"| arm | held-out acc (%) | {' / '.join(map(str, levels))} digits (%) | mastered (%) | "
+              "subtraction (%) | steps to uniform's final | acc at uniform's compute (%) | total tokens |")
     lines = [header, "|" + "---|" * 8]
     for arm, runs in by_arm.items():
         finals = [r["curve"][-1] for r in runs]
@@ -155,7 +157,8 @@ def aggregate(results: list[dict]) -> str:
         for r in runs:
             inside = [e["accuracy"] for e in r["curve"] if budget is not None and e["total_tokens"] <= budget]
             at_budget.append(inside[-1] if inside else None)
-        digits = " / ".join(f"{100 * np.mean([f['by_difficulty'].get(str(d), 0) for f in finals]):.0f}" for d in (1, 2, 3, 4))
+        digits = " / ".join(f"{100 * np.mean([f['by_difficulty'].get(str(d), np.nan) for f in finals]):.0f}"
+                            for d in levels)
         lines.append(f"| {arm} | {mean_sd(f['accuracy'] for f in finals)} | {digits} | "
                      f"{mean_sd(f.get('mastered_accuracy') for f in finals)} | "
                      f"{mean_sd(f.get('arith-sub_accuracy') for f in finals)} | {reach if reach is not None else 'not reached'} | "
@@ -179,13 +182,23 @@ def main() -> None:
     p.add_argument("--backend", default="transformers", help="rollouts of the base student")
     p.add_argument("--quick", action="store_true", help="the quick models (a smoke test, not a result)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
-    p.add_argument("--home", default=str(OUT / "home"))
+    p.add_argument("--out", default=str(OUT), help="where runs/ and results.json go")
+    p.add_argument("--home", help="the base data home (default: OUT/home; models are built there when missing)")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
     args = p.parse_args()
-    base = Path(args.home).resolve()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        a = saved["args"]
+        print(f"pool {a['pool']} problems, K={a['k']}, {a['steps']} steps × batch {a['batch_size']}, seeds {a['seeds']}")
+        print(aggregate(saved["results"]))
+        return
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    base = Path(args.home).resolve() if args.home else out / "home"
     if args.one:
         result = run_one(base, args.one[0], int(args.one[1]), args)
-        (OUT / "runs" / f"{args.one[0]}-s{args.one[1]}" / "result.json").write_text(json.dumps(result))
+        (out / "runs" / f"{args.one[0]}-s{args.one[1]}" / "result.json").write_text(json.dumps(result))
         return
     base.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -200,12 +213,12 @@ def main() -> None:
             print(f"{arm} seed {seed} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             return None
         print(f"done: {arm} seed {seed}", file=sys.stderr, flush=True)
-        return json.loads((OUT / "runs" / f"{arm}-s{seed}" / "result.json").read_text())
+        return json.loads((out / "runs" / f"{arm}-s{seed}" / "result.json").read_text())
 
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = [r for r in pool.map(launch, jobs) if r]
-    (OUT / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"pool {args.pool} problems, K={args.k}, {args.steps} steps × batch {args.batch_size}, "
           f"seeds {args.seeds}, {time.perf_counter() - started:.0f} s")
     print(aggregate(results))
