@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/paced demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check paced tests bench

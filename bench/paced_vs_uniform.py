@@ -49,6 +49,10 @@ ARMS: dict[str, dict] = {
     "paced-posterior-refresh50": {"scheme": "paced-posterior", "refresh_every": 50},
     "paced-floor-refresh50": {"scheme": "paced", "weight_floor": 0.2, "refresh_every": 50},
     "paced-mix-refresh50": {"scheme": "paced", "uniform_mix": 0.2, "refresh_every": 50},
+    # weights as sampling probabilities (unit loss weights): every batch keeps its full size
+    "paced-sample-refresh50": {"scheme": "paced", "mode": "weighted-sample", "refresh_every": 50},
+    "paced-posterior-sample": {"scheme": "paced-posterior", "mode": "weighted-sample"},
+    "paced-posterior-sample-refresh50": {"scheme": "paced-posterior", "mode": "weighted-sample", "refresh_every": 50},
 }
 
 
@@ -92,12 +96,13 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     home_dir = arm_home(base, f"{arm}-s{seed}", Path(args.out))
     home = open_home(home_dir)
     scheme = WeightScheme(spec["scheme"], floor=spec.get("weight_floor", 0.0), mix=spec.get("uniform_mix", 0.0))
-    manifest, sid = snapshot_manifest(home, "base", "arith", scheme, seed)
+    mode = spec.get("mode", "weighted-loss")
+    manifest, sid = snapshot_manifest(home, "base", "arith", scheme, seed, mode=mode)
     mdir = home_dir.parent / "manifest"
     write_manifest_dir(home, manifest, {"student_id": "base", "dataset": "arith", "snapshot_id": sid,
                                         "scheme": scheme.name, "alpha": 1.0, "beta": 1.0, "prior": [1.0, 1.0],
                                         "weight_floor": scheme.floor, "uniform_mix": scheme.mix,
-                                        "mode": "weighted-loss", "seed": seed, "epoch": 0}, mdir, args.shard_size)
+                                        "mode": mode, "seed": seed, "epoch": 0}, mdir, args.shard_size)
     sets = {"arith-sub": (read_problems(home, "arith-sub"), "numeric"),
             "mastered": (mastered_problems(home, "base", "arith"), "numeric")}
     side: dict[int, dict] = {}
