@@ -14,13 +14,13 @@ from paced.store.shards import REFERENCE_SCHEMA
 from paced.store.snapshots import new_snapshot_id, write_snapshot
 
 
-def make_home(tmp_path, n=60, with_refs=True):
+def make_home(tmp_path, n=60, with_refs=True, correct_of=lambda i: i % 9):
     home_dir = tmp_path / "home"
     assert main(["import", "builtin:arithmetic", "--n", str(n), "--dataset", "arith", "--home", str(home_dir)]) == 0
     home = open_home(home_dir)
     problems = read_problems(home, "arith")
     ids = problems["id"].to_pylist()
-    correct = [i % 9 for i in range(len(ids))]
+    correct = [correct_of(i) for i in range(len(ids))]
     snap = pa.table({
         "problem_id": ids, "dataset": ["arith"] * len(ids), "student_id": ["s1"] * len(ids),
         "sampling_hash": ["h"] * len(ids), "n": [8] * len(ids), "correct": correct,
@@ -84,3 +84,16 @@ def test_guards_show_in_shard_rows_and_unknown_student_is_clear(tmp_path, capsys
     assert main(["manifest", "build", "--student", "nobody", "--dataset", "arith", "--out",
                  str(tmp_path / "x"), "--home", str(home_dir)]) == 1
     assert "no pass-rate snapshot" in capsys.readouterr().err
+
+
+def test_a_pool_mostly_at_weight_zero_gets_a_warning_naming_the_fix(tmp_path, capsys):
+    home_dir, _, _ = make_home(tmp_path, correct_of=lambda i: 0 if i % 3 else 4)  # 2/3 never solved
+    assert build(home_dir, tmp_path / "m1") == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "40 of 60" in err and "paced-posterior" in err
+    assert build(home_dir, tmp_path / "m2", "--scheme", "paced-posterior") == 0
+    assert build(home_dir, tmp_path / "m3", "--uniform-mix", "0.1") == 0
+    assert "warning" not in capsys.readouterr().err
+    home_dir, _, _ = make_home(tmp_path / "b")  # 2/9 at the ends: no warning
+    assert build(home_dir, tmp_path / "m4") == 0
+    assert "warning" not in capsys.readouterr().err

@@ -75,6 +75,18 @@ def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, 
     return summary
 
 
+def starvation_warning(manifest: Manifest, share: float = 0.5) -> str | None:
+    """A warning when an exact-zero scheme leaves more than `share` of the measured pool untrained."""
+    if manifest.scheme.guard != "none" or manifest.scheme.name not in ("paced", "hard-filter"):
+        return None
+    if manifest.measured == 0 or manifest.zero_weight <= share * manifest.measured:
+        return None
+    return (f"{manifest.zero_weight:,} of {manifest.measured:,} measured problems "
+            f"({manifest.zero_weight / manifest.measured:.0%}) get weight 0 and will not be trained on. "
+            "With teacher references those problems still teach, and a refreshing loop can stall on "
+            "them (README, Results); consider --scheme paced-posterior or --uniform-mix.")
+
+
 def add_arguments(parser) -> None:
     from paced.cli import add_home_argument
 
@@ -114,5 +126,8 @@ def run(args) -> int:
             return 0
         raise InputError(f"--out {out} already exists with other contents; choose a new folder")
     summary = write_manifest_dir(home, manifest, inputs, out, args.shard_size)
+    warning = starvation_warning(manifest)
+    if warning:
+        print(f"paced manifest: warning: {warning}", file=sys.stderr)
     print(json.dumps({**{k: v for k, v in summary.items() if k != "sha256"}, "out": str(out)}), file=sys.stdout)
     return 0
