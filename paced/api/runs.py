@@ -34,7 +34,7 @@ from paced.api.plans import (
 from paced.api.settings import Settings
 from paced.api.shardfiles import write_epoch
 from paced.api.state import Ack, EpochRecord, LeaseOutcome, Renewal, Replan, RunRecord, StateDB
-from paced.curriculum import WeightScheme, build_manifest
+from paced.curriculum import WeightScheme, build_manifest, starvation_warning
 from paced.errors import ConflictError, InputError, NotFoundError, PacedError
 from paced.store.files import TMP_PREFIX
 from paced.store.home import Home, validate_name
@@ -152,6 +152,8 @@ class RunService:
             raise InputError(f"no problem of {config.dataset!r} has a positive weight under scheme "
                              f"{config.scheme!r} in snapshot {snapshot_id}; try weight_floor or uniform_mix",
                              detail={"field": "scheme", "value": config.scheme})
+        if epoch == 0 and (warning := starvation_warning(manifest)):
+            log.warning("run %s: %s", run_id, warning)
         student_ids, checkpoint_id = measured_by(self.home, config.student_id, snapshot_id, table)
         files = write_epoch(self.home, run_id, manifest, snapshot_id, config.dataset, config.shard_size,
                             config.teacher_id, extra={"student_ids": list(student_ids), "checkpoint_id": checkpoint_id})

@@ -117,3 +117,15 @@ def shard_bounds(num_items: int, shard_size: int) -> list[tuple[int, int]]:
     if shard_size < 1:
         raise InputError(f"`shard_size` must be >= 1, got {shard_size}", detail={"field": "shard_size"})
     return [(s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size)]
+
+
+def starvation_warning(manifest: Manifest, share: float = 0.5) -> str | None:
+    """A warning when an exact-zero scheme leaves more than `share` of the measured pool untrained."""
+    if manifest.scheme.guard != "none" or manifest.scheme.name not in ("paced", "hard-filter"):
+        return None
+    if manifest.measured == 0 or manifest.zero_weight <= share * manifest.measured:
+        return None
+    return (f"{manifest.zero_weight:,} of {manifest.measured:,} measured problems "
+            f"({manifest.zero_weight / manifest.measured:.0%}) get weight 0 and will not be trained on. "
+            "With teacher references those problems still teach, and a refreshing loop can stall on "
+            "them (README, Results); consider the paced-posterior scheme or a uniform mix.")

@@ -19,7 +19,15 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from paced import __version__
-from paced.curriculum import MODES, SCHEMES, Manifest, WeightScheme, build_manifest, shard_bounds
+from paced.curriculum import (
+    MODES,
+    SCHEMES,
+    Manifest,
+    WeightScheme,
+    build_manifest,
+    shard_bounds,
+    starvation_warning,
+)
 from paced.errors import InputError, NotFoundError
 from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
 from paced.store.home import Home, open_home
@@ -73,18 +81,6 @@ def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def starvation_warning(manifest: Manifest, share: float = 0.5) -> str | None:
-    """A warning when an exact-zero scheme leaves more than `share` of the measured pool untrained."""
-    if manifest.scheme.guard != "none" or manifest.scheme.name not in ("paced", "hard-filter"):
-        return None
-    if manifest.measured == 0 or manifest.zero_weight <= share * manifest.measured:
-        return None
-    return (f"{manifest.zero_weight:,} of {manifest.measured:,} measured problems "
-            f"({manifest.zero_weight / manifest.measured:.0%}) get weight 0 and will not be trained on. "
-            "With teacher references those problems still teach, and a refreshing loop can stall on "
-            "them (README, Results); consider --scheme paced-posterior or --uniform-mix.")
 
 
 def add_arguments(parser) -> None:
