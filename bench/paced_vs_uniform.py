@@ -14,7 +14,7 @@ and subtraction, a skill both models learned in pre-training that the pool never
 Each (arm, seed) runs in its own process and data home (problems, references and models are
 linked, the base snapshot copied), so refresh arms never touch another arm's pass rates.
 Results: OUT/results.json (--out, default bench/out/experiment) and a Markdown table on stdout;
-`--report OUT/results.json` prints the table of an earlier run again.
+`--report OUT/results.json [--plot PNG]` prints the table (and draws the curves) of an earlier run.
 """
 
 from __future__ import annotations
@@ -171,6 +171,32 @@ def aggregate(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(results: list[dict], path: Path, title: str) -> None:
+    """Mean held-out accuracy per arm against steps and against total (training + rollout) tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_arm: dict[str, list[dict]] = {}
+    for r in results:
+        by_arm.setdefault(r["arm"], []).append(r)
+    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for arm, runs in by_arm.items():
+        acc = 100 * np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)
+        steps = [e["step"] for e in runs[0]["curve"]]
+        tokens = np.mean([[e["total_tokens"] for e in r["curve"]] for r in runs], axis=0)
+        style = {"linewidth": 2.5, "color": "black"} if arm == "uniform" else {"linewidth": 1.2}
+        by_step.plot(steps, acc, label=arm, **style)
+        by_tokens.plot(tokens, acc, label=arm, **style)
+    by_step.set(xlabel="training steps", ylabel="held-out accuracy (%)", title=title)
+    by_tokens.set(xlabel="total tokens (training + rollouts)", xscale="log", title="at equal compute")
+    by_tokens.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -191,12 +217,15 @@ def main() -> None:
     p.add_argument("--home", help="the base data home (default: OUT/home; models are built there when missing)")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
+    p.add_argument("--plot", metavar="PNG", help="where to draw the accuracy curves (default: OUT/curves.png)")
     args = p.parse_args()
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         a = saved["args"]
         print(f"pool {a['pool']} problems, K={a['k']}, {a['steps']} steps × batch {a['batch_size']}, seeds {a['seeds']}")
         print(aggregate(saved["results"]))
+        if args.plot:
+            plot_curves(saved["results"], Path(args.plot), f"{a['steps']} steps, K={a['k']}, lr {a['lr']}")
         return
     out = Path(args.out).resolve()
     args.out = str(out)
@@ -227,6 +256,7 @@ def main() -> None:
     print(f"pool {args.pool} problems, K={args.k}, {args.steps} steps × batch {args.batch_size}, "
           f"seeds {args.seeds}, {time.perf_counter() - started:.0f} s")
     print(aggregate(results))
+    plot_curves(results, Path(args.plot or out / "curves.png"), f"{args.steps} steps, K={args.k}, lr {args.lr}")
 
 
 if __name__ == "__main__":
