@@ -53,6 +53,13 @@ ARMS: dict[str, dict] = {
     "paced-sample-refresh50": {"scheme": "paced", "mode": "weighted-sample", "refresh_every": 50},
     "paced-posterior-sample": {"scheme": "paced-posterior", "mode": "weighted-sample"},
     "paced-posterior-sample-refresh50": {"scheme": "paced-posterior", "mode": "weighted-sample", "refresh_every": 50},
+    # on-policy distillation (reverse KL on the student's own samples, teacher-scored)
+    "uniform-onpolicy": {"scheme": "uniform", "loss": "reverse", "on_policy": True},
+    "paced-onpolicy-refresh50": {"scheme": "paced", "loss": "reverse", "on_policy": True, "refresh_every": 50},
+    "hard-filter-onpolicy-refresh50": {"scheme": "hard-filter", "loss": "reverse", "on_policy": True,
+                                       "refresh_every": 50},
+    "paced-posterior-onpolicy-refresh50": {"scheme": "paced-posterior", "loss": "reverse", "on_policy": True,
+                                           "refresh_every": 50},
 }
 
 
@@ -119,6 +126,7 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
         student=str(home_dir / "models" / student), teacher=str(home_dir / "models" / teacher),
         source=str(mdir), out=str(home_dir.parent / "train"), loss=spec.get("loss", "forward"), steps=args.steps,
         stages=parse_stages(f"forward:{half},reverse:{args.steps - half}") if spec.get("two_stage") else (),
+        on_policy=spec.get("on_policy"),
         lr=args.lr, batch_size=args.batch_size, seed=seed, max_new_tokens=8, home=str(home_dir),
         refresh_every=spec.get("refresh_every", 0), refresh_between_stages=spec.get("refresh_between_stages", False),
         reprobe_fraction=args.reprobe_fraction, rollout_k=args.k, eval_every=args.eval_every,
@@ -146,7 +154,9 @@ def aggregate(results: list[dict]) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in results:
         by_arm.setdefault(r["arm"], []).append(r)
-    uni = by_arm.get("uniform")
+    # the reference arm: `uniform`, else the first uniform-weighted variant of the run
+    baseline = "uniform" if "uniform" in by_arm else next((a for a in by_arm if a.startswith("uniform")), None)
+    uni = by_arm.get(baseline) if baseline else None
     target = np.mean([r["curve"][-1]["accuracy"] for r in uni]) if uni else None
     budget = np.mean([r["curve"][-1]["total_tokens"] for r in uni]) if uni else None
     levels = sorted({int(d) for r in results for d in r["curve"][-1]["by_difficulty"]})
