@@ -103,3 +103,22 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def wait_until_healthy(proc, url: str, timeout_seconds: float = 120.0) -> None:
+    """Block until the `paced serve` subprocess `proc` answers /v1/health at `url` (its stderr
+    raised if it exits first; killed if it never answers)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode())
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.2)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from api_fixtures import make_service_home
+from api_fixtures import make_service_home, wait_until_healthy
 from trainer_helpers import build_models, parameters, summary_of, train_args
 
 from paced.backends.base import model_id
@@ -260,18 +260,8 @@ def service(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home.root), "--port", str(port),
                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PACED_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(proc, url)
     yield url, home, base
     proc.terminate()
     proc.wait(timeout=30)

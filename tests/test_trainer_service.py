@@ -7,12 +7,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from api_fixtures import make_service_home
+from api_fixtures import make_service_home, wait_until_healthy
 from trainer_helpers import build_models, summary_of, train_args
 
 from paced.cli import main
@@ -41,18 +40,7 @@ def service(tmp_path):
                              str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.2)
+    wait_until_healthy(proc, url)
     yield url, home
     proc.terminate()
     proc.wait(timeout=30)
