@@ -276,7 +276,8 @@ def test_include_items_false_leases_without_rows(client):
 def test_a_run_that_leaves_most_of_the_pool_untrained_is_logged(client, home, caplog):
     add_snapshot(home[0], "s3", [0 if i % 3 else 4 for i in range(N)])  # two thirds never solved
     with caplog.at_level("WARNING", logger="paced.api"):
-        new_run(client, student_id="s3")
-        new_run(client, student_id="s3", scheme="paced-posterior")
+        starved = new_run(client, student_id="s3")
+        guarded = new_run(client, student_id="s3", scheme="paced-posterior")
     warned = [r.getMessage() for r in caplog.records if "weight 0" in r.getMessage()]
     assert len(warned) == 1 and "paced-posterior" in warned[0]
+    assert len(starved["warnings"]) == 1 and "weight 0" in starved["warnings"][0] and guarded["warnings"] == []

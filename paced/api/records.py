@@ -30,6 +30,7 @@ class EpochRecord:
     effective_sample_size: float
     student_ids: tuple[str, ...] = ()  # the checkpoints that measured the snapshot's rows
     checkpoint_id: str | None = None  # the lineage's newest checkpoint, when the snapshot records it
+    warnings: tuple[str, ...] = ()  # for whoever created it (not stored)
 
 
 @dataclass(frozen=True)

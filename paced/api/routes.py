@@ -110,7 +110,8 @@ def create_run(svc: Service, body: RunCreate) -> RunCreated:
     shards not leased yet, are planned again from the student's newest snapshot."""
     record, files = svc.create_run(RunConfig(**body.model_dump()))
     return RunCreated(run_id=record.run_id, snapshot_id=files.snapshot_id, epoch=0, epochs=record.epochs,
-                      shards=files.shards, items=files.items, effective_sample_size=files.effective_sample_size)
+                      shards=files.shards, items=files.items, effective_sample_size=files.effective_sample_size,
+                      warnings=list(files.warnings))
 
 
 @router.get("/v1/runs/{run_id}", response_model=RunView, responses=ERRORS, tags=["runs"])

@@ -152,13 +152,14 @@ class RunService:
             raise InputError(f"no problem of {config.dataset!r} has a positive weight under scheme "
                              f"{config.scheme!r} in snapshot {snapshot_id}; try weight_floor or uniform_mix",
                              detail={"field": "scheme", "value": config.scheme})
-        if epoch == 0 and (warning := starvation_warning(manifest)):
+        warning = starvation_warning(manifest) if epoch == 0 else None
+        if warning:
             log.warning("run %s: %s", run_id, warning)
         student_ids, checkpoint_id = measured_by(self.home, config.student_id, snapshot_id, table)
         files = write_epoch(self.home, run_id, manifest, snapshot_id, config.dataset, config.shard_size,
                             config.teacher_id, extra={"student_ids": list(student_ids), "checkpoint_id": checkpoint_id})
         return EpochRecord(files.epoch, files.snapshot_id, files.items, files.shards, files.shard_size,
-                           files.effective_sample_size, student_ids, checkpoint_id)
+                           files.effective_sample_size, student_ids, checkpoint_id, (warning,) if warning else ())
 
     def create_run(self, config: RunConfig) -> tuple[RunRecord, EpochRecord]:
         config.validate(self.settings)

@@ -54,6 +54,8 @@ class RunCreated(BaseModel):
     shards: int
     items: int
     effective_sample_size: float
+    warnings: list[str] = Field(default_factory=list,
+                                description="e.g. most of the pool at weight 0 under an exact-zero scheme")
 
 
 class EpochProgress(BaseModel):
