@@ -42,7 +42,7 @@ def train_checkpoint(base: Path, steps: int, args) -> tuple[Path, Path]:
     from paced.trainer.config import TrainConfig
     from paced.trainer.loop import train
 
-    home_dir = arm_home(base, f"refresh-error-{steps}")
+    home_dir = arm_home(base, f"refresh-error-{steps}", Path(args.out))
     home = open_home(home_dir)
     scheme = WeightScheme("uniform")
     manifest, sid = snapshot_manifest(home, "base", "arith", scheme, args.seed)
@@ -150,16 +150,18 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=400)
     p.add_argument("--backend", default="transformers", help="rollouts of the base student")
     p.add_argument("--quick", action="store_true", help="the quick models (a smoke test, not a result)")
-    p.add_argument("--home", default=str(OUT / "home"), help="the base data home (shared with paced_vs_uniform)")
+    p.add_argument("--out", default=str(OUT), help="where runs/ and refresh_error.json go")
+    p.add_argument("--home", help="the base data home (default: OUT/home, shared with paced_vs_uniform)")
     args = p.parse_args()
-    base = Path(args.home).resolve()
+    out = Path(args.out).resolve()
+    base = Path(args.home).resolve() if args.home else out / "home"
     base.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     prepare_base(base, args)
     rows = [r for steps in args.train_steps for r in measure(base, steps, args)]
-    out = OUT.parent / "refresh_error.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(f"pool {args.pool} problems, K={args.k}, {time.perf_counter() - started:.0f} s; {out}")
+    saved = out / "refresh_error.json"
+    saved.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print(f"pool {args.pool} problems, K={args.k}, {time.perf_counter() - started:.0f} s; {saved}")
     print(table(rows))
 
 
