@@ -63,6 +63,9 @@ ARMS: dict[str, dict] = {
 }
 
 
+DEFAULT_ARMS = [a for a, spec in ARMS.items() if "mode" not in spec and not spec.get("on_policy")]
+
+
 def prepare(home: Path, args) -> None:
     """Problems, models, references, the base rollouts and snapshot (the demo's full setup)."""
     from paced.jobs.demo import Demo, DemoConfig
@@ -209,7 +212,8 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS),
+                   help="default: every arm but the weighted-sample and on-policy variants")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
