@@ -95,7 +95,7 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     from paced.backends.hf_backend import HFBackend
     from paced.curriculum import WeightScheme
     from paced.jobs.evaluate import EvalConfig, evaluate_backend, mastered_problems
-    from paced.jobs.manifest import snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
     from paced.store.home import open_home
     from paced.store.problems import read_problems
     from paced.store.rollouts import read_rollouts
@@ -109,10 +109,8 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     mode = spec.get("mode", "weighted-loss")
     manifest, sid = snapshot_manifest(home, "base", "arith", scheme, seed, mode=mode)
     mdir = home_dir.parent / "manifest"
-    write_manifest_dir(home, manifest, {"student_id": "base", "dataset": "arith", "snapshot_id": sid,
-                                        "scheme": scheme.name, "alpha": 1.0, "beta": 1.0, "prior": [1.0, 1.0],
-                                        "weight_floor": scheme.floor, "uniform_mix": scheme.mix,
-                                        "mode": mode, "seed": seed, "epoch": 0}, mdir, args.shard_size)
+    write_manifest_dir(home, manifest, manifest_record("base", "arith", sid, scheme, mode, seed), mdir,
+                       args.shard_size)
     sets = {"arith-sub": (read_problems(home, "arith-sub"), "numeric"),
             "mastered": (mastered_problems(home, "base", "arith"), "numeric")}
     side: dict[int, dict] = {}
@@ -147,6 +145,14 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
                                                        "rollout_seconds", "skipped_batches")}}
 
 
+def group_by_arm(results: list[dict]) -> dict[str, list[dict]]:
+    """Results per arm, in the order the arms first appear."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in results:
+        by_arm.setdefault(r["arm"], []).append(r)
+    return by_arm
+
+
 def mean_sd(values) -> str:
     v = np.array([x for x in values if x is not None], dtype=float)
     return "n/a" if v.size == 0 else f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1) if v.size > 1 else 0:.1f}"
@@ -154,9 +160,7 @@ def mean_sd(values) -> str:
 
 def aggregate(results: list[dict]) -> str:
     """The Markdown table: final accuracy, forgetting, steps to uniform's final, equal compute."""
-    by_arm: dict[str, list[dict]] = {}
-    for r in results:
-        by_arm.setdefault(r["arm"], []).append(r)
+    by_arm = group_by_arm(results)
     # the reference arm: `uniform`, else the first uniform-weighted variant of the run
     baseline = "uniform" if "uniform" in by_arm else next((a for a in by_arm if a.startswith("uniform")), None)
     uni = by_arm.get(baseline) if baseline else None
@@ -191,9 +195,7 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_arm: dict[str, list[dict]] = {}
-    for r in results:
-        by_arm.setdefault(r["arm"], []).append(r)
+    by_arm = group_by_arm(results)
     fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for arm, runs in by_arm.items():
         acc = 100 * np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)

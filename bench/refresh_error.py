@@ -37,7 +37,7 @@ from paced_vs_uniform import prepare as prepare_base  # noqa: E402
 def train_checkpoint(base: Path, steps: int, args) -> tuple[Path, Path]:
     """The student trained `steps` steps on uniform weights: (its data home, its final folder)."""
     from paced.curriculum import WeightScheme
-    from paced.jobs.manifest import snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
     from paced.store.home import open_home
     from paced.trainer.config import TrainConfig
     from paced.trainer.loop import train
@@ -47,10 +47,8 @@ def train_checkpoint(base: Path, steps: int, args) -> tuple[Path, Path]:
     scheme = WeightScheme("uniform")
     manifest, sid = snapshot_manifest(home, "base", "arith", scheme, args.seed)
     mdir = home_dir.parent / "manifest"
-    write_manifest_dir(home, manifest, {"student_id": "base", "dataset": "arith", "snapshot_id": sid,
-                                        "scheme": "uniform", "alpha": 1.0, "beta": 1.0, "prior": [1.0, 1.0],
-                                        "weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss",
-                                        "seed": args.seed, "epoch": 0}, mdir, 64)
+    write_manifest_dir(home, manifest, manifest_record("base", "arith", sid, scheme, "weighted-loss", args.seed),
+                       mdir, 64)
     teacher, student = ("quick-teacher", "quick-student") if args.quick else ("teacher", "student")
     out = home_dir.parent / "train"
     train(TrainConfig(student=str(home_dir / "models" / student), teacher=str(home_dir / "models" / teacher),

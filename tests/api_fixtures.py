@@ -122,3 +122,49 @@ def wait_until_healthy(proc, url: str, timeout_seconds: float = 120.0) -> None:
                 proc.kill()
                 raise
             time.sleep(0.2)
+
+
+def run_consumers(url: str, run_id: str, threads: int, *, ttl: float, abandon: float, late: float,
+                  late_factor: float, max_wait: float, timeout: float) -> tuple[list[dict], list[str]]:
+    """`threads` consumers lease from run `run_id` until it is done, each seeded by its index: a
+    share `abandon` of leases is dropped (the shard goes out again after `ttl`), a share `late` is
+    acked after `late_factor` × `ttl` (200 if nobody took the shard since, else 409), the rest at
+    once. Returns every lease whose ack succeeded, and the unexpected answers."""
+    import random
+
+    import httpx
+
+    acked, errors, lock = [], [], threading.Lock()
+
+    def consume(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=timeout) as client:
+            while True:
+                r = client.post(f"/v1/runs/{run_id}/leases", json={"consumer": f"c{seed}", "ttl_seconds": ttl})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    return
+                got = r.json()
+                if got["status"] == "done":
+                    return
+                if got["status"] == "wait":
+                    time.sleep(min(got["retry_after_seconds"], max_wait))
+                    continue
+                roll = rng.random()
+                if roll < abandon:
+                    continue
+                if roll < abandon + late:
+                    time.sleep(ttl * late_factor)
+                a = client.post(f"/v1/runs/{run_id}/leases/{got['lease_id']}/ack")
+                if a.status_code == 200:
+                    with lock:
+                        acked.append(got)
+                elif a.status_code != 409:
+                    errors.append(a.text)
+
+    workers = [threading.Thread(target=consume, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=10 * timeout)
+    return acked, errors

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pyarrow as pa
-from api_fixtures import ServerThread, eligible, make_service_home, problem_ids
+from api_fixtures import ServerThread, eligible, make_service_home, problem_ids, run_consumers
 
 from paced.api.app import create_app
 from paced.api.settings import Settings
@@ -19,34 +19,6 @@ THREADS = 16
 TTL = 1.0
 
 
-def consumer(url: str, run_id: str, name: str, seed: int, acked: list, lock: threading.Lock, errors: list):
-    """Lease until done: ack most shards at once, abandon some, ack some only after the TTL."""
-    rng = random.Random(seed)
-    with httpx.Client(base_url=url, timeout=30) as client:
-        while True:
-            r = client.post(f"/v1/runs/{run_id}/leases", json={"consumer": name, "ttl_seconds": TTL})
-            if r.status_code != 200:
-                errors.append(r.text)
-                return
-            got = r.json()
-            if got["status"] == "done":
-                return
-            if got["status"] == "wait":
-                time.sleep(min(got["retry_after_seconds"], 0.2))
-                continue
-            roll = rng.random()
-            if roll < 0.15:
-                continue  # abandoned: the lease expires and the shard is handed out again
-            if roll < 0.3:
-                time.sleep(TTL * 1.3)  # late: 200 if nobody took the shard since, else 409
-            a = client.post(f"/v1/runs/{run_id}/leases/{got['lease_id']}/ack")
-            if a.status_code == 200:
-                with lock:
-                    acked.append((got["epoch"], got["shard"], [it["position"] for it in got["items"]]))
-            elif a.status_code != 409:
-                errors.append(a.text)
-
-
 def test_concurrent_consumers_ack_every_item_exactly_once(tmp_path):
     n = 400
     home, _ = make_service_home(tmp_path, n=n)
@@ -54,14 +26,10 @@ def test_concurrent_consumers_ack_every_item_exactly_once(tmp_path):
     with ServerThread(app) as server:
         run = httpx.post(f"{server.url}/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 5,
                                                         "epochs": 2, "seed": 1}).json()
-        acked, lock, errors = [], threading.Lock(), []
-        threads = [threading.Thread(target=consumer, args=(server.url, run["run_id"], f"c{i}", i, acked, lock, errors))
-                   for i in range(THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        leases, errors = run_consumers(server.url, run["run_id"], THREADS, ttl=TTL, abandon=0.15, late=0.15,
+                                       late_factor=1.3, max_wait=0.2, timeout=30)
         assert not errors
+        acked = [(g["epoch"], g["shard"], [it["position"] for it in g["items"]]) for g in leases]
         view = httpx.get(f"{server.url}/v1/runs/{run['run_id']}").json()
         metrics = httpx.get(f"{server.url}/metrics").text
     leased = float(metrics.split('paced_leases_total{outcome="leased"} ')[1].split()[0])

@@ -8,7 +8,7 @@ import threading
 import time
 
 import httpx
-from api_fixtures import ServerThread, add_snapshot, make_service_home
+from api_fixtures import ServerThread, add_snapshot, make_service_home, run_consumers
 
 from paced.api.app import create_app
 from paced.api.settings import Settings
@@ -16,33 +16,6 @@ from paced.api.settings import Settings
 THREADS = 8
 TTL = 0.5
 N = 300
-
-
-def consumer(url: str, run_id: str, name: str, seed: int, acked: list, lock: threading.Lock, errors: list):
-    rng = random.Random(seed)
-    with httpx.Client(base_url=url, timeout=60) as client:
-        while True:
-            r = client.post(f"/v1/runs/{run_id}/leases", json={"consumer": name, "ttl_seconds": TTL})
-            if r.status_code != 200:
-                errors.append(r.text)
-                return
-            got = r.json()
-            if got["status"] == "done":
-                return
-            if got["status"] == "wait":
-                time.sleep(min(got["retry_after_seconds"], 0.1))
-                continue
-            roll = rng.random()
-            if roll < 0.1:
-                continue  # abandoned: the shard goes out again after the TTL
-            if roll < 0.2:
-                time.sleep(TTL * 1.5)  # late: acked if nobody took the shard since, else 409
-            a = client.post(f"/v1/runs/{run_id}/leases/{got['lease_id']}/ack")
-            if a.status_code == 200:
-                with lock:
-                    acked.append(got)
-            elif a.status_code != 409:
-                errors.append(a.text)
 
 
 def test_replans_under_concurrent_consumers_keep_exactly_once_per_epoch(tmp_path):
@@ -59,15 +32,10 @@ def test_replans_under_concurrent_consumers_keep_exactly_once_per_epoch(tmp_path
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 5, "epochs": 2,
                                             "seed": 3, "follow_snapshots": True}).json()["run_id"]
-        acked, lock, errors = [], threading.Lock(), []
-        threads = [threading.Thread(target=consumer, args=(server.url, run, f"c{i}", i, acked, lock, errors))
-                   for i in range(THREADS)]
         snapshots = threading.Thread(target=writer)
         snapshots.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
+        acked, errors = run_consumers(server.url, run, THREADS, ttl=TTL, abandon=0.1, late=0.1, late_factor=1.5,
+                                      max_wait=0.1, timeout=60)
         stop.set()
         snapshots.join()
         assert not errors, errors[:3]

@@ -55,6 +55,14 @@ def snapshot_manifest(home: Home, student_id: str, dataset: str, scheme: WeightS
     return build_manifest(table, scheme, seed, epoch, mode, num_samples), path.stem
 
 
+def manifest_record(student_id: str, dataset: str, snapshot_id: str, scheme: WeightScheme, mode: str, seed: int,
+                    epoch: int = 0) -> dict:
+    """What built a manifest: the `inputs` of its manifest.json (a refresh rebuilds from them)."""
+    return {"student_id": student_id, "dataset": dataset, "snapshot_id": snapshot_id, "scheme": scheme.name,
+            "alpha": scheme.alpha, "beta": scheme.beta, "prior": list(scheme.prior), "weight_floor": scheme.floor,
+            "uniform_mix": scheme.mix, "mode": mode, "seed": seed, "epoch": epoch}
+
+
 def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, shard_size: int) -> dict:
     """Write manifest.parquet, the shards and manifest.json into `out` (atomically, as a folder)."""
     bounds = shard_bounds(manifest.num_items, shard_size)
@@ -110,10 +118,7 @@ def run(args) -> int:
     scheme = WeightScheme(args.scheme, args.alpha, args.beta, args.prior, args.weight_floor, args.uniform_mix)
     manifest, snapshot_id = snapshot_manifest(home, args.student, args.dataset, scheme, args.seed,
                                               args.epoch, args.mode, args.snapshot)
-    inputs = {"student_id": args.student, "dataset": args.dataset, "snapshot_id": snapshot_id,
-              "scheme": args.scheme, "alpha": args.alpha, "beta": args.beta, "prior": list(args.prior),
-              "weight_floor": args.weight_floor, "uniform_mix": args.uniform_mix, "mode": args.mode,
-              "seed": args.seed, "epoch": args.epoch}
+    inputs = manifest_record(args.student, args.dataset, snapshot_id, scheme, args.mode, args.seed, args.epoch)
     out = Path(args.out)
     if out.exists():
         previous = read_json(out / "manifest.json") if (out / "manifest.json").exists() else None

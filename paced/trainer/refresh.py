@@ -80,7 +80,7 @@ def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path, *, sn
     import shutil
 
     from paced.curriculum import WeightScheme
-    from paced.jobs.manifest import snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
 
     built = manifest_inputs(folder)
     i = {"weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss", "epoch": 0, **built["inputs"],
@@ -95,8 +95,8 @@ def rebuild_manifest(home, folder: str | Path, student_id: str, out: Path, *, sn
                          "or use --scheme paced-posterior")
     if out.exists():  # left by an interrupted earlier attempt at this refresh
         shutil.rmtree(out)
-    write_manifest_dir(home, manifest, {**i, "student_id": student_id, "snapshot_id": snapshot_id}, out,
-                       built["shard_size"])
+    write_manifest_dir(home, manifest, manifest_record(student_id, i["dataset"], snapshot_id, scheme, i["mode"],
+                                                       i["seed"], i["epoch"]), out, built["shard_size"])
     return str(out)
 
 
