@@ -149,9 +149,10 @@ def create_run(url: str, body: dict) -> dict:
     resp = httpx.post(f"{url}/v1/runs", json=body, timeout=60)
     if resp.status_code != 201 and resp.status_code != 200:
         raise PacedError(f"creating run {body.get('scheme')} failed: {resp.status_code} {resp.text}")
-    for warning in resp.json().get("warnings", []):
+    created = resp.json()
+    for warning in created.get("warnings", []):
         print(f"paced demo: run {body.get('scheme')}: warning: {warning}", file=sys.stderr)
-    return resp.json()
+    return created
 
 
 def prepare(demo: Demo) -> None:
