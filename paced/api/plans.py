@@ -28,7 +28,7 @@ from paced.curriculum import Manifest, WeightScheme, build_manifest
 from paced.errors import NotFoundError, PacedError
 from paced.store.files import read_json
 from paced.store.home import Home
-from paced.store.snapshots import read_snapshot, snapshot_path
+from paced.store.snapshots import read_snapshot_rows
 
 
 @dataclass(frozen=True)
@@ -117,16 +117,6 @@ def remainder_manifest(table: pa.Table, served: pa.Array, scheme: WeightScheme, 
                           max(0, draws) if mode == "weighted-sample" else None)
 
 
-def read_plan_snapshot(home: Home, student_id: str, dataset: str, snapshot_id: str | None) -> tuple[pa.Table, str]:
-    """A snapshot's rows of one data set (the newest snapshot when None), and its id."""
-    sid = snapshot_path(home, student_id, snapshot_id).stem
-    table = read_snapshot(home, student_id, sid, dataset=dataset)
-    if table.num_rows == 0:
-        raise NotFoundError(f"snapshot {sid} of {student_id!r} has no pass rates for data set {dataset!r}",
-                            detail={"field": "dataset", "value": dataset})
-    return table, sid
-
-
 def measured_by(home: Home, student_id: str, snapshot_id: str, table: pa.Table) -> tuple[tuple[str, ...], str | None]:
     """The checkpoints whose rollouts measured `table` (its distinct `student_id`s), and the
     lineage's newest checkpoint if a lineage refresh wrote the snapshot (its side file)."""
@@ -145,7 +135,7 @@ def build_segment(home: Home, config, plan: EpochPlan, replan: Replan) -> Segmen
     folder = epoch_folder(home, replan.run_id, replan.epoch, replan.segment)
     if folder.exists():
         shutil.rmtree(folder)
-    table, sid = read_plan_snapshot(home, config.student_id, config.dataset, replan.snapshot_id)
+    table, sid = read_snapshot_rows(home, config.student_id, replan.snapshot_id, config.dataset)
     draws = plan.segments[0].items - replan.from_shard * config.shard_size
     manifest = remainder_manifest(table, plan.problem_ids(replan.from_shard), config.weight_scheme(), config.seed,
                                   replan.epoch, replan.segment, config.mode, draws)

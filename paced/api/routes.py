@@ -31,9 +31,9 @@ from paced.api.schemas import (
     RunView,
 )
 from paced.api.shardfiles import FORMATS, MEDIA_TYPES, json_with_items
-from paced.errors import NotFoundError, PacedError
+from paced.errors import PacedError
 from paced.store.home import validate_name
-from paced.store.snapshots import list_snapshots, list_students, read_snapshot, snapshot_path
+from paced.store.snapshots import list_snapshots, list_students, read_snapshot_rows
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="the service's PACED_TOKEN (required on POST when set)")
@@ -93,11 +93,7 @@ def passrates(svc: Service, student_id: Annotated[str, Path(pattern=NAME_PATTERN
     from paced.curriculum.summary import passrate_summary
 
     validate_name(student_id, "student_id")
-    sid = snapshot_path(svc.home, student_id, snapshot_id).stem
-    table = read_snapshot(svc.home, student_id, sid, dataset=dataset)
-    if dataset is not None and table.num_rows == 0:
-        raise NotFoundError(f"snapshot {sid} of {student_id!r} has no pass rates for data set {dataset!r}",
-                            detail={"field": "dataset", "value": dataset})
+    table, sid = read_snapshot_rows(svc.home, student_id, snapshot_id, dataset)
     summary = passrate_summary(table["pass_rate"].to_numpy(), table["n"].to_numpy())
     return {**summary, "student_id": student_id, "snapshot_id": sid, "dataset": dataset}
 

@@ -28,7 +28,6 @@ from paced.api.plans import (
     build_segment,
     load_plan,
     measured_by,
-    read_plan_snapshot,
     remove_segment,
 )
 from paced.api.settings import Settings
@@ -39,7 +38,7 @@ from paced.errors import ConflictError, InputError, NotFoundError, PacedError
 from paced.store.files import TMP_PREFIX
 from paced.store.home import Home, validate_name
 from paced.store.shards import reference_files
-from paced.store.snapshots import list_snapshots
+from paced.store.snapshots import list_snapshots, read_snapshot_rows
 
 log = logging.getLogger("paced.api")
 RUN_ID_PATTERN = r"^r-[0-9a-f]{12}$"
@@ -146,7 +145,7 @@ class RunService:
         self.state.close()
 
     def _build_epoch(self, run_id: str, config: RunConfig, epoch: int, snapshot_id: str | None) -> EpochRecord:
-        table, snapshot_id = read_plan_snapshot(self.home, config.student_id, config.dataset, snapshot_id)
+        table, snapshot_id = read_snapshot_rows(self.home, config.student_id, snapshot_id, config.dataset)
         manifest = build_manifest(table, config.weight_scheme(), config.seed, epoch, config.mode, config.num_samples)
         if epoch == 0 and manifest.num_items == 0:
             raise InputError(f"no problem of {config.dataset!r} has a positive weight under scheme "

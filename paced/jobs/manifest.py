@@ -28,11 +28,11 @@ from paced.curriculum import (
     shard_bounds,
     starvation_warning,
 )
-from paced.errors import InputError, NotFoundError
+from paced.errors import InputError
 from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
 from paced.store.home import Home, open_home
 from paced.store.shards import assemble_rows
-from paced.store.snapshots import read_snapshot, snapshot_path
+from paced.store.snapshots import read_snapshot_rows
 
 
 def parse_prior(text: str) -> tuple[float, float]:
@@ -47,12 +47,8 @@ def snapshot_manifest(home: Home, student_id: str, dataset: str, scheme: WeightS
                       epoch: int = 0, mode: str = "weighted-loss", snapshot_id: str | None = None,
                       num_samples: int | None = None) -> tuple[Manifest, str]:
     """The manifest of one data set under a student's snapshot (newest when None)."""
-    path = snapshot_path(home, student_id, snapshot_id)
-    table = read_snapshot(home, student_id, path.stem, dataset=dataset)
-    if table.num_rows == 0:
-        raise NotFoundError(f"snapshot {path.stem} of {student_id!r} has no pass rates for data set "
-                            f"{dataset!r}", detail={"field": "dataset", "value": dataset})
-    return build_manifest(table, scheme, seed, epoch, mode, num_samples), path.stem
+    table, sid = read_snapshot_rows(home, student_id, snapshot_id, dataset)
+    return build_manifest(table, scheme, seed, epoch, mode, num_samples), sid
 
 
 def manifest_record(student_id: str, dataset: str, snapshot_id: str, scheme: WeightScheme, mode: str, seed: int,

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from paced.curriculum.summary import passrate_summary, text_histogram
 from paced.store.home import Home, open_home, validate_name
-from paced.store.snapshots import read_snapshot, snapshot_path
+from paced.store.snapshots import read_snapshot_rows
 
 
 def _summary(table: pa.Table) -> dict:
@@ -29,8 +29,7 @@ def snapshot_summary(home: Home, student_id: str, snapshot_id: str | None = None
                      dataset: str | None = None) -> dict:
     """The summary of a snapshot (the newest when None), overall and by data set."""
     validate_name(student_id, "student")
-    snapshot_id = snapshot_path(home, student_id, snapshot_id).stem
-    table = read_snapshot(home, student_id, snapshot_id, dataset=dataset)
+    table, snapshot_id = read_snapshot_rows(home, student_id, snapshot_id, dataset)
     by_dataset = {}
     for name in sorted(set(table["dataset"].to_pylist())):
         part = _summary(table.filter(pc.equal(table["dataset"], name)))

@@ -79,6 +79,18 @@ def read_snapshot(home: Home, student_id: str, snapshot_id: str | None = None,
     return table
 
 
+def read_snapshot_rows(home: Home, student_id: str, snapshot_id: str | None = None,
+                       dataset: str | None = None) -> tuple[pa.Table, str]:
+    """`read_snapshot` with the snapshot's id resolved (the newest when None); NotFoundError
+    when `dataset` is given and the snapshot has no rows of it."""
+    sid = snapshot_path(home, student_id, snapshot_id).stem
+    table = read_snapshot(home, student_id, sid, dataset=dataset)
+    if dataset is not None and table.num_rows == 0:
+        raise NotFoundError(f"snapshot {sid} of {student_id!r} has no pass rates for data set {dataset!r}",
+                            detail={"field": "dataset", "value": dataset})
+    return table, sid
+
+
 def write_snapshot(home: Home, student_id: str, table: pa.Table, snapshot_id: str) -> Path:
     """Commit a snapshot (rows sorted by dataset, problem id) under its id. Never overwrites."""
     path = home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.parquet"
