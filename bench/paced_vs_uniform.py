@@ -96,6 +96,7 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     from paced.curriculum import WeightScheme
     from paced.jobs.evaluate import EvalConfig, evaluate_backend, mastered_problems
     from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.jobs.remeasure import HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
     from paced.store.home import open_home
     from paced.store.problems import read_problems
     from paced.store.rollouts import read_rollouts
@@ -128,12 +129,15 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
         source=str(mdir), out=str(home_dir.parent / "train"), loss=spec.get("loss", "forward"), steps=args.steps,
         stages=parse_stages(f"forward:{half},reverse:{args.steps - half}") if spec.get("two_stage") else (),
         on_policy=spec.get("on_policy"),
-        lr=args.lr, batch_size=args.batch_size, seed=seed, max_new_tokens=8, home=str(home_dir),
+        lr=args.lr, batch_size=args.batch_size, seed=seed, max_new_tokens=8,
         refresh_every=spec.get("refresh_every", 0), refresh_between_stages=spec.get("refresh_between_stages", False),
-        reprobe_fraction=args.reprobe_fraction, rollout_k=args.k, eval_every=args.eval_every,
-        eval_dataset="arith-heldout", eval_max_new_tokens=8, progress=False,
+        eval_every=args.eval_every, progress=False,
     )
-    summary = train(config, on_step=on_step)
+    remeasure = RemeasureJob(RemeasureConfig(home=str(home_dir), reprobe_fraction=args.reprobe_fraction,
+                                             rollout_k=args.k, seed=seed, max_new_tokens=8, progress=False))
+    evaluate = HeldOutEval(HeldOutConfig(home=str(home_dir), eval_dataset="arith-heldout", eval_max_new_tokens=8,
+                                         seed=seed))
+    summary = train(config, remeasure, evaluate, on_step=on_step)
     # the weighted arms pay for the base student's pass-rate rollouts; uniform needs none
     base_files = sorted((base / "rollouts" / "base").rglob("batch-*.parquet"))
     initial = 0 if spec["scheme"] == "uniform" else int(pc.sum(read_rollouts(base_files)["tokens"]).as_py())

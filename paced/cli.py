@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "passrates": ("paced.jobs.passrates", "show a student's pass-rate snapshot"),
     "manifest": ("paced.jobs.manifest", "build a weighted manifest and its shards as Parquet files"),
     "serve": ("paced.api.serve", "run the curriculum service (FastAPI under uvicorn)"),
-    "train": ("paced.trainer.cli", "distil a teacher into a student on weighted shards"),
+    "train": ("paced.jobs.train", "distil a teacher into a student on weighted shards"),
     "evaluate": ("paced.jobs.evaluate", "held-out accuracy by difficulty, and forgetting vs a base model"),
     "tasks": ("paced.tasks.cli", "the built-in task: build its tokenizer and tiny models"),
     "demo": ("paced.jobs.demo", "run the whole loop on the built-in task"),
@@ -44,13 +44,6 @@ def _top_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
-
-
-def add_home_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--home", default=None, metavar="DIR",
-        help="data home (default: $PACED_HOME, else ./paced-data)",
-    )
 
 
 def command_parser(name: str):

@@ -109,7 +109,7 @@ def test_self_distillation_with_a_teacher_prompt_template(models, tmp_path, caps
 
 def test_encoding_lines_up_completion_tokens_of_both_sides():
     from paced.tasks.models import build_tokenizer
-    from paced.trainer.data import completion_ids, encode_side, fit_lengths, prompt_ids
+    from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
 
     tok = build_tokenizer()
     prompts = ["1+2=", "12+345="]
@@ -175,8 +175,8 @@ def test_teacher_with_another_vocabulary_is_refused(models, tmp_path, capsys):
 def test_aligned_logits_keep_only_completion_positions_and_match_the_full_forward(models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from paced.trainer.data import completion_ids, encode_side, prompt_ids
     from paced.trainer.loop import aligned_logits
+    from paced.trainer.tokens import completion_ids, encode_side, prompt_ids
 
     model = AutoModelForCausalLM.from_pretrained(models[1]).eval()
     tok = AutoTokenizer.from_pretrained(models[1])

@@ -128,16 +128,18 @@ def test_lineage_refresh_carries_stale_rows_and_is_idempotent_and_resumable(tmp_
 
 
 def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_snapshot(models, tmp_path, capsys):
+    from paced.jobs.remeasure import HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
     from paced.trainer.config import TrainConfig
     from paced.trainer.loop import train
 
     home, base, manifest = home_with_manifest(tmp_path, capsys)
     seen = {}
     config = TrainConfig(student=str(models[0]), teacher=str(models[1]), source=str(manifest), out=str(tmp_path / "out"),
-                         steps=5, refresh_every=2, reprobe_fraction=0.5, home=str(home.root), rollout_k=2,
-                         rollout_max_new_tokens=3, batch_size=4, lr=3e-3, progress=False, eval_every=3,
-                         eval_dataset="arith", eval_limit=6, eval_max_new_tokens=4)
-    summary = train(config, on_step=lambda step, model, tok: seen.__setitem__(
+                         steps=5, refresh_every=2, batch_size=4, lr=3e-3, progress=False, eval_every=3)
+    remeasure = RemeasureJob(RemeasureConfig(home=str(home.root), reprobe_fraction=0.5, rollout_k=2,
+                                             rollout_max_new_tokens=3, progress=False))
+    evaluate = HeldOutEval(HeldOutConfig(home=str(home.root), eval_dataset="arith", eval_limit=6, eval_max_new_tokens=4))
+    summary = train(config, remeasure, evaluate, on_step=lambda step, model, tok: seen.__setitem__(
         step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
     assert sorted(seen) == [0, 1, 2, 3, 4, 5]
     refreshes = summary["refreshes"]

@@ -14,7 +14,7 @@ from paced.errors import InputError
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     add_home_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")

@@ -238,7 +238,7 @@ def run_demo(home: Path, cfg: DemoConfig) -> int:
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     parser.add_argument("--quick", action="store_true", help="smaller everything (a few minutes; CI runs it)")
     add_home_argument(parser)

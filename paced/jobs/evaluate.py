@@ -128,7 +128,7 @@ def forgetting(model: dict, base: dict) -> dict | None:
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     parser.add_argument("--model", required=True, help="model folder to evaluate (save_pretrained)")
     parser.add_argument("--base", default=None, help="base model folder, reported side by side")

@@ -166,7 +166,7 @@ def _builtin_tables(args) -> tuple[pa.Table, pa.Table | None]:
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     parser.add_argument("path", help=f"a .jsonl/.parquet/.csv file, a datasets folder, or {BUILTIN}")
     parser.add_argument("--dataset", required=True, help="name of the data set to import into")

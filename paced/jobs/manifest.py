@@ -88,7 +88,7 @@ def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, 
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = sub.add_parser("build", help="build a manifest and its shards")

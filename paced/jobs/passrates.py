@@ -62,7 +62,7 @@ def format_summary(summary: dict) -> str:
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = sub.add_parser("show", help="summary and histogram of a student's pass-rate snapshot")

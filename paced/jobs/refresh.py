@@ -113,7 +113,7 @@ def refresh(home: Home, student_id: str | None = None, sampling_hash: str | None
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     parser.add_argument("--student", default=None, help="refresh only this student (default: every student)")
     parser.add_argument("--sampling-hash", default=None,

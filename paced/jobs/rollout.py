@@ -337,7 +337,7 @@ def add_sampling_arguments(parser, *, temperature: float = 1.0) -> None:
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     parser.add_argument("--student", required=True, metavar="DIR", help="the student model directory")
     parser.add_argument("--student-id", default=None, help="id to file rollouts under (default: hash of the model files)")

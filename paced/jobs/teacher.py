@@ -167,8 +167,8 @@ def _run(target: RolloutTarget, todo: list[WorkItem], config: TeacherConfig, bac
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
     from paced.jobs.rollout import add_sampling_arguments
+    from paced.store.home import add_home_argument
 
     parser.add_argument("--teacher", required=True, metavar="DIR", help="the teacher model directory")
     parser.add_argument("--teacher-id", default=None, help="id to file references under (default: hash of the model files)")

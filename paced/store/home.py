@@ -15,6 +15,7 @@ Layout (schema version 1)::
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -45,6 +46,12 @@ def validate_name(value: str, what: str) -> str:
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
     """`--home` if given, else `$PACED_HOME`, else `./paced-data`."""
     return Path(home or os.environ.get("PACED_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def add_home_argument(parser: argparse.ArgumentParser, help_: str | None = None) -> None:
+    """The `--home DIR` flag every command takes (resolved later by `resolve_home`)."""
+    parser.add_argument("--home", default=None, metavar="DIR",
+                        help=help_ or "data home (default: $PACED_HOME, else ./paced-data)")
 
 
 @dataclass(frozen=True)

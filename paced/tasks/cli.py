@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from paced.cli import add_home_argument
+from paced.store.home import add_home_argument
 
 ROLES = ("teacher", "student")
 

@@ -248,7 +248,7 @@ class Progress:
 def save(t, progress: Progress, name: str, stream, optimizer=None, schedule=None,
          extra: dict | None = None) -> Path:
     """Rank 0 writes OUT/name from trainee `t`; every process takes part in the reductions."""
-    state = {"config": t.config.to_json(), **progress.record(t.runtime, stream), **(extra or {})}
+    state = {"config": t.settings(), **progress.record(t.runtime, stream), **(extra or {})}
     if t.runtime.rank == 0:
         state["rng"] = capture_rng_state()
         opt = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict()} if optimizer else None
@@ -266,7 +266,7 @@ def rewrite_state(t, progress: Progress, name: str, stream) -> None:
     record = progress.record(t.runtime, stream)
     if t.runtime.rank == 0:
         path = Path(t.config.out) / name / STATE_FILE
-        write_json_atomic(path, {**read_state(path.parent), "config": t.config.to_json(), **record,
+        write_json_atomic(path, {**read_state(path.parent), "config": t.settings(), **record,
                                  "paced_version": __version__})
     if t.runtime.distributed:
         import torch.distributed as dist
@@ -274,8 +274,10 @@ def rewrite_state(t, progress: Progress, name: str, stream) -> None:
         dist.barrier()
 
 
-def resume_point(config, changeable: set[str]) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); refuses to overwrite an earlier run."""
+def resume_point(config, settings: dict, changeable: set[str]) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); refuses to overwrite an earlier run.
+    `settings`: what the run is told (the config and its hooks' settings), held against the
+    checkpoint's."""
     out = Path(config.out)
     if config.resume and out.is_dir() and int(os.environ.get("RANK", "0")) == 0:
         for leftover in out.glob(".tmp-*"):  # a checkpoint a killed run was still writing
@@ -288,7 +290,7 @@ def resume_point(config, changeable: set[str]) -> Path | None:
     if not config.resume:
         raise InputError(f"--out {out} already holds checkpoints ({found.name}); pass --resume to continue "
                          "that run, or choose a new --out")
-    check_resumable(read_state(found)["config"], config.to_json(), changeable)
+    check_resumable(read_state(found)["config"], settings, changeable)
     return found
 
 

@@ -16,11 +16,6 @@ from paced.errors import InputError
 LOSS_NAMES = ("forward", "reverse", "jsd", "akl")
 ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
 DEVICES = ("auto", "cpu", "cuda")
-REFRESH_BACKENDS = ("auto", "transformers", "vllm")
-SCHEME_NAMES = ("hard-filter", "paced", "paced-posterior", "uniform")  # paced.curriculum.SCHEMES, without its import
-# Weight settings the trainer applies to manifests it builds: field -> key in manifest.json's inputs.
-SCHEME_FIELDS = {"scheme": "scheme", "alpha": "alpha", "beta": "beta", "prior": "prior",
-                 "weight_floor": "weight_floor", "uniform_mix": "uniform_mix"}
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
                      "http_timeout_seconds", "device"}
@@ -115,30 +110,8 @@ class TrainConfig:
     refresh_every: int = _help("every N steps: save, roll the checkpoint out, refresh its lineage's pass rates "
                                "and go on with weights from the new snapshot (0: never)", 0)
     refresh_between_stages: bool = _help("roll out + refresh (all problems) between stages", False)
-    reprobe_fraction: float = _help("--refresh-every: share of the p=0/p=1 problems re-rolled each refresh, in "
-                                    "rotation (every 0<p<1 one always is; 1.0: a full refresh)", 0.1)
-    refresh_backend: str = _help("refresh rollouts: transformers on the in-memory student, or vllm on the saved "
-                                 "checkpoint in a subprocess (auto: vllm on a GPU when installed, else transformers)",
-                                 "auto")
-    home: str | None = _help("data home for refreshes and evals (default: $PACED_HOME)", None)
-    rollout_k: int = _help("refresh rollouts: samples per problem", 8)
-    rollout_temperature: float | None = _help("refresh rollouts: temperature (default: the base snapshot's "
-                                              "sampling, else --sample-temperature)", None)
-    rollout_max_new_tokens: int | None = _help("refresh rollouts: longest completion (default: the base "
-                                               "snapshot's sampling, else --max-new-tokens)", None)
-    rollout_batch_size: int = _help("refresh rollouts: problems per committed batch", 256)
-    scheme: str | None = _help("weights of the manifests the trainer builds from snapshots (files only; "
-                               "default: the --from manifest's)", None)
-    alpha: float | None = _help("exponent α of w = p^α (1−p)^β (files only; default: the manifest's)", None)
-    beta: float | None = _help("exponent β of w = p^α (1−p)^β (files only; default: the manifest's)", None)
-    prior: tuple[float, float] | None = _help("Beta prior 'a,b' of paced-posterior (files only)", None)
-    weight_floor: float | None = _help("guard: every measured problem weighs at least ε (files only)", None)
-    uniform_mix: float | None = _help("guard: w' = (1−λ)·w/mean(w) + λ (files only)", None)
     eval_every: int = _help("every N steps (and at step 0): greedy held-out accuracy on --eval-dataset "
                             "(0: never)", 0)
-    eval_dataset: str | None = _help("held-out data set in --home for --eval-every", None)
-    eval_limit: int | None = _help("--eval-every: only the first N problems (by id)", None)
-    eval_max_new_tokens: int = _help("--eval-every: longest greedy completion", 16)
     device: str = _help("auto (cuda if available), cpu or cuda", "auto")
     progress: bool = _help("show a progress bar on stderr", True)
 
@@ -146,8 +119,7 @@ class TrainConfig:
         if self.loss not in LOSS_NAMES:
             raise InputError(f"--loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
         object.__setattr__(self, "stages", tuple(self.stages))
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens", "rollout_k",
-                     "rollout_batch_size", "eval_max_new_tokens"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "http_retries", "refresh_every",
@@ -169,36 +141,8 @@ class TrainConfig:
         if self.device not in DEVICES:
             raise InputError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_template()
-        self._check_refresh()
         if self.refresh_between_stages and len(self.schedule) < 2:
             raise InputError("--refresh-between-stages needs at least two --stages")
-
-    def _check_refresh(self) -> None:
-        if not 0 <= self.reprobe_fraction <= 1:
-            raise InputError(f"`reprobe_fraction` must be in [0, 1], got {self.reprobe_fraction}")
-        if self.refresh_backend not in REFRESH_BACKENDS:
-            raise InputError(f"`refresh_backend` must be one of {', '.join(REFRESH_BACKENDS)}, "
-                             f"got {self.refresh_backend!r}")
-        if self.rollout_temperature is not None and self.rollout_temperature < 0:
-            raise InputError(f"`rollout_temperature` must be >= 0, got {self.rollout_temperature}")
-        for name in ("rollout_max_new_tokens", "eval_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.eval_every and not self.eval_dataset:
-            raise InputError("--eval-every needs --eval-dataset (a held-out data set in --home)")
-        if self.scheme is not None and self.scheme not in SCHEME_NAMES:
-            raise InputError(f"--scheme must be one of {', '.join(SCHEME_NAMES)}, got {self.scheme!r}")
-        if self.prior is not None:
-            object.__setattr__(self, "prior", tuple(float(x) for x in self.prior))
-        if self.is_http and self.scheme_overrides():
-            raise InputError(f"--{'/--'.join(k.replace('_', '-') for k in self.scheme_overrides())}: over the "
-                             "service the weights belong to the run; set them in POST /v1/runs (scheme, alpha, beta, "
-                             "prior, weight_floor, uniform_mix)")
-
-    def scheme_overrides(self) -> dict:
-        """The weight settings given on the command line, as manifest.json input keys."""
-        return {key: list(v) if isinstance(v, tuple) else v for name, key in SCHEME_FIELDS.items()
-                if (v := getattr(self, name)) is not None}
 
     def _check_template(self) -> None:
         template = self.teacher_prompt_template
@@ -234,7 +178,6 @@ class TrainConfig:
         """The resolved config for trainer_state.json (the token is never written down)."""
         data = dataclasses.asdict(self)
         data["token"] = None
-        data["prior"] = list(self.prior) if self.prior is not None else None
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
                           for s in self.schedule]
         return data

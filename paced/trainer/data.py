@@ -1,4 +1,4 @@
-"""Where the trainer's rows come from, how they become batches, and how batches become tokens.
+"""Where the trainer's rows come from and how they become batches (tokens: `tokens.py`).
 
 Sources yield `ShardRows` (a key and its rows) and take an `ack(key)` once the steps that used
 a shard are done:
@@ -308,65 +308,3 @@ class BatchStream:
             return None
         keys = tuple(k for b in group if b is not None for k in b.done_keys)
         return Batch(mine.rows, keys, next(b for b in reversed(group) if b is not None).position)
-
-
-# ---------------------------------------------------------------- tokens
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One side (student or teacher) of a batch, right padded.
-
-    `index[b, j]` is the position whose logits predict completion token j of row b, so
-    `logits.gather(1, index)` lines both sides up on the completion; `mask` marks real tokens."""
-
-    input_ids: object  # torch.LongTensor [B, T]
-    attention_mask: object  # [B, T]
-    index: object  # [B, L]
-    mask: object  # torch.BoolTensor [B, L]
-
-
-def prompt_ids(tokenizer, prompts: list[str], template: str | None = None) -> list[list[int]]:
-    """Prompt tokens with the tokenizer's special tokens (e.g. BOS), as generation sees them."""
-    texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
-    return [list(ids) for ids in tokenizer(texts)["input_ids"]]
-
-
-def completion_ids(tokenizer, completions: list[str]) -> list[list[int]]:
-    """Reference completions as training targets: their tokens and the EOS that ends them."""
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    return [list(row) + ([eos] if eos is not None else []) for row in ids]
-
-
-def fit_lengths(prompt_sides: list[list[list[int]]], targets: list[list[int]], max_length: int):
-    """Cut targets (right) and prompts (left) so every side of every row fits `max_length`."""
-    cut_targets = []
-    for b, target in enumerate(targets):
-        longest_prompt = max(len(side[b]) for side in prompt_sides)
-        room = max_length - min(longest_prompt, max_length - 1)
-        cut_targets.append(target[:room])
-    cut_prompts = [[p[max(0, len(p) - (max_length - len(t))):] for p, t in zip(side, cut_targets, strict=True)]
-                   for side in prompt_sides]
-    return cut_prompts, cut_targets
-
-
-def encode_side(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> Encoded:
-    """Right-padded prompt + target ids and the logit positions of the target tokens."""
-    import torch
-
-    if any(len(p) == 0 for p in prompts):
-        raise InputError("a prompt encodes to no tokens: the first completion token has no context "
-                         "(use a tokenizer that adds BOS, or non-empty prompts)")
-    width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
-    length = max(1, max(len(t) for t in targets))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    index = torch.zeros((len(prompts), length), dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.bool)
-    for b, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        ids[b, : len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
-        attention[b, : len(p) + len(t)] = 1
-        index[b, : len(t)] = torch.arange(len(p) - 1, len(p) - 1 + len(t))
-        mask[b, : len(t)] = True
-    return Encoded(ids, attention, index, mask)

@@ -1,10 +1,10 @@
 """The training loop: teacher and student from transformers, weighted distillation losses, AdamW.
 
-`train(config) -> summary` runs the stages of `config.schedule` one after another. Each stage
-has its own AdamW and its own warmup + cosine schedule over its steps; the data stream goes on
-where the previous stage left it (unless a refresh made a new source). Pass-rate refreshes
-(`--refresh-every`, `--refresh-between-stages`) and evals (`--eval-every`) run between steps:
-`paced/trainer/refresh.py`.
+`train(config, remeasure=None, evaluate=None) -> summary` runs the stages of `config.schedule`
+one after another. Each stage has its own AdamW and its own warmup + cosine schedule over its
+steps; the data stream goes on where the previous stage left it (unless a re-measurement made a
+new source). Pass-rate re-measurements (`--refresh-every`, `--refresh-between-stages`) and evals
+(`--eval-every`) run between steps through the hooks handed in: `paced/trainer/remeasure.py`.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` problems per process. A
 micro-batch whose rows all weigh 0 (on every process) is skipped before any forward pass and
@@ -34,8 +34,18 @@ from paced.errors import InputError
 from paced.trainer import checkpoint as ckpt
 from paced.trainer.checkpoint import Progress, save
 from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
-from paced.trainer.data import BatchStream, completion_ids, encode_side, fit_lengths, open_stream, prompt_ids
-from paced.trainer.refresh import EVERY, STAGE, check_setup, measure, refresh, refresh_due, starting_source
+from paced.trainer.data import BatchStream, open_stream
+from paced.trainer.remeasure import (
+    EVERY,
+    STAGE,
+    Evaluate,
+    Remeasure,
+    after_step,
+    check_setup,
+    remeasure,
+    remeasure_due,
+)
+from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +141,8 @@ def make_optimizer(model, config: TrainConfig, steps: int):
 
 @dataclass
 class Trainee:
-    """What a micro-batch needs: the models (student possibly DDP-wrapped), tokenizer, runtime."""
+    """What a micro-batch needs: the models (student possibly DDP-wrapped), tokenizer, runtime;
+    and the hooks that measure between steps."""
 
     config: TrainConfig
     runtime: Runtime
@@ -139,6 +150,17 @@ class Trainee:
     student: object  # DDP-wrapped when distributed
     raw_student: object
     teacher: object
+    remeasure: Remeasure | None = None
+    evaluate: Evaluate | None = None
+
+    def settings(self) -> dict:
+        """What trainer_state.json records as the run's config: the trainer's and its hooks'."""
+        return run_settings(self.config, self.remeasure, self.evaluate)
+
+
+def run_settings(config: TrainConfig, remeasure: Remeasure | None, evaluate: Evaluate | None) -> dict:
+    hooks = [h.to_json() for h in (remeasure, evaluate) if h is not None]
+    return config.to_json() | {k: v for hook in hooks for k, v in hook.items()}
 
 
 def sample_targets(t: Trainee, prompts: list[str], seed_key: str) -> list[list[int]]:
@@ -318,9 +340,9 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
         if progress.step % 5 == 0 or progress.stage_step == stage.steps:
             bar.set_postfix(stage=f"{index}:{stage.loss}", **meter.postfix(), refresh=False)
             meter = Meter()
-        measure(t, progress, stream, on_step)
-        if refresh_due(c, progress.step, progress.stage_step == stage.steps):
-            stream = refresh(t, progress, stream, EVERY, optimizer, schedule)
+        after_step(t, progress, stream, on_step)
+        if remeasure_due(c, progress.step, progress.stage_step == stage.steps):
+            stream = remeasure(t, progress, stream, EVERY, optimizer, schedule)
         elif c.save_every and progress.step % c.save_every == 0 and progress.step < c.total_steps:
             save(t, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
     return stream
@@ -329,14 +351,23 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
 # ---------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, on_step=None) -> dict:
+def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Evaluate | None = None,
+          on_step=None) -> dict:
     """Run every stage of `config.schedule`; returns the summary (also in OUT/final).
 
-    `on_step(step, model, tokenizer)`, if given, is called at step 0 and after every optimizer
-    step with the in-memory student (the Python API's hook, e.g. for a bench's own evals)."""
+    `remeasure` re-measures pass rates (needed by --refresh-every and --refresh-between-stages;
+    it may also pick the starting source), `evaluate` the held-out accuracy (--eval-every):
+    `paced.jobs.remeasure` has both. `on_step(step, model, tokenizer)`, if given, is called at
+    step 0 and after every optimizer step with the in-memory student (the Python API's hook,
+    e.g. for a bench's own evals)."""
+    if (config.refresh_every or config.refresh_between_stages) and remeasure is None:
+        raise InputError("--refresh-every and --refresh-between-stages need a remeasure job "
+                         "(train(config, remeasure=RemeasureJob(...)); `paced train` gives one)")
+    if config.eval_every and evaluate is None:
+        raise InputError("--eval-every needs an evaluate job (train(config, evaluate=HeldOutEval(...)))")
     runtime = start_runtime(config)
     try:
-        return _train(config, runtime, on_step)
+        return _train(config, runtime, remeasure, evaluate, on_step)
     finally:
         if runtime.distributed:
             import torch.distributed as dist
@@ -344,11 +375,12 @@ def train(config: TrainConfig, on_step=None) -> dict:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, runtime: Runtime, on_step) -> dict:
+def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | None, evaluate: Evaluate | None,
+           on_step) -> dict:
     import torch
     from tqdm import tqdm
 
-    resume_from = ckpt.resume_point(config, RESUMABLE_CHANGES)
+    resume_from = ckpt.resume_point(config, run_settings(config, remeasure_job, evaluate), RESUMABLE_CHANGES)
     state = ckpt.read_state(resume_from) if resume_from else None
     if state and state.get("finished"):
         return state["summary"]
@@ -359,19 +391,19 @@ def _train(config: TrainConfig, runtime: Runtime, on_step) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(student, device_ids=[runtime.device] if runtime.device != "cpu" else None)
-    t = Trainee(config, runtime, tokenizer, model, student, teacher)
+    t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate)
     progress = Progress.from_state(state, len(config.schedule), config.source)
     optimizer_state = None
     if state:
         ckpt.restore_rng_state(state["rng"])
         optimizer_state = ckpt.load_optimizer_state(resume_from) if progress.stage_step > 0 else None
-    check_setup(config, progress)
-    if state is None:
-        starting_source(config, progress)
+    check_setup(t, progress)
+    if state is None and remeasure_job is not None:
+        progress.source = remeasure_job.starting_source(progress.source, Path(config.out))
     stream = open_stream(config, runtime.rank, runtime.world_size, progress.source, progress.position)
-    if progress.pending_refresh is not None:  # killed during a refresh: finish it first
-        stream = refresh(t, progress, stream, progress.pending_refresh["kind"])
-    measure(t, progress, stream, on_step if progress.step == 0 else None)
+    if progress.pending_refresh is not None:  # killed during a re-measurement: finish it first
+        stream = remeasure(t, progress, stream, progress.pending_refresh["kind"])
+    after_step(t, progress, stream, on_step if progress.step == 0 else None)
     bar = tqdm(total=config.total_steps, initial=progress.step, unit="step", desc="train", file=sys.stderr,
                disable=not config.progress or runtime.rank != 0, dynamic_ncols=True)
     with bar:
@@ -381,7 +413,7 @@ def _train(config: TrainConfig, runtime: Runtime, on_step) -> dict:
             if progress.data_exhausted or index + 1 == len(config.schedule):
                 break
             if config.refresh_between_stages:
-                stream = refresh(t, progress, stream, STAGE)
+                stream = remeasure(t, progress, stream, STAGE)
             else:
                 progress.stage, progress.stage_step = index + 1, 0
     checksums = parameter_checksums(t) if runtime.distributed else None

@@ -43,10 +43,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
+from paced.curriculum import SCHEMES
+from paced.errors import InputError
 from paced.jobs.manifest import parse_prior
-from paced.trainer.config import REFRESH_BACKENDS, SCHEME_NAMES, TrainConfig, parse_stages
+from paced.jobs.remeasure import REFRESH_BACKENDS, HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
+from paced.trainer.config import TrainConfig, parse_stages
+
+# The configs `paced train` builds from its flags, in --help order. A field of a later one that
+# an earlier one already has (seed, --home...) is one flag, given to both.
+CONFIGS = (TrainConfig, RemeasureConfig, HeldOutConfig)
 
 # Flags whose spelling, type or action differ from the field's: field -> add_argument kwargs.
 SPECIAL = {
@@ -66,7 +74,7 @@ SPECIAL = {
     "loss_chunk_size": {"type": int},
     "lease_ttl_seconds": {"type": float},
     "refresh_backend": {"choices": list(REFRESH_BACKENDS)},
-    "scheme": {"choices": list(SCHEME_NAMES)},
+    "scheme": {"choices": sorted(SCHEMES)},
     "prior": {"type": parse_prior, "metavar": "A,B"},
     "rollout_temperature": {"type": float},
     "rollout_max_new_tokens": {"type": int},
@@ -77,30 +85,55 @@ SPECIAL = {
 
 
 def add_arguments(parser) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        spec = dict(SPECIAL.get(f.name, {}))
-        flags = spec.pop("flags", ["--" + f.name.replace("_", "-")])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if "type" not in spec and "action" not in spec and default is not None and not isinstance(default, str):
-            spec["type"] = type(default)
-        help_ = spec.pop("help", f.metadata.get("help", ""))
-        if not isinstance(default, bool | tuple | type(None)) and "required" not in spec:
-            help_ += f" (default: {default})"
-        parser.add_argument(*flags, dest=f.name, default=default, help=help_, **spec)
+    seen: set[str] = set()
+    for cls in CONFIGS:
+        for f in dataclasses.fields(cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                _add_field(parser, f)
 
 
-def config_from_args(args) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+def _add_field(parser, f: dataclasses.Field) -> None:
+    spec = dict(SPECIAL.get(f.name, {}))
+    flags = spec.pop("flags", ["--" + f.name.replace("_", "-")])
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if "type" not in spec and "action" not in spec and default is not None and not isinstance(default, str):
+        spec["type"] = type(default)
+    help_ = spec.pop("help", f.metadata.get("help", ""))
+    if not isinstance(default, bool | tuple | type(None)) and "required" not in spec:
+        help_ += f" (default: {default})"
+    parser.add_argument(*flags, dest=f.name, default=default, help=help_, **spec)
+
+
+def config_from_args(cls, args):
+    """`cls` built from the parsed flags of its fields (those left unset keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
+    """The trainer's config and the two measuring jobs it is handed."""
+    config = config_from_args(TrainConfig, args)
+    remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)),
+                                   **{k: getattr(config, k) for k in _shared_names(RemeasureConfig)}})
+    if config.is_http and remeasure.scheme_overrides():
+        flags = "/--".join(k.replace("_", "-") for k in remeasure.scheme_overrides())
+        raise InputError(f"--{flags}: over the service the weights belong to the run; set them in POST /v1/runs "
+                         "(scheme, alpha, beta, prior, weight_floor, uniform_mix)")
+    held_out = dataclasses.replace(config_from_args(HeldOutConfig, args), home=remeasure.home, seed=config.seed)
+    return config, RemeasureJob(remeasure), HeldOutEval(held_out)
+
+
+def _shared_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("shared")]
 
 
 def run(args) -> int:
-    import os
-
     from paced.trainer.loop import train
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    summary = train(config_from_args(args))
+    config, remeasure, evaluate = jobs_from_args(args)
+    summary = train(config, remeasure=remeasure, evaluate=evaluate)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), file=sys.stdout, flush=True)
     return 0

@@ -1,0 +1,439 @@
+"""Re-measuring while training: the pass-rate refresh of a checkpoint, and held-out evals.
+
+`paced train` hands these two jobs to the trainer (`paced/trainer/remeasure.py` defines what it
+expects of them and does the collective part: save, call on rank 0, restore RNG, swap data).
+A re-measurement at step N, given the saved OUT/checkpoint-N:
+
+1. choose the problems: `select_reprobe(current snapshot, --reprobe-fraction, seed, round)`: every
+   0 < p < 1 and a rotating share of p in {0, 1}. Between stages: all of them (a full refresh);
+2. roll the checkpoint out on them with the base snapshot's sampling (round r: fresh draws):
+   transformers on the in-memory student, or vLLM on the saved folder in a subprocess
+   (`python -m paced.jobs.remeasure`);
+3. `refresh_lineage` writes the next snapshot of the lineage L (fresh rows + carried rows). Every
+   N steps L stays the run's student; between stages the new stage starts a lineage named by the
+   checkpoint (its first snapshot fully measured on it);
+4. point the data at it. Files: OUT/manifest-step{N} (between stages: manifest-stage{k}), built
+   with the manifest's inputs (or the --scheme/--weight-floor/... overrides) and the next epoch
+   number. Service, every N steps: nothing (the run, which follows snapshots, takes L's newest
+   snapshot at the next shard it hands out). Service, between stages: a new run like the old
+   one for the new lineage.
+
+Every step is idempotent, so a trainer killed mid-way redoes it on resume: the rollout skips
+committed batches, `refresh_lineage` finds the snapshot it wrote, the manifest is rebuilt from
+the same snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paced.curriculum import SCHEMES, WeightScheme
+from paced.errors import InputError, PacedError
+from paced.store.files import read_json
+from paced.store.home import Home, open_home
+
+EVERY, STAGE = "every", "stage"
+REFRESH_BACKENDS = ("auto", "transformers", "vllm")
+
+
+def _flag(text: str, default: Any) -> Any:
+    """A field of its own `paced train` flag, with its help text."""
+    return field(default=default, metadata={"help": text})
+
+
+def _shared(default: Any) -> Any:
+    """A field the trainer's config already holds under the same name (one flag for both)."""
+    return field(default=default, metadata={"shared": True})
+
+
+def own_fields(config) -> dict:
+    """The fields with flags of their own: what trainer_state.json records for --resume checks."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata.get("shared")}
+
+
+@dataclass(frozen=True)
+class RemeasureConfig:
+    """What a re-measurement is told: where the data home is, how to roll out, how to weigh."""
+
+    home: str | None = _flag("data home for refreshes and evals (default: $PACED_HOME)", None)
+    reprobe_fraction: float = _flag("--refresh-every: share of the p=0/p=1 problems re-rolled each refresh, in "
+                                    "rotation (every 0<p<1 one always is; 1.0: a full refresh)", 0.1)
+    refresh_backend: str = _flag("refresh rollouts: transformers on the in-memory student, or vllm on the saved "
+                                 "checkpoint in a subprocess (auto: vllm on a GPU when installed, else "
+                                 "transformers)", "auto")
+    rollout_k: int = _flag("refresh rollouts: samples per problem", 8)
+    rollout_temperature: float | None = _flag("refresh rollouts: temperature (default: the base snapshot's "
+                                              "sampling, else --sample-temperature)", None)
+    rollout_max_new_tokens: int | None = _flag("refresh rollouts: longest completion (default: the base "
+                                               "snapshot's sampling, else --max-new-tokens)", None)
+    rollout_batch_size: int = _flag("refresh rollouts: problems per committed batch", 256)
+    scheme: str | None = _flag("weights of the manifests the trainer builds from snapshots (files only; "
+                               "default: the --from manifest's)", None)
+    alpha: float | None = _flag("exponent α of w = p^α (1−p)^β (files only; default: the manifest's)", None)
+    beta: float | None = _flag("exponent β of w = p^α (1−p)^β (files only; default: the manifest's)", None)
+    prior: tuple[float, float] | None = _flag("Beta prior 'a,b' of paced-posterior (files only)", None)
+    weight_floor: float | None = _flag("guard: every measured problem weighs at least ε (files only)", None)
+    uniform_mix: float | None = _flag("guard: w' = (1−λ)·w/mean(w) + λ (files only)", None)
+    seed: int = _shared(0)
+    sample_temperature: float = _shared(1.0)
+    sample_top_p: float = _shared(1.0)
+    max_new_tokens: int = _shared(64)
+    token: str | None = _shared(None)
+    http_timeout_seconds: float = _shared(30.0)
+    progress: bool = _shared(True)
+
+    def __post_init__(self):
+        for name in ("rollout_k", "rollout_batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.reprobe_fraction <= 1:
+            raise InputError(f"`reprobe_fraction` must be in [0, 1], got {self.reprobe_fraction}")
+        if self.refresh_backend not in REFRESH_BACKENDS:
+            raise InputError(f"`refresh_backend` must be one of {', '.join(REFRESH_BACKENDS)}, "
+                             f"got {self.refresh_backend!r}")
+        if self.rollout_temperature is not None and self.rollout_temperature < 0:
+            raise InputError(f"`rollout_temperature` must be >= 0, got {self.rollout_temperature}")
+        if self.rollout_max_new_tokens is not None and self.rollout_max_new_tokens < 1:
+            raise InputError(f"`rollout_max_new_tokens` must be >= 1, got {self.rollout_max_new_tokens}")
+        if self.scheme is not None and self.scheme not in SCHEMES:
+            raise InputError(f"--scheme must be one of {', '.join(sorted(SCHEMES))}, got {self.scheme!r}")
+        if self.prior is not None:
+            object.__setattr__(self, "prior", tuple(float(x) for x in self.prior))
+
+    def scheme_overrides(self) -> dict:
+        """The weight settings given on the command line, as manifest.json input keys."""
+        names = ("scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix")
+        return {name: list(v) if isinstance(v, tuple) else v for name in names if (v := getattr(self, name)) is not None}
+
+    def http(self) -> dict:
+        return {"token": self.token, "timeout_seconds": self.http_timeout_seconds}
+
+
+# ---------------------------------------------------------------- data sources: manifests and runs
+
+
+def manifest_inputs(folder: str | Path) -> dict:
+    """manifest.json of a manifest folder (what built it: student, data set, scheme, seed...)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file() or "inputs" not in read_json(path):
+        raise InputError(f"{path} is missing or has no inputs: refreshes and --scheme/--weight-floor/... need a "
+                         "manifest folder from `paced manifest build`")
+    return read_json(path)
+
+
+def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path, *, snapshot_id: str | None = None,
+                     epoch: int | None = None, overrides: dict | None = None) -> str:
+    """The manifest of `folder` rebuilt from a snapshot of `student_id` (default: its newest),
+    with epoch `epoch` (default: the folder's) and `overrides` of its inputs (scheme, alpha,
+    beta, prior, weight_floor, uniform_mix), written to `out` (replacing an unfinished one)."""
+    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+
+    built = manifest_inputs(folder)
+    i = {"weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss", "epoch": 0, **built["inputs"],
+         **(overrides or {})}
+    i["epoch"] = i["epoch"] if epoch is None else epoch
+    scheme = WeightScheme(i["scheme"], i["alpha"], i["beta"], tuple(i["prior"]), i["weight_floor"], i["uniform_mix"])
+    manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"], i["epoch"],
+                                              i["mode"], snapshot_id)
+    if manifest.num_items == 0:
+        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {snapshot_id}) leave no problem with "
+                         f"a weight > 0 under scheme {i['scheme']!r}; add a guard (--weight-floor, --uniform-mix) "
+                         "or use --scheme paced-posterior")
+    if out.exists():  # left by an interrupted earlier attempt at this refresh
+        shutil.rmtree(out)
+    write_manifest_dir(home, manifest, manifest_record(student_id, i["dataset"], snapshot_id, scheme, i["mode"],
+                                                       i["seed"], i["epoch"]), out, built["shard_size"])
+    return str(out)
+
+
+def service_call(method: str, url: str, body: dict | None = None, *, token: str | None = None,
+                 timeout_seconds: float = 30.0) -> dict:
+    """One JSON request to the service; InputError with its message on failure."""
+    import httpx
+
+    token = token or os.environ.get("PACED_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout_seconds)
+    except httpx.TransportError as err:
+        raise InputError(f"cannot reach the service at {url}: {err}") from err
+    if response.status_code >= 400:
+        raise InputError(f"{method} {url}: the service answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def create_run_like(run_url: str, student_id: str, **http) -> str:
+    """A new run with the config of `run_url` for `student_id` (newest snapshot); its URL."""
+    old = service_call("GET", run_url.rstrip("/"), **http)["config"]
+    base = run_url.rstrip("/").split("/v1/runs/")[0]
+    created = service_call("POST", f"{base}/v1/runs", {**old, "student_id": student_id, "snapshot_id": None},
+                           **http)
+    return f"{base}/v1/runs/{created['run_id']}"
+
+
+def is_http(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------- where the weights come from now
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The snapshot the current data source's weights come from."""
+
+    student_id: str  # the lineage
+    snapshot_id: str
+    dataset: str
+
+
+def current_cursor(config: RemeasureConfig, source: str, previous: dict | None) -> Cursor:
+    """The last re-measurement's snapshot, else the one `source` was built from."""
+    if previous is not None:
+        return Cursor(previous["student_id"], previous["snapshot_id"], previous["dataset"])
+    if is_http(source):
+        view = service_call("GET", source, **config.http())
+        return Cursor(view["config"]["student_id"], view["snapshot_id"], view["config"]["dataset"])
+    inputs = manifest_inputs(source)["inputs"]
+    return Cursor(inputs["student_id"], inputs["snapshot_id"], inputs["dataset"])
+
+
+# ---------------------------------------------------------------- the job
+
+
+class RemeasureJob:
+    """The trainer's `Remeasure` hook: re-measure a checkpoint's pass rates, say where data goes next."""
+
+    def __init__(self, config: RemeasureConfig):
+        self.config = config
+
+    def to_json(self) -> dict:
+        return own_fields(self.config) | {"prior": self.scheme_prior()}
+
+    def scheme_prior(self) -> list[float] | None:
+        return list(self.config.prior) if self.config.prior is not None else None
+
+    def check(self, source: str, previous: dict | None, every: bool) -> None:
+        """Fail before training when a re-measurement could not run later."""
+        open_home(self.config.home, create=False)
+        current_cursor(self.config, source, previous)  # manifest inputs / the run exist
+        if every and is_http(source) and previous is None:
+            view = service_call("GET", source, **self.config.http())
+            if not view["config"].get("follow_snapshots"):
+                raise InputError(f"--refresh-every over the service: run {source} must follow snapshots "
+                                 "(create it with follow_snapshots: true) to take up the refreshed pass rates")
+
+    def starting_source(self, source: str, out: Path) -> str:
+        """Files with --scheme/--weight-floor/...: OUT/manifest-step0, the `source` manifest
+        rebuilt with them (same snapshot), unless they change nothing."""
+        overrides = self.config.scheme_overrides()
+        if is_http(source) or not overrides:
+            return source
+        inputs = manifest_inputs(source)["inputs"]
+        if all(inputs.get(k) == v for k, v in overrides.items()):
+            return source
+        return rebuild_manifest(open_home(self.config.home, create=False), source, inputs["student_id"],
+                                Path(out) / "manifest-step0", snapshot_id=inputs["snapshot_id"], overrides=overrides)
+
+    def __call__(self, checkpoint_dir: Path, step: int, kind: str, source: str, *, stage: int, round_: int,
+                 previous: dict | None, student, tokenizer, runtime) -> dict:
+        """Steps 1–4 of the module doc (rank 0): the re-measurement's record, with the new `source`."""
+        from paced.backends.base import model_id
+        from paced.curriculum.reprobe import select_reprobe
+        from paced.jobs.lineage import read_lineage, refresh_lineage
+        from paced.store.snapshots import read_snapshot
+
+        config = self.config
+        home = open_home(config.home, create=False)
+        cursor = current_cursor(config, source, previous)
+        checkpoint_id = model_id(checkpoint_dir)
+        current = read_snapshot(home, cursor.student_id, cursor.snapshot_id, dataset=cursor.dataset)
+        ids = select_reprobe(current, 1.0 if kind == STAGE else config.reprobe_fraction, config.seed,
+                             round_).to_pylist()
+        rollout = rollout_config(config, home, cursor, round_)
+        rolled = roll(config, runtime, home, checkpoint_dir, checkpoint_id, cursor.dataset, rollout, ids, student,
+                      tokenizer)
+        lineage = checkpoint_id if kind == STAGE else cursor.student_id
+        snapshot_id = refresh_lineage(home, lineage, checkpoint_id, cursor.dataset, rollout.sampling_hash,
+                                      cursor.snapshot_id, problem_ids=ids, previous_student_id=cursor.student_id,
+                                      step=step, sampling=rollout.record())
+        entry = read_lineage(home, lineage, snapshot_id)
+        record = {"kind": kind, "step": step, "round": round_, "checkpoint": checkpoint_dir.name,
+                  "checkpoint_id": checkpoint_id, "student_id": lineage, "snapshot_id": snapshot_id,
+                  "previous_snapshot_id": cursor.snapshot_id, "dataset": cursor.dataset,
+                  "sampling_hash": rollout.sampling_hash, "rerolled": entry["rerolled"], "carried": entry["carried"],
+                  "stale_age_max": entry["stale_age"]["max"], "stale_age_mean": entry["stale_age"]["mean"],
+                  "rollout_samples": entry["samples"], "rollout_tokens": entry["tokens"],
+                  "rollout_seconds": rolled["seconds"], "backend": rolled["backend"]}
+        if kind == STAGE:
+            record["after_stage"] = stage
+        record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, stage)
+        return record
+
+    def next_source(self, home: Home, out: Path, source: str, record: dict, stage: int) -> str:
+        """Step 4: the data source after the re-measurement."""
+        kind = record["kind"]
+        if is_http(source):
+            return create_run_like(source, record["student_id"], **self.config.http()) if kind == STAGE else source
+        name = f"manifest-stage{stage + 1}" if kind == STAGE else f"manifest-step{record['step']}"
+        epoch = manifest_inputs(source)["inputs"].get("epoch", 0) + 1
+        return rebuild_manifest(home, source, record["student_id"], out / name, snapshot_id=record["snapshot_id"],
+                                epoch=epoch, overrides=self.config.scheme_overrides())
+
+
+def rollout_config(config: RemeasureConfig, home: Home, cursor: Cursor, round_: int):
+    """The base snapshot's sampling (from its side file; else the trainer's), K and round r."""
+    from paced.jobs.rollout import RolloutConfig
+
+    side = home.snapshots_dir(cursor.student_id) / f"{cursor.snapshot_id}.json"
+    s = (read_json(side).get("sampling") or {}) if side.exists() else {}
+    temperature = config.rollout_temperature
+    if temperature is None:
+        temperature = s.get("temperature", config.sample_temperature)
+    return RolloutConfig(
+        k=config.rollout_k, round=round_, batch_size=config.rollout_batch_size, seed=s.get("base_seed", config.seed),
+        temperature=temperature, max_new_tokens=config.rollout_max_new_tokens or s.get("max_new_tokens",
+                                                                                      config.max_new_tokens),
+        top_p=s.get("top_p", config.sample_top_p), stop=tuple(s.get("stop") or ()),
+        chat_template=bool(s.get("chat_template", False)))
+
+
+def backend_name(config: RemeasureConfig, device: str) -> str:
+    if config.refresh_backend != "auto":
+        return config.refresh_backend
+    import importlib.util
+
+    return "vllm" if device.startswith("cuda") and importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+def roll(config: RemeasureConfig, runtime, home: Home, checkpoint: Path, checkpoint_id: str, dataset: str, rollout_cfg,
+         ids: list[str], student, tokenizer) -> dict:
+    """Step 2: roll `checkpoint` out on `ids` (what is committed already is skipped)."""
+    from paced.jobs.rollout import rollout
+
+    name = backend_name(config, runtime.device)
+    if name == "vllm":
+        return {**vllm_rollout(home, checkpoint, checkpoint_id, dataset, rollout_cfg, ids, config.progress),
+                "backend": name}
+    from paced.backends.hf_backend import HFBackend
+
+    backend = HFBackend.from_model(student, tokenizer, batch_size=max(256, rollout_cfg.k))
+    with runtime.autocast():
+        rolled = rollout(home, checkpoint, dataset, rollout_cfg, student_id=checkpoint_id, problem_ids=ids,
+                         backend=backend, progress=config.progress)
+    return {**rolled, "backend": name}
+
+
+def vllm_rollout(home: Home, checkpoint: Path, checkpoint_id: str, dataset: str, config, ids: list[str],
+                 progress: bool) -> dict:
+    """The rollout in a fresh process (`python -m paced.jobs.remeasure`): vLLM's engine starts
+    and frees its memory there, next to the trainer's model."""
+    request = {"home": str(home.root), "student_dir": str(checkpoint), "student_id": checkpoint_id,
+               "dataset": dataset, "config": asdict(config), "problem_ids": ids, "progress": progress,
+               "gpu_memory_utilization": free_gpu_share()}
+    proc = subprocess.run([sys.executable, "-m", "paced.jobs.remeasure"], input=json.dumps(request),
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise PacedError(f"the vLLM rollout of {checkpoint} failed (exit {proc.returncode}); see its log above",
+                         code="refresh_failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def free_gpu_share() -> float | None:
+    """The share of GPU memory vLLM may take next to the trainer (None on the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    return round(max(0.05, 0.9 * free / total), 3)
+
+
+def _vllm_main() -> int:
+    """Roll out one request (JSON on stdin) with vLLM; the summary as JSON on stdout."""
+    from paced.backends import load_backend
+    from paced.jobs.rollout import RolloutConfig, pending_work, rollout, select_problems
+    from paced.store.rollouts import batch_files, committed_samples
+
+    request = json.loads(sys.stdin.read())
+    home, config = open_home(request["home"], create=False), RolloutConfig(**request["config"])
+    folder = home.rollouts_dir(request["student_id"], config.sampling_hash, request["dataset"])
+    todo = pending_work(select_problems(home, request["dataset"], request["problem_ids"]),
+                        committed_samples(batch_files(folder)), config.k)
+    share = request["gpu_memory_utilization"]
+    kwargs = {"gpu_memory_utilization": share} if share else {}
+    args = (home, request["student_dir"], request["dataset"], config)
+    common = {"student_id": request["student_id"], "problem_ids": request["problem_ids"],
+              "progress": request["progress"]}
+    if not todo:
+        summary = rollout(*args, **common)
+    else:
+        with load_backend("vllm", request["student_dir"], **kwargs) as backend:
+            summary = rollout(*args, backend=backend, **common)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- held-out evals
+
+
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """What `--eval-every` measures: greedy accuracy on a held-out data set of the home."""
+
+    home: str | None = _shared(None)
+    eval_dataset: str | None = _flag("held-out data set in --home for --eval-every", None)
+    eval_limit: int | None = _flag("--eval-every: only the first N problems (by id)", None)
+    eval_max_new_tokens: int = _flag("--eval-every: longest greedy completion", 16)
+    seed: int = _shared(0)
+
+    def __post_init__(self):
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise InputError(f"`eval_limit` must be >= 1, got {self.eval_limit}")
+        if self.eval_max_new_tokens < 1:
+            raise InputError(f"`eval_max_new_tokens` must be >= 1, got {self.eval_max_new_tokens}")
+
+
+class HeldOutEval:
+    """The trainer's `Evaluate` hook: greedy held-out accuracy of the in-memory student."""
+
+    def __init__(self, config: HeldOutConfig):
+        self.config = config
+
+    def to_json(self) -> dict:
+        return own_fields(self.config)
+
+    def check(self) -> None:
+        if not self.config.eval_dataset:
+            raise InputError("--eval-every needs --eval-dataset (a held-out data set in --home)")
+        open_home(self.config.home, create=False)
+
+    def __call__(self, step: int, student, tokenizer, runtime) -> dict:
+        from paced.backends.hf_backend import HFBackend
+        from paced.jobs.evaluate import EvalConfig, evaluate_backend
+        from paced.store.problems import dataset_info, read_problems
+
+        config = self.config
+        home = open_home(config.home, create=False)
+        problems = read_problems(home, config.eval_dataset)
+        problems = problems.slice(0, config.eval_limit) if config.eval_limit else problems
+        sets = {config.eval_dataset: (problems, dataset_info(home, config.eval_dataset)["grader"])}
+        backend = HFBackend.from_model(student, tokenizer, batch_size=256)
+        eval_config = EvalConfig(k=1, max_new_tokens=config.eval_max_new_tokens, seed=config.seed, sampled=False)
+        with runtime.autocast():
+            greedy = evaluate_backend(backend, sets, eval_config)[config.eval_dataset]["greedy"]
+        return {"step": step, "accuracy": greedy["accuracy"], "by_difficulty": greedy["by_difficulty"],
+                "problems": greedy["problems"]}
+
+
+if __name__ == "__main__":
+    sys.exit(_vllm_main())

@@ -1,0 +1,131 @@
+"""Measuring while training: when to re-measure pass rates and evaluate, and the collective part.
+
+The work itself is handed in (`train(config, remeasure=..., evaluate=...)`; `paced train` gives
+`paced/jobs/remeasure.py`'s jobs). A re-measurement at step N (every process takes part):
+
+1. save OUT/checkpoint-N with `pending_refresh` in its trainer_state.json (the normal checkpoint:
+   a kill from here on resumes at step N and first finishes this re-measurement);
+2. on rank 0, call the `Remeasure` hook with the saved checkpoint; it rolls the checkpoint out,
+   writes the lineage's next snapshot and answers with its record and the data source to go on
+   with; every process gets the record;
+3. put the global RNG state back (so the training that follows is unchanged), open the new source;
+4. rewrite checkpoint-N's trainer_state.json: the re-measurement recorded, no longer pending, the
+   new source (weights, optimizer and RNG state as saved in 1).
+
+Resume calls the hook again for a pending re-measurement: the hook's steps are idempotent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from paced.trainer import checkpoint as ckpt
+from paced.trainer.data import BatchStream, open_stream
+
+EVERY, STAGE = "every", "stage"
+
+
+class Remeasure(Protocol):
+    """Re-measures a saved checkpoint's pass rates and says where the data comes from next."""
+
+    def to_json(self) -> dict:
+        """Its settings, recorded beside the trainer's (a --resume must not change them)."""
+
+    def check(self, source: str, previous: dict | None, every: bool) -> None:
+        """Raise before training when a later call could not run (`every`: --refresh-every)."""
+
+    def starting_source(self, source: str, out: Path) -> str:
+        """The source to train on from step 0 (e.g. `source` rebuilt with other weights)."""
+
+    def __call__(self, checkpoint_dir: Path, step: int, kind: str, source: str, *, stage: int, round_: int,
+                 previous: dict | None, student: Any, tokenizer: Any, runtime: Any) -> dict:
+        """The record of one re-measurement (kind EVERY or STAGE), with the next `source`."""
+
+
+class Evaluate(Protocol):
+    """Held-out accuracy of the in-memory student."""
+
+    def to_json(self) -> dict: ...
+
+    def check(self) -> None: ...
+
+    def __call__(self, step: int, student: Any, tokenizer: Any, runtime: Any) -> dict: ...
+
+
+def remeasure_due(config, step: int, stage_end: bool) -> bool:
+    """A --refresh-every re-measurement after optimizer step `step` (never after the last step;
+    at a stage's end --refresh-between-stages does it)."""
+    return bool(config.refresh_every) and step % config.refresh_every == 0 and step < config.total_steps \
+        and not (stage_end and config.refresh_between_stages)
+
+
+def on_rank0(runtime, work: Callable[[], Any]) -> Any:
+    """`work()` on rank 0, its result broadcast to every process."""
+    result = [work()] if runtime.rank == 0 else [None]
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def check_setup(trainee, progress) -> None:
+    """Fail before training when a re-measurement or eval could not run later."""
+    config = trainee.config
+    if config.refresh_every or config.refresh_between_stages:
+        trainee.remeasure.check(progress.source, progress.refreshes[-1] if progress.refreshes else None,
+                                bool(config.refresh_every))
+    if config.eval_every:
+        trainee.evaluate.check()
+
+
+def remeasure(trainee, progress, stream: BatchStream, kind: str, optimizer=None, schedule=None) -> BatchStream:
+    """Steps 1–4 of the module doc (collective); returns the stream to go on with."""
+    name, started = f"checkpoint-{progress.step}", time.perf_counter()
+    if hasattr(stream.source, "renew"):  # service leases held mid-shard: keep them through the refresh
+        stream.source.renew()
+    if progress.pending_refresh is None:
+        progress.pending_refresh = {"kind": kind, "step": progress.step, "stage": progress.stage,
+                                    "round": len(progress.refreshes) + 1}
+        ckpt.save(trainee, progress, name, stream, optimizer, schedule)
+    pending = progress.pending_refresh
+    rng = ckpt.capture_rng_state()
+    previous = progress.refreshes[-1] if progress.refreshes else None
+    record = on_rank0(trainee.runtime, lambda: trainee.remeasure(
+        Path(trainee.config.out) / name, pending["step"], pending["kind"], progress.source, stage=pending["stage"],
+        round_=pending["round"], previous=previous, student=trainee.raw_student, tokenizer=trainee.tokenizer,
+        runtime=trainee.runtime))
+    ckpt.restore_rng_state(rng)
+    record["refresh_seconds"] = round(time.perf_counter() - started, 3)
+    progress.pending_refresh = None
+    progress.refreshes.append(record)
+    if pending["kind"] == STAGE:
+        progress.stage, progress.stage_step = pending["stage"] + 1, 0
+    if record["source"] != progress.source:
+        progress.local_rows += stream.skipped_rows
+        stream.source.close()
+        progress.source, progress.position = record["source"], None
+        stream = open_stream(trainee.config, trainee.runtime.rank, trainee.runtime.world_size, progress.source, None)
+    ckpt.rewrite_state(trainee, progress, name, stream)
+    return stream
+
+
+def after_step(trainee, progress, stream: BatchStream, on_step=None) -> None:
+    """The `on_step` callback, then (every --eval-every steps, once per step) held-out accuracy
+    with the cumulative training and rollout tokens (collective)."""
+    if on_step is not None:
+        on_step(progress.step, trainee.raw_student, trainee.tokenizer)
+    every = trainee.config.eval_every
+    if not every or progress.step % every or any(e["step"] == progress.step for e in progress.evals):
+        return
+    train_tokens, _ = progress.totals(trainee.runtime, stream)
+    rng, started = ckpt.capture_rng_state(), time.perf_counter()
+    entry = on_rank0(trainee.runtime, lambda: trainee.evaluate(progress.step, trainee.raw_student, trainee.tokenizer,
+                                                               trainee.runtime))
+    ckpt.restore_rng_state(rng)
+    progress.evals.append({**entry, "train_tokens": train_tokens,
+                           "rollout_tokens": sum(r["rollout_tokens"] for r in progress.refreshes),
+                           "seconds": round(time.perf_counter() - started, 3)})

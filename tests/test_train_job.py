@@ -1,0 +1,56 @@
+"""`paced train`'s composition root: flags -> the trainer's config and its two measuring jobs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from paced.errors import InputError
+from paced.jobs.train import add_arguments, jobs_from_args
+from paced.trainer.loop import run_settings
+
+# What trainer_state.json's "config" held before re-measurement became a job: a checkpoint
+# written then must still resume (the settings compared on --resume keep their names).
+RECORDED = {
+    "student", "teacher", "source", "out", "loss", "steps", "stages", "on_policy", "lr", "min_lr_ratio",
+    "warmup_steps", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "max_length",
+    "sample_temperature", "sample_top_p", "max_new_tokens", "teacher_prompt_template", "jsd_beta",
+    "akl_head_mass", "loss_chunk_size", "seed", "save_every", "resume", "token", "consumer", "lease_ttl_seconds",
+    "http_retries", "http_timeout_seconds", "refresh_every", "refresh_between_stages", "reprobe_fraction",
+    "refresh_backend", "home", "rollout_k", "rollout_temperature", "rollout_max_new_tokens", "rollout_batch_size",
+    "scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix", "eval_every", "eval_dataset", "eval_limit",
+    "eval_max_new_tokens", "device", "progress",
+}
+
+
+def parse(*flags: str):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--student", "s", "--teacher", "t", "--from", "m", "--out", "o", *flags])
+
+
+def test_flags_reach_the_config_that_owns_them_and_shared_ones_reach_both():
+    config, remeasure, evaluate = jobs_from_args(parse("--seed", "7", "--home", "H", "--prior", "2,3",
+                                                       "--weight-floor", "0.2", "--eval-limit", "5",
+                                                       "--max-new-tokens", "9", "--token", "secret"))
+    assert (config.seed, remeasure.config.seed, evaluate.config.seed) == (7, 7, 7)
+    assert (remeasure.config.home, evaluate.config.home) == ("H", "H")
+    assert remeasure.config.max_new_tokens == config.max_new_tokens == 9 and remeasure.config.token == "secret"
+    assert remeasure.config.scheme_overrides() == {"prior": [2.0, 3.0], "weight_floor": 0.2}
+    assert evaluate.config.eval_limit == 5
+    settings = run_settings(config, remeasure, evaluate)
+    assert set(settings) == RECORDED
+    assert settings["token"] is None and settings["prior"] == [2.0, 3.0] and settings["home"] == "H"
+
+
+def test_weights_over_the_service_are_refused_with_the_place_to_set_them():
+    args = parse("--weight-floor", "0.1")
+    args.source = "http://127.0.0.1:9/v1/runs/r-000000000000"
+    with pytest.raises(InputError, match="POST /v1/runs"):
+        jobs_from_args(args)
+
+
+def test_a_bad_remeasure_setting_is_an_input_error_naming_it():
+    with pytest.raises(InputError, match="reprobe_fraction"):
+        jobs_from_args(parse("--reprobe-fraction", "2"))
