@@ -19,7 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from paced import __version__
-from paced.api.metrics import Metrics, ServiceMiddleware
+from paced.api.dashboard import router as dashboard_router
+from paced.api.dashboard import snapshot_figures
+from paced.api.metrics import FrontierCollector, Metrics, ServiceMiddleware
 from paced.api.routes import router
 from paced.api.runs import RunService
 from paced.api.settings import Settings
@@ -81,7 +83,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
     settings = settings or Settings()
     home = open_home(settings.home)
     service = RunService(home, settings, clock)
-    metrics = Metrics(service.state.outstanding_leases)
+    metrics = Metrics(service.state.outstanding_leases, FrontierCollector(service, snapshot_figures, clock))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -94,6 +96,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
                   "leased shards (exactly once per epoch).")
     app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
     app.include_router(router)
+    app.include_router(dashboard_router)
     install_error_handlers(app)
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_request_bytes=settings.max_request_bytes)
     return app

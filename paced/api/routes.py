@@ -150,6 +150,7 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
             "shard": lease.shard, "snapshot_id": plan.snapshot_for(lease.shard), "expires_at": iso(lease.expires_at),
             "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": plan.shard_items(lease.shard)}
     metrics.items_served.inc(head["num_items"])
+    metrics.run_items_served.labels(run_id).inc(head["num_items"])
     if not body.include_items:
         return Response(json.dumps(head).encode(), media_type="application/json")
     return Response(json_with_items(head, plan.jsonl(lease.shard)), media_type="application/json")
@@ -163,7 +164,11 @@ def ack(request: Request, svc: Service, run_id: RunId,
     after its shard was handed out again is a 409 (discard that work); acking an expired lease
     whose shard nobody took since is accepted."""
     result = svc.ack(run_id, lease_id)
-    request.app.state.metrics.acks.labels("already_acked" if result.already_acked else "acked").inc()
+    metrics = request.app.state.metrics
+    metrics.acks.labels("already_acked" if result.already_acked else "acked").inc()
+    if not result.already_acked:
+        metrics.run_items_acked.labels(run_id).inc(svc.shard_plan(run_id, result.epoch, result.shard)
+                                                   .shard_items(result.shard))
     return AckResponse(**asdict(result))
 
 

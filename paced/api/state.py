@@ -348,6 +348,25 @@ class StateDB:
             shards, segments = cur.execute(statement("service.handed_out"), key).fetchone()
         return int(shards), int(segments)
 
+    def list_runs(self, limit: int = 50) -> list[dict]:
+        """The newest `limit` runs: run_id, created_at, student_id, dataset, epochs, current_epoch."""
+        with self._reader() as cur:
+            rel = cur.execute(statement("service.list_runs"), {"limit": limit})
+            names = [d[0] for d in rel.description]
+            return [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
+
+    def expired_shards(self, run_id: str) -> dict[int, int]:
+        """epoch -> shards whose latest lease expired unacked (they go out again on the next lease)."""
+        with self._reader() as cur:
+            rows = cur.execute(statement("service.expired_shards"), {"run_id": run_id, "now": self._clock()})
+            return {int(epoch): int(count) for epoch, count in rows.fetchall()}
+
+    def lease_totals(self) -> dict[str, tuple[int, int]]:
+        """run_id -> (leases live now, shards whose latest lease expired unacked)."""
+        with self._reader() as cur:
+            rows = cur.execute(statement("service.lease_totals"), {"now": self._clock()}).fetchall()
+        return {run_id: (int(live), int(expired)) for run_id, live, expired in rows}
+
     def outstanding_leases(self) -> int:
         with self._reader() as cur:
             return int(cur.execute(statement("service.outstanding_leases"), {"now": self._clock()}).fetchone()[0])

@@ -161,3 +161,28 @@ WHERE l.expires_at > $now
 -- name: write_jsonl
 -- An epoch's shard rows (registered as `shard_rows`) as JSON lines, in epoch order.
 COPY (SELECT * FROM shard_rows ORDER BY position) TO $path (FORMAT json);
+
+-- name: list_runs
+SELECT run_id, created_at, student_id, dataset, epochs, current_epoch FROM runs
+ORDER BY created_at DESC, run_id
+LIMIT $limit;
+
+-- name: expired_shards
+-- Per epoch: shards whose latest lease has expired without an ack (handed out again on the next lease).
+SELECT epoch, count(*) AS expired FROM (
+    SELECT l.epoch, l.shard, max(l.expires_at) AS expires_at FROM leases AS l
+    WHERE l.run_id = $run_id
+      AND NOT EXISTS (SELECT 1 FROM acks AS a WHERE a.run_id = l.run_id AND a.epoch = l.epoch AND a.shard = l.shard)
+    GROUP BY l.epoch, l.shard
+) WHERE expires_at <= $now
+GROUP BY epoch
+ORDER BY epoch;
+
+-- name: lease_totals
+-- Per run: leases live now and shards whose latest lease expired unacked.
+SELECT l.run_id,
+       count(*) FILTER (WHERE l.expires_at > $now) AS live,
+       count(*) FILTER (WHERE l.expires_at <= $now) AS expired
+FROM (SELECT run_id, epoch, shard, max(expires_at) AS expires_at FROM leases GROUP BY run_id, epoch, shard) AS l
+WHERE NOT EXISTS (SELECT 1 FROM acks AS a WHERE a.run_id = l.run_id AND a.epoch = l.epoch AND a.shard = l.shard)
+GROUP BY l.run_id;
