@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("paced.jobs.train", "distil a teacher into a student on weighted shards"),
     "evaluate": ("paced.jobs.evaluate", "held-out accuracy by difficulty, and forgetting vs a base model"),
     "tasks": ("paced.tasks.cli", "the built-in task: build its tokenizer and tiny models"),
+    "diagnose": ("paced.jobs.diagnose", "gradient signal by pass-rate bin: will frontier weighting pay here?"),
     "demo": ("paced.jobs.demo", "run the whole loop on the built-in task"),
 }
 

@@ -1,0 +1,87 @@
+"""`paced diagnose`: gradient SNR and held-out alignment by pass-rate bin, on tiny real models and a
+real data home; the pure signal measures on gradients whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from api_fixtures import make_service_home
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trainer_helpers import build_models
+
+from paced.cli import main
+from paced.curriculum.signal import compute_bin_signal, pass_rate_bin, verdict
+from paced.store.problems import write_problem_part
+
+
+def test_bins_split_the_pass_rate_range():
+    assert list(pass_rate_bin([0, 0.125, 1 / 3, 0.5, 2 / 3, 0.875, 1])) == \
+        ["zero", "low", "low", "mid", "high", "high", "one"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.1, 10), st.integers(50, 400), st.integers(0, 2**31 - 1))
+def test_snr_recovers_a_known_signal_to_noise_ratio(scale, n, seed):
+    rng = np.random.default_rng(seed)
+    dim = 64
+    mean = np.zeros(dim)
+    mean[0] = scale  # ‖μ‖² = scale², noise: unit variance per coordinate -> E‖g−ḡ‖² ≈ dim
+    grads = mean + rng.standard_normal((n, dim))
+    s = compute_bin_signal("mid", grads, heldout=np.eye(dim)[0])
+    expected = (scale**2 + dim / n) / (dim * (n - 1) / n)  # ‖ḡ‖² includes the mean's own noise
+    assert s.snr == pytest.approx(expected, rel=0.5)
+    assert s.problems == n
+    if scale >= 1:  # the mean stands well clear of its own noise (sd 1/√n per coordinate)
+        assert s.alignment > 0.3
+
+
+def test_pure_noise_is_weak_and_unaligned_and_the_verdict_says_so():
+    rng = np.random.default_rng(0)
+    direction = np.eye(32)[0]
+    coherent = [compute_bin_signal(b, 3 * direction + rng.standard_normal((40, 32)), direction)
+                for b in ("low", "mid", "high")]
+    noise = [compute_bin_signal(b, rng.standard_normal((40, 32)), direction) for b in ("zero", "one")]
+    assert all(n.snr < 0.2 * c.snr for n in noise for c in coherent)
+    assert "little coherent signal" in verdict(coherent + noise)
+    ends_like_middle = [compute_bin_signal(b, 3 * direction + rng.standard_normal((40, 32)), direction)
+                        for b in ("zero", "one")]
+    assert verdict(coherent + ends_like_middle).startswith("never-solved problems carry a coherent signal")
+    assert compute_bin_signal("zero", np.zeros((1, 4)), None).snr is None  # one problem: no SNR
+
+
+def test_diagnose_runs_on_tiny_models_in_both_regimes(tmp_path, capsys):
+    home, _ = make_service_home(tmp_path, n=90)  # p̂ = (i mod 9)/8: every bin has 10 problems; refs for even i
+    held = pa.table({"id": [f"h{i}" for i in range(6)], "prompt": [f"{i}+{i}=" for i in range(6)],
+                     "answer": [str(2 * i) for i in range(6)], "difficulty": pa.array([1] * 6, pa.int32()),
+                     "metadata": ["{}"] * 6})
+    write_problem_part(home, "arith-test", held, grader="exact", source="test")
+    student, teacher = build_models(tmp_path / "models")
+    out = tmp_path / "diag.png"
+    code = main(["diagnose", "--home", str(home.root), "--student", str(student), "--teacher", str(teacher),
+                 "--student-id", "s1", "--dataset", "arith", "--heldout", "arith-test", "--per-bin", "4",
+                 "--dim", "256", "--max-new-tokens", "4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert set(result["regimes"]) == {"off-policy", "on-policy"}
+    for regime in result["regimes"].values():
+        bins = regime["bins"]
+        assert [b["bin"] for b in bins] == ["zero", "low", "mid", "high", "one"]
+        assert {b["problems"] for b in bins} == {4} and regime["problems_per_bin"] == 4
+        assert all(b["snr"] > 0 and -1 <= b["alignment"] <= 1 for b in bins)
+        assert regime["verdict"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out cos" in captured.err
+
+
+def test_diagnose_bad_input_is_one_clear_line(tmp_path, capsys):
+    home, _ = make_service_home(tmp_path, n=18)
+    code = main(["diagnose", "--home", str(home.root), "--student", str(tmp_path / "nope"), "--teacher",
+                 str(tmp_path / "nope"), "--student-id", "s1", "--dataset", "arith", "--heldout", "arith",
+                 "--per-bin", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "per_bin" in err and "Traceback" not in err
