@@ -2,8 +2,9 @@
 
 Every `from paced.X import ...` in `paced/` is checked against the layer it may not reach; an
 upward or sideways import fails the test with its file and line. Two exceptions are written
-down here, and only these: `paced/jobs/train.py`, the composition root of `paced train`, builds
-the trainer; the trainer may use `store.files` (atomic-write utilities, no data-home layout).
+down here, and only these: `paced/jobs/train.py` and `paced/jobs/diagnose.py`, the composition
+roots of `paced train` and `paced diagnose`, build on the trainer; the trainer may use
+`store.files` (atomic-write utilities, no data-home layout).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FORBIDDEN = {  # importer layer -> layers it must never import
 }
 ALLOWED = {  # (importing file, imported module prefix): the written exceptions
     ("jobs/train.py", "paced.trainer"),
+    ("jobs/diagnose.py", "paced.trainer"),
     ("trainer/*", "paced.store.files"),
 }
 

@@ -100,7 +100,7 @@ def measure(config: DiagnoseConfig, home) -> dict:
     import torch
 
     from paced.trainer.checkpoint import load_model
-    from paced.trainer.data import completion_ids
+    from paced.trainer.tokens import completion_ids
     from paced.trainer.diagnose import GradientSketch, problem_gradients, sample_completions
 
     torch.manual_seed(config.seed)
@@ -174,7 +174,7 @@ def write_plot(result: dict, out: Path) -> None:
 
 
 def add_arguments(parser) -> None:
-    from paced.cli import add_home_argument
+    from paced.store.home import add_home_argument
 
     add_home_argument(parser)
     parser.add_argument("--student", required=True, metavar="DIR", help="the student model folder")

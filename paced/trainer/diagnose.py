@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from paced.errors import InputError
-from paced.trainer.data import completion_ids, encode_side, fit_lengths, prompt_ids
+from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
 from paced.trainer.loop import aligned_logits
 from paced.trainer.losses import LOSSES
 
