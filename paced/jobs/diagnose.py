@@ -100,8 +100,8 @@ def measure(config: DiagnoseConfig, home) -> dict:
     import torch
 
     from paced.trainer.checkpoint import load_model
-    from paced.trainer.tokens import completion_ids
     from paced.trainer.diagnose import GradientSketch, problem_gradients, sample_completions
+    from paced.trainer.tokens import completion_ids
 
     torch.manual_seed(config.seed)
     student, tokenizer = load_model(config.student, torch.float32, "cpu")

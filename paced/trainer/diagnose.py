@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from paced.errors import InputError
-from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
 from paced.trainer.loop import aligned_logits
 from paced.trainer.losses import LOSSES
+from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
 
 
 class GradientSketch:
