@@ -2,7 +2,8 @@
 
 Each subcommand lives in a module exposing `add_arguments(parser)` and `run(args) -> int`.
 `paced --help` imports none of them, so it is instant. Exit codes: 0 ok, 1 a `PacedError`
-(printed as one line on stderr), 2 usage.
+(printed as one line on stderr), 2 usage. A filesystem error (full disk, read-only filesystem,
+permissions) is a `PacedError` too at this boundary: one line with the path and the reason.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import sys
 
 from paced import __version__
-from paced.errors import PacedError
+from paced.errors import PacedError, storage_error
 
 # name -> (module, one-line help). The dict is the registry.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     except PacedError as err:
         print(f"paced {argv[0] if argv else ''}: error: {err.message}", file=sys.stderr)
+        return 1
+    except OSError as err:  # ENOSPC, EROFS, EACCES…: name the path and the reason, no traceback
+        logging.getLogger("paced").debug("filesystem error", exc_info=True)
+        print(f"paced {argv[0] if argv else ''}: error: {storage_error(err).message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -48,3 +48,40 @@ class SchemaError(PacedError):
 
     code = "schema_version"
     status = 500
+
+
+class ForbiddenError(PacedError):
+    """The caller may not do this (e.g. ack or renew a lease another consumer holds)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class DamagedError(PacedError):
+    """A file in the data home is unreadable (truncated, corrupt, not what its name says).
+    The message names the file and what to do; the service answers 503."""
+
+    code = "damaged_file"
+    status = 503
+
+
+class StorageError(PacedError):
+    """The filesystem refused a read or write (full disk, read-only, permissions)."""
+
+    code = "storage_error"
+    status = 503
+
+
+def storage_error(err: OSError, doing: str = "") -> StorageError:
+    """One line for an OSError: what paced was doing, the path and the system's reason."""
+    import errno
+
+    path = err.filename if err.filename is not None else "?"
+    reason = err.strerror or str(err)
+    hints = {errno.ENOSPC: "free some space and rerun", errno.EDQUOT: "free some space and rerun",
+             errno.EROFS: "the filesystem is read-only; use a writable --home",
+             errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}
+    hint = hints.get(err.errno)
+    doing = f"{doing}: " if doing else ""
+    return StorageError(f"{doing}{path}: {reason}" + (f" ({hint})" if hint else ""),
+                        detail={"errno": err.errno, "reason": reason})

@@ -3,7 +3,10 @@
 
 Errors: every `PacedError` becomes its `.status` with `{error, code, detail}`; request
 validation errors become 422 in the same shape (`detail.field` names the input at fault);
-anything unexpected is logged and answered 500 in the same shape, without a traceback.
+a filesystem error (full disk, read-only) is a 503 `storage_error`; a damaged file in the data
+home a 503 `damaged_file` naming it; anything unexpected is logged and answered 500 in the same
+shape, without a traceback. Paths are matched as sent: no redirect to a slash-less path (a run id
+that decodes to `r-../` is a 404, never a 307 elsewhere).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from paced.api.metrics import FrontierCollector, Metrics, ServiceMiddleware
 from paced.api.routes import router
 from paced.api.runs import RunService
 from paced.api.settings import Settings
-from paced.errors import PacedError
+from paced.errors import PacedError, storage_error
 from paced.store.home import open_home
 
 log = logging.getLogger("paced.api")
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type"}
 
 
@@ -66,6 +69,13 @@ def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     return error_response(err.status_code, str(err.detail), code, None, getattr(err, "headers", None))
 
 
+def _storage_error(request: Request, err: OSError) -> JSONResponse:
+    log.error("%s %s: %s", request.method, request.url.path, err)
+    wrapped = storage_error(err, "storage")
+    return error_response(503, f"the service cannot read or write its data: {wrapped.detail['reason']}",
+                          wrapped.code, {"errno": err.errno})
+
+
 def _unexpected(request: Request, err: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the service log has the details", "internal")
@@ -75,6 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PacedError, _paced_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(OSError, _storage_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
@@ -91,7 +102,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         yield
         service.close()
 
-    app = FastAPI(title="paced", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="paced", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="Curriculum service for LLM distillation: pass rates, weighted runs, "
                   "leased shards (exactly once per epoch).")
     app.state.settings, app.state.service, app.state.metrics = settings, service, metrics

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from paced.errors import ConflictError
+from paced.errors import ConflictError, ForbiddenError
 
 
 @dataclass
@@ -38,6 +38,7 @@ class EpochLeases:
     expires_at: list[float] = field(default_factory=list)
     acked_by: list[str | None] = field(default_factory=list)
     leases: dict[str, int] = field(default_factory=dict)  # lease id -> shard, this epoch's leases
+    consumers: dict[str, str] = field(default_factory=dict)  # lease id -> the consumer it was granted to
     next_fresh: int = 0  # every shard below it has been granted at least once
     open_leased: set[int] = field(default_factory=set)  # granted and not acked
     acked: int = 0
@@ -62,11 +63,13 @@ class EpochLeases:
         candidates = expired + ([self.next_fresh] if fresh else [])
         return min(candidates) if candidates else None
 
-    def grant(self, shard: int, lease_id: str, expires_at: float) -> None:
+    def grant(self, shard: int, lease_id: str, expires_at: float, consumer: str | None = None) -> None:
         if self.acked_by[shard] is not None:
             raise ValueError(f"shard {shard} is acked; it is never granted again")
         self.holder[shard], self.expires_at[shard] = lease_id, expires_at
         self.leases[lease_id] = shard
+        if consumer is not None:
+            self.consumers[lease_id] = consumer
         self.open_leased.add(shard)
         self.next_fresh = max(self.next_fresh, shard + 1)
 
@@ -92,6 +95,11 @@ class EpochLeases:
                 f"lease {lease_id} expired and shard {shard} of epoch {self.epoch} was {what} lease {other}; "
                 "discard the work done on it", code="lease_superseded",
                 detail={"field": "lease_id", "value": lease_id, "epoch": self.epoch, "shard": shard})
+
+    def check_consumer(self, lease_id: str, consumer: str | None, force: bool) -> None:
+        """ForbiddenError when `consumer` names someone other than the lease's consumer (unless
+        `force`); a request that names no consumer is not checked (clients before the binding)."""
+        check_consumer(lease_id, self.consumers.get(lease_id), consumer, force)
 
     def renew(self, lease_id: str, expires_at: float) -> None:
         self.expires_at[self.leases[lease_id]] = expires_at
@@ -123,3 +131,13 @@ class EpochLeases:
     @property
     def all_acked(self) -> bool:
         return self.acked == self.shards
+
+
+def check_consumer(lease_id: str, holder: str | None, consumer: str | None, force: bool) -> None:
+    """A lease is acked and renewed by the consumer it was granted to: ForbiddenError (403) when
+    `consumer` is another one, unless `force` (e.g. an operator finishing a dead trainer's work)."""
+    if consumer is None or force or holder is None or holder == consumer:
+        return
+    raise ForbiddenError(f"lease {lease_id} was granted to consumer {holder!r}, not {consumer!r}; only its "
+                         "consumer may ack or renew it (send force: true to override)", code="lease_not_yours",
+                         detail={"field": "consumer", "value": consumer, "lease_id": lease_id})

@@ -1,4 +1,8 @@
-"""The service's endpoints. Thin: validate, call `RunService` / the store, shape the response."""
+"""The service's endpoints. Thin: validate, call `RunService` / the store, shape the response.
+
+Access: with PACED_TOKEN set, every POST needs `Authorization: Bearer <token>`; with
+PACED_TOKEN_READS=1 too, so do the reads (`Reads`). /v1/health is always open, but names the
+data home only to a request with the token, and lists students only where reads are open."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from paced import __version__
 from paced.api.runs import LEASE_ID_PATTERN, RUN_ID_PATTERN, RunConfig, RunService
 from paced.api.schemas import (
     NAME_PATTERN,
+    AckRequest,
     AckResponse,
     ErrorBody,
     Health,
@@ -36,10 +41,11 @@ from paced.store.home import validate_name
 from paced.store.snapshots import list_snapshots, list_students, read_snapshot_rows
 
 router = APIRouter()
-bearer = HTTPBearer(auto_error=False, description="the service's PACED_TOKEN (required on POST when set)")
+bearer = HTTPBearer(auto_error=False, description="the service's PACED_TOKEN (required on POST when set, "
+                    "and on reads with PACED_TOKEN_READS=1)")
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="r- and 12 hex digits")]
 Index = Annotated[int, Path(ge=0, le=2**31 - 1)]
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)}
 
 
 class Unauthorized(PacedError):
@@ -51,19 +57,35 @@ async def get_service(request: Request) -> RunService:  # async: no threadpool h
     return request.app.state.service
 
 
-async def require_token(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def has_token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """True when the service has a token and the request carries it."""
     settings = request.app.state.settings
-    if not settings.require_token():
-        return
-    given = credentials.credentials.encode() if credentials else b""
-    if not hmac.compare_digest(given, settings.token.get_secret_value().encode()):
-        raise Unauthorized("this endpoint needs the service's token: send 'Authorization: Bearer <PACED_TOKEN>'",
-                           detail={"field": "Authorization"})
+    if not settings.require_token() or credentials is None:
+        return False
+    return hmac.compare_digest(credentials.credentials.encode(), settings.token.get_secret_value().encode())
+
+
+def _unauthorized() -> Unauthorized:
+    return Unauthorized("this endpoint needs the service's token: send 'Authorization: Bearer <PACED_TOKEN>'",
+                        detail={"field": "Authorization"})
+
+
+async def require_token(request: Request, credentials: Credentials) -> None:
+    if request.app.state.settings.require_token() and not has_token(request, credentials):
+        raise _unauthorized()
+
+
+async def require_read_token(request: Request, credentials: Credentials) -> None:
+    if request.app.state.settings.token_reads and not has_token(request, credentials):
+        raise _unauthorized()
 
 
 Service = Annotated[RunService, Depends(get_service)]
 Guarded = [Depends(require_token)]
+Reads = [Depends(require_read_token)]
 
 
 def iso(t: float) -> str:
@@ -71,8 +93,12 @@ def iso(t: float) -> str:
 
 
 @router.get("/v1/health", response_model=Health, tags=["service"])
-def health(svc: Service) -> Health:
-    """Status, version, data home, and the newest pass-rate snapshot of every student."""
+def health(request: Request, svc: Service, credentials: Credentials) -> Health:
+    """Status and version; the data home with the token; the newest pass-rate snapshot of every
+    student where reads are open (or with the token)."""
+    authorised = has_token(request, credentials)
+    if request.app.state.settings.token_reads and not authorised:
+        return Health(status="ok", version=__version__)
     students = {}
     for student in list_students(svc.home):
         try:
@@ -81,10 +107,12 @@ def health(svc: Service) -> Health:
             continue
         if ids:
             students[student] = ids[-1]
-    return Health(status="ok", version=__version__, home=str(svc.home.root), students=students)
+    return Health(status="ok", version=__version__, home=str(svc.home.root) if authorised else None,
+                  students=students)
 
 
-@router.get("/v1/students/{student_id}/passrates", response_model=PassRates, responses=ERRORS, tags=["students"])
+@router.get("/v1/students/{student_id}/passrates", response_model=PassRates, responses=ERRORS, dependencies=Reads,
+            tags=["students"])
 def passrates(svc: Service, student_id: Annotated[str, Path(pattern=NAME_PATTERN)],
               dataset: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
               snapshot_id: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None) -> dict:
@@ -110,7 +138,7 @@ def create_run(svc: Service, body: RunCreate) -> RunCreated:
                       warnings=list(files.warnings))
 
 
-@router.get("/v1/runs/{run_id}", response_model=RunView, responses=ERRORS, tags=["runs"])
+@router.get("/v1/runs/{run_id}", response_model=RunView, responses=ERRORS, dependencies=Reads, tags=["runs"])
 def get_run(svc: Service, run_id: RunId) -> RunView:
     """A run's config, progress per epoch (shards acked / handed out / leased / pending) and its
     snapshot history: the snapshot each epoch, and each re-plan within an epoch, was planned from."""
@@ -159,11 +187,13 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
 @router.post("/v1/runs/{run_id}/leases/{lease_id}/ack", response_model=AckResponse, responses=ERRORS,
              dependencies=Guarded, tags=["leases"])
 def ack(request: Request, svc: Service, run_id: RunId,
-        lease_id: Annotated[str, Path(pattern=LEASE_ID_PATTERN)]) -> AckResponse:
+        lease_id: Annotated[str, Path(pattern=LEASE_ID_PATTERN)], body: AckRequest | None = None) -> AckResponse:
     """Mark the lease's shard consumed. Acking twice is idempotent; acking a lease that expired
     after its shard was handed out again is a 409 (discard that work); acking an expired lease
-    whose shard nobody took since is accepted."""
-    result = svc.ack(run_id, lease_id)
+    whose shard nobody took since is accepted. A body naming another `consumer` than the
+    lease's is a 403 `lease_not_yours`, unless `force`."""
+    body = body or AckRequest()
+    result = svc.ack(run_id, lease_id, body.consumer, body.force)
     metrics = request.app.state.metrics
     metrics.acks.labels("already_acked" if result.already_acked else "acked").inc()
     if not result.already_acked:
@@ -179,15 +209,17 @@ def renew(svc: Service, run_id: RunId, lease_id: Annotated[str, Path(pattern=LEA
     """Extend a lease to `ttl_seconds` from now (default: the lease_ttl_seconds setting), e.g.
     while its consumer pauses mid-shard. A live lease, or an expired one whose shard nobody took
     since, is renewed; 409 `lease_superseded` if the shard went out again (discard the work),
-    409 `lease_acked` if the lease already acked its shard; 404 for an unknown lease."""
-    renewal = svc.renew(run_id, lease_id, body.ttl_seconds if body else None)
+    409 `lease_acked` if the lease already acked its shard; 404 for an unknown lease; 403
+    `lease_not_yours` when `consumer` is not the lease's (unless `force`)."""
+    body = body or RenewRequest()
+    renewal = svc.renew(run_id, lease_id, body.ttl_seconds, body.consumer, body.force)
     return RenewResponse(run_id=run_id, lease_id=lease_id, epoch=renewal.epoch, shard=renewal.shard,
                          expires_at=iso(renewal.expires_at), ttl_seconds=round(renewal.expires_at - svc.clock(), 3))
 
 
 @router.get("/v1/runs/{run_id}/epochs/{epoch}/shards/{shard}", responses={
     **ERRORS, 200: {"content": {MEDIA_TYPES[f]: {} for f in FORMATS}, "description": "the shard's rows"}},
-    tags=["runs"])
+    dependencies=Reads, tags=["runs"])
 def get_shard(svc: Service, run_id: RunId, epoch: Index, shard: Index,
               fmt: Annotated[Literal[FORMATS], Query(alias="format")] = "json") -> Response:  # type: ignore[valid-type]
     """A shard of a started epoch as JSON, JSONL or Parquet: the same request returns the same bytes.
@@ -199,7 +231,7 @@ def get_shard(svc: Service, run_id: RunId, epoch: Index, shard: Index,
                     headers={"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"})
 
 
-@router.get("/metrics", tags=["service"], response_class=Response,
+@router.get("/metrics", tags=["service"], response_class=Response, dependencies=Reads,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST

@@ -276,11 +276,12 @@ class RunService:
                 return LeaseOutcome("wait", retry_after_seconds=round(wait, 3))
             return outcome
 
-    def ack(self, run_id: str, lease_id: str) -> Ack:
-        return self.state.ack(run_id, lease_id)
+    def ack(self, run_id: str, lease_id: str, consumer: str | None = None, force: bool = False) -> Ack:
+        return self.state.ack(run_id, lease_id, consumer, force)
 
-    def renew(self, run_id: str, lease_id: str, ttl_seconds: float | None) -> Renewal:
-        return self.state.renew(run_id, lease_id, self._ttl(ttl_seconds))
+    def renew(self, run_id: str, lease_id: str, ttl_seconds: float | None, consumer: str | None = None,
+              force: bool = False) -> Renewal:
+        return self.state.renew(run_id, lease_id, self._ttl(ttl_seconds), consumer, force)
 
     def epoch_plan(self, run_id: str, epoch: int, min_segments: int = 1) -> EpochPlan:
         """The plan of an epoch the run has started (404 for a later one), with at least

@@ -1,4 +1,6 @@
-"""Request and response bodies of the service (pydantic), and the error shape."""
+"""Request and response bodies of the service (pydantic), and the error shape.
+
+Request bodies are strict: `"seed": "1"` or `"include_items": "yes"` is a 422, never coerced."""
 
 from __future__ import annotations
 
@@ -21,10 +23,14 @@ class ErrorBody(BaseModel):
     detail: Any = Field(None, description="e.g. {field, value}: the input at fault")
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)
+Consumer = Annotated[str, Field(pattern=CONSUMER_PATTERN, max_length=128)]
+
+
 class RunCreate(BaseModel):
     """A curriculum run over one data set, weighted by one student's pass rates."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     student_id: Name
     dataset: Name
@@ -98,17 +104,26 @@ class RunView(BaseModel):
 
 
 class LeaseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    consumer: str = Field(pattern=CONSUMER_PATTERN, max_length=128, description="who takes the shard")
+    consumer: Consumer = Field(description="who takes the shard; only it may ack or renew the lease")
     ttl_seconds: Finite | None = Field(None, gt=0, le=1e7, description="lease lifetime (default: a setting)")
     include_items: bool = Field(True, description="false: fetch the rows from the shard endpoint instead")
 
 
 class RenewRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     ttl_seconds: Finite | None = Field(None, gt=0, le=1e7, description="new lifetime from now (default: a setting)")
+    consumer: Consumer | None = Field(None, description="who renews: must be the lease's consumer unless `force`")
+    force: bool = Field(False, description="renew a lease another consumer holds")
+
+
+class AckRequest(BaseModel):
+    model_config = STRICT
+
+    consumer: Consumer | None = Field(None, description="who acks: must be the lease's consumer unless `force`")
+    force: bool = Field(False, description="ack a lease another consumer holds (e.g. a dead trainer's)")
 
 
 class RenewResponse(BaseModel):
@@ -164,8 +179,9 @@ class AckResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
-    home: str
-    students: dict[str, str] = Field(description="student id -> newest snapshot id")
+    home: str | None = Field(None, description="the data home's path: only to a request with the token")
+    students: dict[str, str] | None = Field(
+        None, description="student id -> newest snapshot id (when reads are open, or with the token)")
 
 
 class PassRates(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     max_epochs: int = Field(10000, ge=1, description="most epochs a run may ask for")
     max_num_samples: int = Field(10_000_000, ge=1, description="most draws per epoch (weighted-sample mode)")
     max_request_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+    token_reads: bool = Field(
+        False, description="require the token on reads too (GET of pass rates, runs, shards, metrics); "
+        "/v1/health stays open but answers only status and version without it")
+
+    @model_validator(mode="after")
+    def _reads_need_a_token(self):
+        if self.token_reads and not self.require_token():
+            raise ValueError("PACED_TOKEN_READS needs PACED_TOKEN: set a token to require on reads")
+        return self
 
     def require_token(self) -> bool:
         return self.token is not None and bool(self.token.get_secret_value())

@@ -10,6 +10,11 @@ then, so answers are durable and a restart loses or doubles nothing. A failed ba
 mirrors (they are rebuilt from what was committed). The `acks` primary key (one row per shard)
 makes a second ack of a shard impossible even for a bug above it. Reads take their own cursor.
 
+The state is private: `service/` is 0700 and `state.duckdb` 0600. One `paced serve` per data
+home holds `service/.lock` (an `flock`) while the database is open; under it, a database file
+that a failed first start left empty (0 bytes, e.g. on a full disk) is removed and created
+again, and a first start that fails removes the file it began.
+
 A re-plan (runs that follow snapshots) is three steps: a lease that sees a newer snapshot marks
 the mirror `pending` (fresh grants stop; the answer says `replan`), the service builds the
 segment's files, and `install_segment` records it, but only if no shard was granted meanwhile
@@ -19,7 +24,9 @@ shard already out. `release_replan` lifts the freeze when a build fails.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +36,7 @@ from pathlib import Path
 import duckdb
 
 from paced.api.commit import Batch, GroupCommitter, Unavailable
-from paced.api.leases import EpochLeases
+from paced.api.leases import EpochLeases, check_consumer
 from paced.api.records import (  # noqa: F401 - re-exported: the nouns the state reads and writes
     Ack,
     EpochRecord,
@@ -40,9 +47,10 @@ from paced.api.records import (  # noqa: F401 - re-exported: the nouns the state
     RunRecord,
     SegmentRecord,
 )
-from paced.errors import ConflictError, NotFoundError, PacedError
+from paced.errors import ConflictError, NotFoundError, PacedError, storage_error
 from paced.store.sql import connect, statement
 
+STATE_DIR_MODE, STATE_FILE_MODE = 0o700, 0o600
 TABLES = ("service.create_runs", "service.create_epochs", "service.create_segments", "service.create_leases",
           "service.create_acks")
 
@@ -67,17 +75,55 @@ class StateDB:
         with self._lock:
             if self._con is not None:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = self._take_service_lock()
             try:
-                con = connect(self.path, threads=1)
-            except duckdb.Error as err:
-                raise PacedError(f"cannot open the service state {self.path}: is another `paced serve` using "
-                                 f"this data home? ({err})", code="state_locked") from err
+                con, writer = self._connect()
+            except BaseException:
+                os.close(self._lock_fd)
+                raise
+            self._con, self._writer = con, writer
+            self._committer = GroupCommitter(writer, self._drop_mirrors)
+
+    def _take_service_lock(self) -> int:
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+            os.chmod(folder, STATE_DIR_MODE)
+            fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, STATE_FILE_MODE)
+        except OSError as err:
+            raise storage_error(err, "cannot open the service state") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            os.close(fd)
+            raise PacedError(f"another `paced serve` is using the data home of {self.path}; stop it first",
+                             code="state_locked") from err
+        return fd
+
+    def _connect(self):
+        """Open (or create) the database under the service lock; a file this call began is removed
+        again if the start fails, so the next start is a clean first start."""
+        wal = self.path.with_name(self.path.name + ".wal")
+        if self.path.exists() and self.path.stat().st_size == 0:  # a failed first start's leftover
+            self.path.unlink()
+            wal.unlink(missing_ok=True)
+        fresh = not self.path.exists()
+        try:
+            con = connect(self.path, threads=1)
+            os.chmod(self.path, STATE_FILE_MODE)
             writer = con.cursor()
             for name in TABLES:
                 writer.execute(statement(name))
-            self._con, self._writer = con, writer
-            self._committer = GroupCommitter(writer, self._drop_mirrors)
+            writer.execute("CHECKPOINT")
+            return con, writer
+        except (duckdb.Error, OSError) as err:
+            if fresh:
+                self.path.unlink(missing_ok=True)
+                wal.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise storage_error(err, "cannot open the service state") from err
+            raise PacedError(f"cannot open the service state {self.path}: {str(err).splitlines()[0]}",
+                             code="state_unavailable") from err
 
     def close(self) -> None:
         """Finish queued writes, disconnect (DuckDB checkpoints its log on close); no-op when closed."""
@@ -88,6 +134,7 @@ class StateDB:
             self._writer.close()
             self._con.close()
             self._con = None
+            os.close(self._lock_fd)
             self._drop_mirrors()
 
     def _drop_mirrors(self) -> None:
@@ -138,8 +185,8 @@ class StateDB:
             if segment > 0:
                 state.starts.append(from_shard)
             state.snapshot_id = snapshot_id
-        for lease_id, shard, expires_at in cur.execute(statement("service.epoch_leases"), key).fetchall():
-            state.grant(shard, lease_id, expires_at)
+        for lease_id, shard, expires_at, consumer in cur.execute(statement("service.epoch_leases"), key).fetchall():
+            state.grant(shard, lease_id, expires_at, consumer)
         for shard, lease_id in cur.execute(statement("service.epoch_acks"), key).fetchall():
             state.record_ack(shard, lease_id)
         self._current[run.run_id] = state
@@ -211,7 +258,7 @@ class StateDB:
             batch.add("service.insert_leases", {
                 "lease_id": lease.lease_id, "run_id": run_id, "epoch": lease.epoch, "shard": shard,
                 "consumer": consumer, "issued_at": now, "expires_at": lease.expires_at})
-            state.grant(shard, lease.lease_id, lease.expires_at)
+            state.grant(shard, lease.lease_id, lease.expires_at, consumer)
             return LeaseOutcome("leased", lease=lease)
 
         return self._write(op)
@@ -260,11 +307,13 @@ class StateDB:
             return LeaseOutcome("next_epoch", next_epoch=run.current_epoch + 1)
         return LeaseOutcome("done")
 
-    def ack(self, run_id: str, lease_id: str) -> Ack:
+    def ack(self, run_id: str, lease_id: str, consumer: str | None = None, force: bool = False) -> Ack:
+        """Ack a lease's shard. `consumer`: who asks (403 if the lease is another's, unless `force`)."""
         def op(batch: Batch):
             state = self._epoch_leases(batch, self._run(batch, run_id))
             if lease_id not in state.leases:
-                return self._ack_elsewhere(batch.sql(), run_id, lease_id)
+                return self._ack_elsewhere(batch.sql(), run_id, lease_id, consumer, force)
+            state.check_consumer(lease_id, consumer, force)
             shard = state.leases[lease_id]
             ack = Ack(lease_id, run_id, state.epoch, shard, already_acked=state.check_ack(lease_id) == "already")
             if not ack.already_acked:
@@ -276,14 +325,16 @@ class StateDB:
 
         return self._write(op)
 
-    def renew(self, run_id: str, lease_id: str, ttl_seconds: float) -> Renewal:
+    def renew(self, run_id: str, lease_id: str, ttl_seconds: float, consumer: str | None = None,
+              force: bool = False) -> Renewal:
         """Extend a lease to now + `ttl_seconds`: live, or expired with its shard not leased again."""
         def op(batch: Batch):
             state = self._epoch_leases(batch, self._run(batch, run_id))
             if lease_id not in state.leases:
-                self._ack_elsewhere(batch.sql(), run_id, lease_id)  # 404 unknown, 409 superseded
+                self._ack_elsewhere(batch.sql(), run_id, lease_id, consumer, force)  # 404, 403, 409
                 raise ConflictError(f"lease {lease_id} has acked its shard; there is nothing to renew",
                                     code="lease_acked", detail={"field": "lease_id", "value": lease_id})
+            state.check_consumer(lease_id, consumer, force)
             state.check_renew(lease_id)
             expires_at = self._clock() + ttl_seconds
             batch.sql().execute(statement("service.renew_lease"), {"lease_id": lease_id, "expires_at": expires_at})
@@ -293,13 +344,14 @@ class StateDB:
         return self._write(op)
 
     @staticmethod
-    def _ack_elsewhere(cur, run_id: str, lease_id: str) -> Ack:
+    def _ack_elsewhere(cur, run_id: str, lease_id: str, consumer: str | None = None, force: bool = False) -> Ack:
         """A lease not of the current epoch: of an earlier, fully acked one, or unknown."""
         row = cur.execute(statement("service.get_lease"), {"lease_id": lease_id}).fetchone()
         if row is None or row[0] != run_id:
             raise NotFoundError(f"run {run_id!r} has no lease {lease_id!r}",
                                 detail={"field": "lease_id", "value": lease_id})
-        _, epoch, shard = row
+        _, epoch, shard, holder_consumer = row
+        check_consumer(lease_id, holder_consumer, consumer, force)
         holder = cur.execute(statement("service.get_ack"), {"run_id": run_id, "epoch": epoch, "shard": shard}).fetchone()
         if holder is None or holder[0] != lease_id:
             raise ConflictError(f"lease {lease_id} expired and shard {shard} of epoch {epoch} was acked under "

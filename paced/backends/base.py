@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,9 +44,10 @@ class SamplingConfig:
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.n < 1:
             raise InputError(f"`n` must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise InputError(f"`temperature` must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"`temperature` must be a finite number >= 0, got {self.temperature}",
+                             detail={"field": "temperature"})
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InputError(f"`top_p` must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise InputError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}")

@@ -68,6 +68,8 @@ class VLLMBackend(Backend):
         engine_kwargs = _engine_kwargs(on_cpu, in_process, enforce_eager, engine_kwargs)
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        if on_cpu:
+            check_cpu_head_size(path)
         self._set_num_threads = torch.set_num_threads
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.llm = None
@@ -78,8 +80,9 @@ class VLLMBackend(Backend):
                     gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
                     seed=0, **engine_kwargs,
                 )
-        except (OSError, ValueError) as err:
-            raise InputError(f"vLLM cannot serve the model in {path}: {err}") from err
+        except (OSError, ValueError, NotImplementedError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"vLLM cannot serve the model in {path}: {first}; try --backend transformers") from err
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
@@ -121,6 +124,23 @@ class VLLMBackend(Backend):
         gc.collect()
         cleanup_dist_env_and_memory()
         torch.set_num_threads = self._set_num_threads
+
+
+def check_cpu_head_size(path: Path) -> None:
+    """vLLM's CPU attention runs a fixed set of head sizes and otherwise fails deep inside the
+    engine's start; refuse another head size up front, in one line."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", None)
+    head_size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size is not None and head_size not in supported:
+        raise InputError(f"vLLM's CPU attention cannot run the model in {path}: its head size is {head_size}, "
+                         f"supported are {supported}; use --backend transformers",
+                         code="unsupported_model", detail={"head_size": head_size, "supported": supported})
 
 
 def _engine_kwargs(on_cpu: bool, in_process: bool, enforce_eager: bool | None, given: dict) -> dict:

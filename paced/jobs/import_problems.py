@@ -2,9 +2,11 @@
 (`save_to_disk`), or the built-in task (`builtin:arithmetic`).
 
 Columns `prompt` and `answer` are required (rename with --prompt-column/--answer-column); `id`
-is optional (default: a content hash of prompt+answer); `difficulty` (an integer) is kept as
-such; every other column is kept as JSON metadata. All or nothing: on any bad row nothing is
-written and the error names the file, the row and the field. Re-importing the same rows is a
+is optional (default: a content hash of prompt+answer); `difficulty` (an integer in the int32
+range) is kept as such; every other column is kept as JSON metadata (nested at most
+MAX_METADATA_DEPTH deep). Text must be valid UTF-8; NaN and Infinity are refused anywhere (JSON
+cannot store them). All or nothing: on any bad row nothing is written and the error names the
+file, the row and the field. Re-importing the same rows is a
 no-op; importing more rows adds them.
 
 Examples:
@@ -15,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from paced.store.problems import GRADERS, PROBLEM_SCHEMA, part_files, read_probl
 from paced.tasks.arithmetic import problem_id
 
 BUILTIN = "builtin:arithmetic"
+MAX_METADATA_DEPTH = 32
+INT32 = (-(2**31), 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -37,16 +42,28 @@ class Columns:
     difficulty: str = "difficulty"
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict], str]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}: line {line_no}: not valid UTF-8 (byte {err.start + 1} of the line)") from err
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from err
+            except ValueError as err:  # NaN / Infinity
+                raise InputError(f"{path}: line {line_no}: {err}; write the value as text or leave it out") from err
+            except RecursionError as err:
+                raise InputError(f"{path}: line {line_no}: JSON nested too deeply") from err
             if not isinstance(row, dict):
                 raise InputError(f"{path}: line {line_no}: expected a JSON object")
             rows.append({"__loc": f"line {line_no}", **row})
@@ -92,13 +109,54 @@ def read_source(path: Path) -> list[dict]:
 
 def _text(row: dict, column: str, where: str, *, required: bool = True) -> str | None:
     value = row.get(column)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{where}: field {column!r} is not valid UTF-8 text (byte {err.start + 1})",
+                             detail={"field": column}) from err
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
             raise InputError(f"{where}: field {column!r} is missing or empty", detail={"field": column})
         return None
     if isinstance(value, (dict, list)):
         raise InputError(f"{where}: field {column!r} must be text, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where}: field {column!r} is {value!r}, not a value", detail={"field": column})
     return str(value)
+
+
+def _difficulty(row: dict, column: str, where: str) -> int | None:
+    value = row.get(column)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{where}: field {column!r} must be an integer, got {value!r}", detail={"field": column})
+    if not INT32[0] <= value <= INT32[1]:
+        raise InputError(f"{where}: field {column!r} must be in {INT32[0]}..{INT32[1]}, got {value}",
+                         detail={"field": column})
+    return value
+
+
+def _json_value(value, where: str, key: str, depth: int = 0):
+    """Metadata as JSON-safe values: UTF-8 text, finite numbers, nesting at most MAX_METADATA_DEPTH."""
+    if depth > MAX_METADATA_DEPTH:
+        raise InputError(f"{where}: field {key!r} is nested more than {MAX_METADATA_DEPTH} levels deep",
+                         detail={"field": key})
+    if isinstance(value, dict):
+        return {str(k): _json_value(v, where, key, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where, key, depth + 1) for v in value]
+    if isinstance(value, bytes):
+        return _text({key: value}, key, where, required=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where}: field {key!r} holds {value!r}, which JSON cannot store", detail={"field": key})
+    return value
+
+
+def _metadata(row: dict, skip: set, where: str) -> str:
+    meta = {k: _json_value(v, where, k) for k, v in row.items() if k not in skip}
+    return json.dumps(meta, sort_keys=True, default=str, allow_nan=False)
 
 
 def normalise_rows(rows: list[dict], source: str, cols: Columns) -> pa.Table:
@@ -114,13 +172,10 @@ def normalise_rows(rows: list[dict], source: str, cols: Columns) -> pa.Table:
                 raise InputError(f"{where}: field {cols.id!r}: duplicate id {pid!r} with different content")
             continue
         seen[pid] = (prompt, answer)
-        difficulty = row.get(cols.difficulty)
-        if difficulty is not None and not (isinstance(difficulty, int) and not isinstance(difficulty, bool)):
-            raise InputError(f"{where}: field {cols.difficulty!r} must be an integer, got {difficulty!r}")
-        skip = {"__loc", cols.prompt, cols.answer, cols.id, cols.difficulty}
-        meta = {k: v for k, v in row.items() if k not in skip}
+        difficulty = _difficulty(row, cols.difficulty, where)
+        meta = _metadata(row, {"__loc", cols.prompt, cols.answer, cols.id, cols.difficulty}, where)
         for key, value in (("id", pid), ("prompt", prompt), ("answer", answer), ("difficulty", difficulty),
-                           ("metadata", json.dumps(meta, sort_keys=True, default=str))):
+                           ("metadata", meta)):
             out[key].append(value)
     if not out["id"]:
         raise InputError(f"{source}: no rows to import")
@@ -185,8 +240,19 @@ def add_arguments(parser) -> None:
     add_home_argument(parser)
 
 
+def check_builtin_args(args) -> None:
+    for name, low in (("n", 1), ("holdout", 0), ("max_digits", 1)):
+        value = getattr(args, name)
+        if value < low:
+            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}", detail={"field": name})
+    if not 0 <= args.seed < 2**63:
+        raise InputError(f"--seed must be in 0..2**63-1, got {args.seed}", detail={"field": "seed"})
+
+
 def run(args) -> int:
     validate_name(args.dataset, "dataset")
+    if args.path == BUILTIN:
+        check_builtin_args(args)
     home = open_home(args.home)
     if args.path == BUILTIN:
         grader = args.grader or "numeric"

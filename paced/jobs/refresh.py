@@ -11,8 +11,11 @@ older snapshots are never touched.
 
 Idempotent: before the Parquet file, `snapshots/{student}/{snapshot_id}.json` records the
 inputs (batch files with sizes) and their fingerprint. When the newest snapshot's fingerprint
-equals the current inputs', nothing is written. Exit 0 either way; stdout: one JSON line per
-student.
+equals the current inputs', nothing is written, unless its Parquet file is damaged (truncated,
+corrupt): then it is rebuilt from the same rollouts under the same id (`repaired: true`).
+Refreshes of one student take the student's snapshot lock in turn (`snapshot_lock`), so two at
+once never write the same rows under two ids. Exit 0; stdout: one JSON line per student. A
+damaged rollout batch or side file is named in one line on stderr, exit 1.
 
 Cron (every 10 minutes):
     */10 * * * *  PACED_HOME=/data/paced /opt/paced/.venv/bin/paced refresh >> /var/log/paced-refresh.log 2>&1
@@ -27,12 +30,18 @@ import time
 from pathlib import Path
 
 from paced import __version__
-from paced.errors import NotFoundError
-from paced.store.files import read_json, write_json_atomic
+from paced.errors import InputError, NotFoundError
+from paced.store.files import parquet_problem, read_json_object, write_json_atomic
 from paced.store.home import Home, open_home, validate_name
-from paced.store.rollouts import RolloutSet, list_rollout_students, read_sampling_config, rollout_sets
-from paced.store.snapshots import list_snapshots, new_snapshot_id, write_snapshot
-from paced.store.sql import connect, query_arrow, statement
+from paced.store.rollouts import (
+    BATCH_HINT,
+    RolloutSet,
+    list_rollout_students,
+    read_sampling_config,
+    rollout_sets,
+)
+from paced.store.snapshots import list_snapshots, new_snapshot_id, snapshot_lock, write_snapshot
+from paced.store.sql import connect, query_files, statement
 
 
 def choose_sampling_hash(sets: list[RolloutSet], sampling_hash: str | None = None) -> str:
@@ -59,18 +68,55 @@ def fingerprint(sampling_hash: str, inputs: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def newest_fingerprint(home: Home, student_id: str) -> str | None:
-    """The fingerprint recorded beside the student's newest snapshot, if any."""
+SIDE_HINT = "move it aside and rerun `paced refresh`: a new snapshot is written"
+
+
+def newest_side(home: Home, student_id: str) -> dict | None:
+    """The record beside the student's newest snapshot (its `fingerprint`…), if any."""
     ids = list_snapshots(home, student_id)
     if not ids:
         return None
     side = home.snapshots_dir(student_id) / f"{ids[-1]}.json"
-    return read_json(side).get("fingerprint") if side.exists() else None
+    return {"snapshot_id": ids[-1], **read_json_object(side, SIDE_HINT)} if side.exists() else None
+
+
+def newest_fingerprint(home: Home, student_id: str) -> str | None:
+    """The fingerprint recorded beside the student's newest snapshot, if any."""
+    side = newest_side(home, student_id)
+    return side.get("fingerprint") if side else None
+
+
+def _aggregate(home: Home, student_id: str, chosen: str, inputs: list[dict], snapshot_id: str, con=None):
+    files = [str(home.root / i["path"]) for i in inputs]
+    params = {"files": files, "student_id": student_id, "sampling_hash": chosen, "snapshot_id": snapshot_id}
+    return query_files(con or connect(), statement("passrates.aggregate"), params, files, BATCH_HINT)
+
+
+def _repair(home: Home, student_id: str, side: dict, chosen: str, inputs: list[dict], con=None) -> bool:
+    """Rebuild the newest snapshot from its own inputs if its Parquet file is damaged; False if
+    it reads. A lineage snapshot (rows carried from earlier checkpoints) cannot be rebuilt here."""
+    sid = side["snapshot_id"]
+    path = home.snapshots_dir(student_id) / f"{sid}.parquet"
+    reason = parquet_problem(path)
+    if reason is None:
+        return False
+    if "lineage" in side:
+        raise InputError(f"damaged file {path}: {reason}; it was written by a training refresh and cannot be "
+                         "rebuilt from rollouts alone: move it aside and rerun that refresh", code="damaged_file")
+    print(f"paced refresh: {path} {reason}; rebuilding it from its rollouts", file=sys.stderr)
+    write_snapshot(home, student_id, _aggregate(home, student_id, chosen, inputs, sid, con), sid, repair=True)
+    return True
 
 
 def refresh_student(home: Home, student_id: str, sampling_hash: str | None = None, con=None) -> dict:
-    """Write a new snapshot of `student_id` unless the newest one already covers its rollouts."""
+    """Write a new snapshot of `student_id` unless the newest one already covers its rollouts
+    (then repair it if it is damaged). Holds the student's snapshot lock throughout."""
     validate_name(student_id, "student_id")
+    with snapshot_lock(home, student_id):
+        return _refresh_locked(home, student_id, sampling_hash, con)
+
+
+def _refresh_locked(home: Home, student_id: str, sampling_hash: str | None, con=None) -> dict:
     sets = rollout_sets(home, student_id)
     if not sets:
         raise NotFoundError(f"student {student_id!r} has no committed rollouts in {home.root}; "
@@ -80,12 +126,12 @@ def refresh_student(home: Home, student_id: str, sampling_hash: str | None = Non
     inputs = input_files(home, sets)
     key = fingerprint(chosen, inputs)
     base = {"student_id": student_id, "sampling_hash": chosen}
-    if newest_fingerprint(home, student_id) == key:
-        return {**base, "snapshot_id": list_snapshots(home, student_id)[-1], "written": False}
+    side = newest_side(home, student_id)
+    if side is not None and side.get("fingerprint") == key:
+        repaired = _repair(home, student_id, side, chosen, inputs, con)
+        return {**base, "snapshot_id": side["snapshot_id"], "written": repaired, "repaired": repaired}
     snapshot_id = new_snapshot_id(key)
-    params = {"files": [str(home.root / i["path"]) for i in inputs], "student_id": student_id,
-              "sampling_hash": chosen, "snapshot_id": snapshot_id}
-    table = query_arrow(con or connect(), statement("passrates.aggregate"), params)
+    table = _aggregate(home, student_id, chosen, inputs, snapshot_id, con)
     folder = home.snapshots_dir(student_id)
     sampling = read_sampling_config(home.rollouts_dir(student_id, chosen, sets[0].dataset))
     write_json_atomic(folder / f"{snapshot_id}.json", {
@@ -100,6 +146,8 @@ def refresh_student(home: Home, student_id: str, sampling_hash: str | None = Non
 
 def refresh(home: Home, student_id: str | None = None, sampling_hash: str | None = None) -> list[dict]:
     """Refresh one student, or every student with rollouts. One result dict per student."""
+    if sampling_hash is not None:
+        validate_name(sampling_hash, "sampling_hash")
     students = [student_id] if student_id else list_rollout_students(home)
     con = connect()
     results = []

@@ -58,6 +58,8 @@ from paced.store.rollouts import (
     write_sampling_config,
 )
 
+MAX_K = 1024  # samples per problem; more is a typo, not a measurement
+
 
 @dataclass(frozen=True)
 class RolloutConfig:
@@ -80,6 +82,8 @@ class RolloutConfig:
         for name in ("k", "batch_size", "grader_workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}", detail={"field": name})
+        if self.k > MAX_K:
+            raise InputError(f"`k` must be <= {MAX_K}, got {self.k}", detail={"field": "k"})
         if self.seed < 0 or self.round < 0:
             raise InputError(f"`seed` and `round` must be >= 0, got {self.seed}, {self.round}")
         self.sampling()  # validates temperature, top_p, max_new_tokens, stop

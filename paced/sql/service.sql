@@ -126,7 +126,7 @@ SELECT unnest($run_id), unnest($epoch), unnest($shard), unnest($lease_id), unnes
 
 -- name: epoch_leases
 -- In grant order: the last lease of a shard is its holder.
-SELECT lease_id, shard, expires_at FROM leases
+SELECT lease_id, shard, expires_at, consumer FROM leases
 WHERE run_id = $run_id AND epoch = $epoch
 ORDER BY issued_at, shard;
 
@@ -134,7 +134,7 @@ ORDER BY issued_at, shard;
 SELECT shard, lease_id FROM acks WHERE run_id = $run_id AND epoch = $epoch;
 
 -- name: get_lease
-SELECT run_id, epoch, shard FROM leases WHERE lease_id = $lease_id;
+SELECT run_id, epoch, shard, consumer FROM leases WHERE lease_id = $lease_id;
 
 -- name: get_ack
 SELECT lease_id FROM acks WHERE run_id = $run_id AND epoch = $epoch AND shard = $shard;

@@ -96,7 +96,7 @@ def open_home(home: str | os.PathLike | None = None, *, create: bool = True) -> 
     marker = root / SCHEMA_FILE
     if marker.exists():
         try:
-            version = int(read_json(marker)["schema_version"])
+            version = int(read_json(marker, f"is {root} a paced data home?")["schema_version"])
         except (ValueError, KeyError, TypeError) as err:
             raise SchemaError(f"{marker} is unreadable; is {root} a paced data home?") from err
         if version > SCHEMA_VERSION:

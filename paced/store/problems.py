@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from paced.errors import InputError, NotFoundError
-from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
+from paced.store.files import read_json_object, write_json_atomic, write_parquet_atomic
 from paced.store.home import Home
-from paced.store.sql import connect, query_arrow, statement
+from paced.store.sql import connect, query_files, statement
 
 PROBLEM_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -19,6 +19,7 @@ PROBLEM_SCHEMA = pa.schema([
     ("metadata", pa.string()),  # JSON object of the source's other columns
 ])
 GRADERS = ("math", "exact", "numeric")
+PART_HINT = "restore it from a backup, or import the source again into a new data set"
 
 
 def part_files(home: Home, dataset: str) -> list[Path]:
@@ -31,7 +32,7 @@ def dataset_info(home: Home, dataset: str) -> dict:
     if not path.exists() or not part_files(home, dataset):
         raise NotFoundError(f"data set {dataset!r} not found in {home.root}; import it with `paced import`",
                             detail={"field": "dataset", "value": dataset})
-    return read_json(path)
+    return read_json_object(path, PART_HINT)
 
 
 def list_datasets(home: Home) -> list[str]:
@@ -44,7 +45,7 @@ def read_problems(home: Home, dataset: str, con=None) -> pa.Table:
     dataset_info(home, dataset)
     files = [str(p) for p in part_files(home, dataset)]
     con = con or connect()
-    table = query_arrow(con, statement("problems.read_all"), {"files": files})
+    table = query_files(con, statement("problems.read_all"), {"files": files}, files, PART_HINT)
     return table.cast(PROBLEM_SCHEMA)
 
 
@@ -52,7 +53,7 @@ def write_problem_part(home: Home, dataset: str, table: pa.Table, grader: str, s
     """Commit new problems as the next immutable part file, then record the import."""
     folder = home.problems_dir(dataset)
     info_path = folder / "dataset.json"
-    info = read_json(info_path) if info_path.exists() else {"name": dataset, "grader": grader, "imports": []}
+    info = read_json_object(info_path, PART_HINT) if info_path.exists() else {"name": dataset, "grader": grader, "imports": []}
     if info["grader"] != grader:
         raise InputError(f"data set {dataset!r} is graded with {info['grader']!r}; "
                          f"cannot import with --grader {grader}", detail={"field": "grader"})

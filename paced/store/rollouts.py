@@ -28,9 +28,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paced.errors import ConflictError
-from paced.store.files import read_json, sweep_temp_files, write_json_atomic, write_parquet_atomic
+from paced.store.files import (
+    FILE_MODE,
+    make_dirs,
+    read_json,
+    read_json_object,
+    sweep_temp_files,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from paced.store.home import Home
-from paced.store.sql import connect, query_arrow, statement
+from paced.store.sql import connect, query_files, statement
 
 ROLLOUT_SCHEMA = pa.schema([
     ("problem_id", pa.string()),
@@ -47,6 +55,8 @@ ROLLOUT_SCHEMA = pa.schema([
 SAMPLING_FILE = "sampling.json"
 LOCK_FILE = ".lock"
 _BATCH_RE = re.compile(r"^(?:batch|done)-(\d{8})\.(?:parquet|json)$")
+BATCH_HINT = "move it aside and rerun `paced rollout` to roll its problems out again"
+SAMPLING_HINT = "delete it: the next `paced rollout` of this config writes it again"
 
 
 # ---- folders, sequence numbers, locks ---------------------------------------------------------
@@ -65,10 +75,14 @@ def next_seq(folder: Path) -> int:
 
 @contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold the folder's writer lock; ConflictError if another process holds it."""
+    """Hold the folder's writer lock; ConflictError if another process holds it. A folder this
+    call created is removed again (with the parents it created) when nothing was committed in
+    it (no batch, at most its sampling.json), so a job that fails on a bad argument or a model
+that does not load leaves no empty folder behind."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    make_dirs(folder)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,6 +92,14 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
         sweep_temp_files(folder)
         yield
     finally:
+        try:
+            if created and {p.name for p in folder.iterdir()} <= {LOCK_FILE, SAMPLING_FILE}:
+                for name in (SAMPLING_FILE, LOCK_FILE):
+                    (folder / name).unlink(missing_ok=True)
+                for path in created:  # deepest first
+                    path.rmdir()
+        except OSError:  # another writer came in meanwhile: its folder now
+            pass
         os.close(fd)
 
 
@@ -112,7 +134,7 @@ def write_sampling_config(folder: Path, config: dict) -> None:
 
 def read_sampling_config(folder: Path) -> dict | None:
     path = Path(folder) / SAMPLING_FILE
-    return read_json(path) if path.exists() else None
+    return read_json_object(path, SAMPLING_HINT) if path.exists() else None
 
 
 def write_rollout_batch(folder: Path, table: pa.Table) -> Path:
@@ -128,7 +150,8 @@ def committed_samples(files: list[Path], con=None) -> dict[str, list[int]]:
     """problem_id -> sorted sample indices committed in `files`."""
     if not files:
         return {}
-    table = query_arrow(con or connect(), statement("rollouts.samples"), {"files": [str(f) for f in files]})
+    table = query_files(con or connect(), statement("rollouts.samples"), {"files": [str(f) for f in files]}, files,
+                        BATCH_HINT)
     return dict(zip(table["problem_id"].to_pylist(), table["samples"].to_pylist(), strict=True))
 
 
@@ -137,15 +160,16 @@ def pass_counts(files: list[Path], k: int, con=None) -> pa.Table:
     if not files:
         return pa.table({"problem_id": pa.array([], pa.string()), "n": pa.array([], pa.int64()),
                          "correct": pa.array([], pa.int64())})
-    return query_arrow(con or connect(), statement("rollouts.pass_counts"),
-                       {"files": [str(f) for f in files], "k": k})
+    return query_files(con or connect(), statement("rollouts.pass_counts"),
+                       {"files": [str(f) for f in files], "k": k}, files, BATCH_HINT)
 
 
 def read_rollouts(files: list[Path], con=None) -> pa.Table:
     """All rows of `files` (ROLLOUT_SCHEMA), sorted by data set, problem, sample."""
     if not files:
         return ROLLOUT_SCHEMA.empty_table()
-    table = query_arrow(con or connect(), statement("rollouts.read_all"), {"files": [str(f) for f in files]})
+    table = query_files(con or connect(), statement("rollouts.read_all"), {"files": [str(f) for f in files]},
+                        files, BATCH_HINT)
     return table.cast(ROLLOUT_SCHEMA)
 
 

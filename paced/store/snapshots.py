@@ -8,15 +8,19 @@ until the rename puts the new one in place.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from paced.errors import NotFoundError
-from paced.store.files import write_parquet_atomic
+from paced.errors import ConflictError, NotFoundError
+from paced.store.files import FILE_MODE, make_dirs, read_parquet_checked, write_parquet_atomic
 from paced.store.home import Home, validate_name
 
 SNAPSHOT_SCHEMA = pa.schema([
@@ -34,6 +38,37 @@ SNAPSHOT_SCHEMA = pa.schema([
     ("stale_age", pa.int32()),  # 0: measured on this snapshot's checkpoint; k: carried k refreshes
     ("snapshot_id", pa.string()),
 ])
+
+
+LOCK_FILE = ".lock"
+
+
+def snapshot_hint(student_id: str) -> str:
+    return f"run `paced refresh --student {student_id}` to rebuild it from its rollouts"
+
+
+@contextmanager
+def snapshot_lock(home: Home, student_id: str, timeout_seconds: float = 600.0) -> Iterator[None]:
+    """Hold the writer lock of a student's snapshots (an `flock`, released by the kernel if its
+    holder dies), waiting up to `timeout_seconds` for another writer to finish; ConflictError
+    after that. Two refreshes never write the same rows under two snapshot ids."""
+    folder = make_dirs(home.snapshots_dir(student_id))
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as err:
+                if time.monotonic() >= deadline:
+                    raise ConflictError(f"another job has been writing snapshots of {student_id!r} for over "
+                                        f"{timeout_seconds:.0f} s; try again later", code="busy",
+                                        detail={"folder": str(folder)}) from err
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def new_snapshot_id(content_key: str, now: datetime | None = None) -> str:
@@ -71,7 +106,7 @@ def snapshot_path(home: Home, student_id: str, snapshot_id: str | None = None) -
 def read_snapshot(home: Home, student_id: str, snapshot_id: str | None = None,
                   dataset: str | None = None) -> pa.Table:
     """A snapshot's rows (SNAPSHOT_SCHEMA), optionally only one data set's."""
-    table = pq.read_table(snapshot_path(home, student_id, snapshot_id))
+    table = read_parquet_checked(snapshot_path(home, student_id, snapshot_id), snapshot_hint(student_id))
     if dataset is not None:
         import pyarrow.compute as pc
 
@@ -91,10 +126,12 @@ def read_snapshot_rows(home: Home, student_id: str, snapshot_id: str | None = No
     return table, sid
 
 
-def write_snapshot(home: Home, student_id: str, table: pa.Table, snapshot_id: str) -> Path:
-    """Commit a snapshot (rows sorted by dataset, problem id) under its id. Never overwrites."""
+def write_snapshot(home: Home, student_id: str, table: pa.Table, snapshot_id: str, *,
+                   repair: bool = False) -> Path:
+    """Commit a snapshot (rows sorted by dataset, problem id) under its id. Never overwrites,
+    except with `repair`: a damaged file is replaced by the rows recomputed from its inputs."""
     path = home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.parquet"
-    if path.exists():
+    if path.exists() and not repair:
         raise FileExistsError(path)
     table = table.cast(SNAPSHOT_SCHEMA).sort_by([("dataset", "ascending"), ("problem_id", "ascending")])
     return write_parquet_atomic(path, table)

@@ -49,3 +49,15 @@ def query_arrow(con, sql: str, params=None):
     rel = con.sql(sql, params=params)
     fetch = getattr(rel, "to_arrow_table", None) or rel.arrow  # DuckDB >= 2 / 1.x
     return fetch()
+
+
+def query_files(con, sql: str, params, files, hint: str = ""):
+    """`query_arrow` over Parquet `files`; when DuckDB cannot read them, `DamagedError` naming
+    the first file that does not read (checked only after a failure: no cost when all is well)."""
+    from paced.store.files import find_damaged
+
+    try:
+        return query_arrow(con, sql, params)
+    except duckdb.Error:
+        find_damaged(files, hint)
+        raise
