@@ -35,7 +35,14 @@ import pyarrow.parquet as pq
 from paced import __version__
 from paced.curriculum import Manifest, shard_bounds
 from paced.errors import NotFoundError, PacedError
-from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
+from paced.store.files import (
+    DIR_MODE,
+    FILE_MODE,
+    make_dirs,
+    read_json,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from paced.store.home import Home
 from paced.store.shards import assemble_rows
 from paced.store.sql import connect, statement
@@ -150,11 +157,14 @@ def write_epoch(home: Home, run_id: str, manifest: Manifest, snapshot_id: str, d
         items = items.set_column(items.schema.get_field_index("position"), "position", offset)
     rows = assemble_rows(home, items, dataset, manifest.scheme.guard, teacher_id)
     bounds = shard_bounds(manifest.num_items, shard_size)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}.", dir=folder.parent))
     try:
+        tmp.chmod(DIR_MODE)
         write_parquet_atomic(tmp / "manifest.parquet", items)
         jsonl_offsets, parquet_offsets = _write_shards(rows, bounds, tmp, shard_size)
+        for name in ("shards.jsonl", "shards.pack"):
+            (tmp / name).chmod(FILE_MODE)
         info = {"run_id": run_id, "epoch": manifest.epoch, "snapshot_id": snapshot_id,
                 "items": manifest.num_items, "shard_size": shard_size,
                 "effective_sample_size": manifest.effective_sample_size, "paced_version": __version__,

@@ -29,7 +29,7 @@ from paced.curriculum import (
     starvation_warning,
 )
 from paced.errors import InputError
-from paced.store.files import read_json, write_json_atomic, write_parquet_atomic
+from paced.store.files import DIR_MODE, make_dirs, read_json, write_json_atomic, write_parquet_atomic
 from paced.store.home import Home, open_home
 from paced.store.shards import assemble_rows
 from paced.store.snapshots import read_snapshot_rows
@@ -62,9 +62,10 @@ def manifest_record(student_id: str, dataset: str, snapshot_id: str, scheme: Wei
 def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, shard_size: int) -> dict:
     """Write manifest.parquet, the shards and manifest.json into `out` (atomically, as a folder)."""
     bounds = shard_bounds(manifest.num_items, shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the manifest is for a trainer of the same group
         write_parquet_atomic(tmp / "manifest.parquet", manifest.items)
         rows = assemble_rows(home, manifest.items, inputs["dataset"], manifest.scheme.guard)
         digests = {}

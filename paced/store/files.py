@@ -29,9 +29,13 @@ DIR_MODE = 0o750  # data folders: owner rwx, group rx
 
 
 def make_dirs(folder: Path) -> Path:
-    """Create `folder` and its missing parents with DIR_MODE (a stricter umask still applies)."""
-    Path(folder).mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    return Path(folder)
+    """Create `folder` and its missing parents, each with DIR_MODE (a stricter umask still applies;
+    `Path.mkdir(parents=True)` would give the parents the umask's default instead)."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True, mode=DIR_MODE)
+    return folder
 
 
 def _temp_path(path: Path) -> Path:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from paced.errors import ConflictError
 from paced.store.files import (
     FILE_MODE,
+    damaged,
     make_dirs,
     read_json,
     read_json_object,
@@ -104,8 +105,18 @@ that does not load leaves no empty folder behind."""
 
 
 def num_rows(files: list[Path]) -> int:
-    """Total rows of Parquet files, from their footers (no data read)."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    """Total rows of Parquet files, from their footers (no data read); a file whose footer does
+    not read is named (`DamagedError`)."""
+    total = 0
+    for f in files:
+        try:
+            total += pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowException, OSError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise damaged(Path(f), f"is not a readable Parquet file ({str(err).splitlines()[0][:200]})",
+                          BATCH_HINT) from err
+    return total
 
 
 # ---- rollouts ---------------------------------------------------------------------------------

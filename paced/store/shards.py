@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from paced.store.home import Home
 from paced.store.problems import part_files
-from paced.store.sql import connect, query_arrow, statement
+from paced.store.sql import connect, query_files, statement
 
 REFERENCE_SCHEMA = pa.schema([
     ("problem_id", pa.string()),
@@ -62,7 +62,8 @@ def assemble_rows(home: Home, items: pa.Table, dataset: str, guard: str = "none"
             sql, params["ref_files"] = statement("shards.assemble"), refs
         else:
             sql = statement("shards.assemble_no_refs")
-        table = query_arrow(con, sql, params)
+        table = query_files(con, sql, params, [*params["problem_files"], *refs],
+                            "restore it from a backup, or import (or collect) it again")
     finally:
         con.unregister("items")
     return table.cast(SHARD_SCHEMA)
