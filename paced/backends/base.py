@@ -44,10 +44,12 @@ class SamplingConfig:
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.n < 1:
             raise InputError(f"`n` must be >= 1, got {self.n}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InputError(f"`temperature` must be a finite number >= 0, got {self.temperature}",
-                             detail={"field": "temperature"})
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"`{name}` must be a finite number, got {getattr(self, name)}", detail={"field": name})
+        if self.temperature < 0:
+            raise InputError(f"`temperature` must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
             raise InputError(f"`top_p` must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise InputError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}")
