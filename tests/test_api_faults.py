@@ -64,6 +64,14 @@ def test_run_bodies_are_strictly_typed(home, field, value):
         assert assert_error(r, 422, "validation_error")["detail"]["field"] == field
 
 
+def test_a_prior_is_a_json_array_of_numbers(home):
+    with client_for(home) as client:
+        body = {"student_id": "s1", "dataset": "arith", "scheme": "paced-posterior"}
+        assert client.post("/v1/runs", json={**body, "prior": [1, 2]}).status_code == 201
+        r = client.post("/v1/runs", json={**body, "prior": ["1", 2]})
+        assert assert_error(r, 422, "validation_error")["detail"]["field"].startswith("prior")
+
+
 def test_leases_are_acked_and_renewed_only_by_their_consumer(home):
     with client_for(home) as client:
         run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 5}).json()["run_id"]

@@ -14,7 +14,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CONSUMER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-PriorParam = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+PriorParam = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False, strict=True)]
 
 
 class ErrorBody(BaseModel):
@@ -37,7 +37,8 @@ class RunCreate(BaseModel):
     scheme: Literal[tuple(sorted(SCHEMES))] = "paced"  # type: ignore[valid-type]
     alpha: Finite = Field(1.0, ge=0, le=1000, description="exponent α of w = p^α (1−p)^β")
     beta: Finite = Field(1.0, ge=0, le=1000, description="exponent β of w = p^α (1−p)^β")
-    prior: tuple[PriorParam, PriorParam] = Field((1.0, 1.0), description="Beta(a₀, b₀) prior (paced-posterior)")
+    prior: tuple[PriorParam, PriorParam] = Field((1.0, 1.0), strict=False,  # a JSON array; its numbers strict
+                                                 description="Beta(a₀, b₀) prior (paced-posterior)")
     mode: Literal[MODES] = "weighted-loss"  # type: ignore[valid-type]
     seed: int = Field(0, ge=0, le=2**63 - 1)
     shard_size: int = Field(256, ge=1, le=2**31 - 1, description="items per shard (at most the max_shard_size setting)")
