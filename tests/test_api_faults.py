@@ -120,6 +120,11 @@ def test_a_failed_first_start_on_a_full_disk_leaves_no_state_file(tmp_path):
         filler.unlink()
         with TestClient(create_app(Settings(home=home.root))) as client:
             assert client.get("/v1/health").status_code == 200
+            filler = fill(disk)  # full while serving: a 503 in the error shape, never a 500
+            r = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 1})
+            assert r.status_code == 503 and r.json()["code"] in ("storage_error", "unavailable"), r.text
+            filler.unlink()
+            assert client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith"}).status_code == 201
         assert state.stat().st_mode & 0o777 == 0o600 and home.service_dir.stat().st_mode & 0o777 == 0o700
 
 

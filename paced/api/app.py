@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+import duckdb
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,7 +29,7 @@ from paced.api.metrics import FrontierCollector, Metrics, ServiceMiddleware
 from paced.api.routes import router
 from paced.api.runs import RunService
 from paced.api.settings import Settings
-from paced.errors import PacedError, storage_error
+from paced.errors import PacedError
 from paced.store.home import open_home
 
 log = logging.getLogger("paced.api")
@@ -69,11 +70,12 @@ def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     return error_response(err.status_code, str(err.detail), code, None, getattr(err, "headers", None))
 
 
-def _storage_error(request: Request, err: OSError) -> JSONResponse:
+def _storage_error(request: Request, err: Exception) -> JSONResponse:
+    """A full or read-only disk under the data home (OSError, or DuckDB's IOException)."""
     log.error("%s %s: %s", request.method, request.url.path, err)
-    wrapped = storage_error(err, "storage")
-    return error_response(503, f"the service cannot read or write its data: {wrapped.detail['reason']}",
-                          wrapped.code, {"errno": err.errno})
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    return error_response(503, f"the service cannot read or write its data: {reason}", "storage_error",
+                          {"errno": getattr(err, "errno", None)})
 
 
 def _unexpected(request: Request, err: Exception) -> JSONResponse:
@@ -86,6 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(OSError, _storage_error)
+    app.add_exception_handler(duckdb.IOException, _storage_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
