@@ -94,7 +94,8 @@ def test_leases_are_acked_and_renewed_only_by_their_consumer(home):
 def test_reads_need_the_token_when_asked_and_health_hides_the_home(home):
     with client_for(home, token=TOKEN, token_reads=True) as client:
         run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith"}, headers=AUTH).json()["run_id"]
-        for url in ("/v1/students/s1/passrates", f"/v1/runs/{run}", f"/v1/runs/{run}/epochs/0/shards/0", "/metrics"):
+        for url in ("/v1/students/s1/passrates", f"/v1/runs/{run}", f"/v1/runs/{run}/epochs/0/shards/0", "/metrics",
+                    "/"):
             assert_error(client.get(url), 401, "unauthorized")
             assert client.get(url, headers=AUTH).status_code == 200, url
         assert client.get("/v1/health").json() == {"status": "ok", "version": client.get("/v1/health").json()["version"],
