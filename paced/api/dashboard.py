@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from paced.api.charts import frontier_svg, histogram_svg, progress_svg
-from paced.api.routes import Reads
+from paced.api.routes import ERRORS, Reads
 from paced.curriculum import SCHEMES, WeightScheme
 from paced.curriculum.frontier import compute_frontier, snapshot_time, weight_curve
 from paced.curriculum.summary import passrate_summary
@@ -137,7 +137,7 @@ def render_page(students: list[dict], runs: list[dict], errors: list[str], schem
             f"{problems}{body}</body></html>")
 
 
-@router.get("/", response_class=HTMLResponse, dependencies=Reads, tags=["dashboard"])
+@router.get("/", response_class=HTMLResponse, responses=ERRORS, dependencies=Reads, tags=["dashboard"])
 def dashboard(request: Request, scheme: Annotated[str, Query(pattern=r"^[a-z-]{1,32}$")] = "paced",
               alpha: Annotated[float, Query(ge=0, le=100)] = 1.0, beta: Annotated[float, Query(ge=0, le=100)] = 1.0,
               k: Annotated[int, Query(ge=1, le=1024)] = 8) -> HTMLResponse:
