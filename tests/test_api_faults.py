@@ -1,7 +1,8 @@
 """Faults and access rules of the service: a damaged snapshot (503, never 500), a failed first start
 on a real full disk (no state file left), strict request bodies, paths that decode to `..`,
 reads behind the token, leases bound to their consumer, and a real `paced serve` subprocess for
-what only a socket shows (a busy port, a malformed Content-Length, the access log)."""
+what only a socket shows (a busy port, a malformed Content-Length, the access log). vLLM and an
+unsupported head size: tests/test_backends.py."""
 
 import json
 import os
@@ -186,15 +187,3 @@ def start_wait(proc, port):
     proc.kill()
     raise RuntimeError("paced serve did not start")
 
-
-@pytest.mark.vllm
-def test_vllm_refuses_an_unsupported_head_size_in_one_line(tmp_path):
-    pytest.importorskip("vllm")
-    from paced.backends import load_backend
-    from paced.errors import InputError
-    from paced.tasks.models import ModelSize, build_random_model
-
-    model = build_random_model(tmp_path / "m", ModelSize(hidden_size=48, num_heads=2))  # head size 24
-    with pytest.raises(InputError, match="head size is 24") as info:
-        load_backend("vllm", model)
-    assert "\n" not in str(info.value) and "--backend transformers" in str(info.value)

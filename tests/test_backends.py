@@ -259,3 +259,16 @@ def test_a_restarted_engine_in_a_new_process_gives_the_same_samples(vllm_backend
     first, second = json.loads(proc.stdout.strip().splitlines()[-1])
     here = vllm_backend.generate(PROMPTS, SamplingConfig(n=3, max_new_tokens=12), seeds)
     assert first == second == [[c.text for c in cs] for cs in here]
+
+
+@pytest.mark.vllm
+def test_vllm_refuses_an_unsupported_head_size_in_one_line(tmp_path):
+    pytest.importorskip("vllm")  # after the session's engine, only the config check costs time
+    from paced.backends import load_backend
+    from paced.errors import InputError
+    from paced.tasks.models import ModelSize, build_random_model
+
+    model = build_random_model(tmp_path / "m", ModelSize(hidden_size=48, num_heads=2))  # head size 24
+    with pytest.raises(InputError, match="head size is 24") as info:
+        load_backend("vllm", model)
+    assert "\n" not in str(info.value) and "--backend transformers" in str(info.value)
