@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from paced import __version__
-from paced.errors import InputError, NotFoundError
-from paced.store.files import parquet_problem, read_json_object, write_json_atomic
+from paced.errors import NotFoundError
+from paced.store.files import damaged, parquet_problem, read_json_object, write_json_atomic
 from paced.store.home import Home, open_home, validate_name
 from paced.store.rollouts import (
     BATCH_HINT,
@@ -101,8 +101,8 @@ def _repair(home: Home, student_id: str, side: dict, chosen: str, inputs: list[d
     if reason is None:
         return False
     if "lineage" in side:
-        raise InputError(f"damaged file {path}: {reason}; it was written by a training refresh and cannot be "
-                         "rebuilt from rollouts alone: move it aside and rerun that refresh", code="damaged_file")
+        raise damaged(path, reason, "it was written by a training refresh and cannot be rebuilt from rollouts "
+                      "alone: move it aside and rerun that refresh")
     print(f"paced refresh: {path} {reason}; rebuilding it from its rollouts", file=sys.stderr)
     write_snapshot(home, student_id, _aggregate(home, student_id, chosen, inputs, sid, con), sid, repair=True)
     return True
@@ -112,15 +112,15 @@ def refresh_student(home: Home, student_id: str, sampling_hash: str | None = Non
     """Write a new snapshot of `student_id` unless the newest one already covers its rollouts
     (then repair it if it is damaged). Holds the student's snapshot lock throughout."""
     validate_name(student_id, "student_id")
+    if not rollout_sets(home, student_id):  # before the lock: no snapshots folder for a typo
+        raise NotFoundError(f"student {student_id!r} has no committed rollouts in {home.root}; "
+                            "run `paced rollout` first", detail={"field": "student", "value": student_id})
     with snapshot_lock(home, student_id):
         return _refresh_locked(home, student_id, sampling_hash, con)
 
 
 def _refresh_locked(home: Home, student_id: str, sampling_hash: str | None, con=None) -> dict:
     sets = rollout_sets(home, student_id)
-    if not sets:
-        raise NotFoundError(f"student {student_id!r} has no committed rollouts in {home.root}; "
-                            "run `paced rollout` first", detail={"field": "student", "value": student_id})
     chosen = choose_sampling_hash(sets, sampling_hash)
     sets = [s for s in sets if s.sampling_hash == chosen]
     inputs = input_files(home, sets)
