@@ -38,9 +38,10 @@ def make_home(tmp_path, n=60, with_refs=True, correct_of=lambda i: i % 9):
     return home_dir, sid, problems
 
 
-def build(home_dir, out, *extra):
+def build(home_dir, out, *extra, keep_unreferenced=True):
     return main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--seed", "3",
-                 "--shard-size", "16", "--out", str(out), "--home", str(home_dir), *extra])
+                 "--shard-size", "16", "--out", str(out), "--home", str(home_dir), *extra]
+                + (["--no-require-reference"] if keep_unreferenced else []))
 
 
 def test_manifest_build_writes_shards_with_hashes_and_is_deterministic(tmp_path, capsys):
@@ -97,3 +98,36 @@ def test_a_pool_mostly_at_weight_zero_gets_a_warning_naming_the_fix(tmp_path, ca
     home_dir, _, _ = make_home(tmp_path / "b")  # 2/9 at the ends: no warning
     assert build(home_dir, tmp_path / "m4") == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_weighted_loss_shards_keep_only_referenced_rows_and_load_as_a_dataset(tmp_path, capsys):
+    import datasets
+
+    home_dir, _, problems = make_home(tmp_path)
+    assert build(home_dir, tmp_path / "m", keep_unreferenced=False) == 0
+    assert build(home_dir, tmp_path / "m2", keep_unreferenced=False) == 0
+    assert "rows without a teacher reference" in capsys.readouterr().err
+    info = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    eligible = [i for i in range(problems.num_rows) if 0 < i % 9 < 8]
+    referenced = [i for i in eligible if i % 2 == 0]  # make_home gives even ids a reference
+    assert (info["items"], info["left_out_without_reference"]) == (len(referenced), len(eligible) - len(referenced))
+    assert info["require_reference"] and info["with_reference"] == info["items"]
+    assert pq.read_table(tmp_path / "m" / "manifest.parquet").num_rows == info["items"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert card == (tmp_path / "m2" / "README.md").read_text() and info["inputs"]["snapshot_id"] in card
+    loaded = datasets.load_dataset(str(tmp_path / "m"), split="train")  # the card names the shards
+    assert loaded.num_rows == info["items"] and "weight" in loaded.column_names
+    assert all(row["completion"] for row in loaded)
+
+
+def test_conversational_shards_hold_one_turn_each_and_a_pool_without_references_is_refused(tmp_path, capsys):
+    import datasets
+
+    home_dir, _, _ = make_home(tmp_path)
+    assert build(home_dir, tmp_path / "m", "--form", "conversational", keep_unreferenced=False) == 0
+    row = datasets.load_dataset(str(tmp_path / "m"), split="train")[0]
+    assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]  # TRL's conversational form
+    assert row["completion"][0]["role"] == "assistant" and row["completion"][0]["content"] and row["weight"] > 0
+    bare, _, _ = make_home(tmp_path / "bare", with_refs=False)
+    assert build(bare, tmp_path / "none", keep_unreferenced=False) == 1
+    assert "--no-require-reference" in capsys.readouterr().err

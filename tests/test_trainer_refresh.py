@@ -40,7 +40,7 @@ def models(tmp_path_factory):
 def home_with_manifest(root: Path, capsys, n: int = 30, *extra: str):
     """A data home (problems, references for even ids, snapshot of student s1) and a manifest."""
     home, base = make_service_home(root, n=n)
-    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(root / "m"),
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(root / "m"), "--no-require-reference",
                  "--shard-size", "8", "--scheme", "paced-posterior", "--home", str(home.root), *extra]) == 0
     capsys.readouterr()
     return home, base, root / "m"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from paced.errors import ConflictError, NotFoundError
-from paced.store.files import FILE_MODE, make_dirs, read_parquet_checked, write_parquet_atomic
+from paced.store.files import FILE_MODE, make_dirs, read_json, read_parquet_checked, write_parquet_atomic
 from paced.store.home import Home, validate_name
 
 SNAPSHOT_SCHEMA = pa.schema([
@@ -135,3 +135,11 @@ def write_snapshot(home: Home, student_id: str, table: pa.Table, snapshot_id: st
         raise FileExistsError(path)
     table = table.cast(SNAPSHOT_SCHEMA).sort_by([("dataset", "ascending"), ("problem_id", "ascending")])
     return write_parquet_atomic(path, table)
+
+
+def measured_chat_template(home: Home, student_id: str, snapshot_id: str) -> bool | None:
+    """Whether the rollouts that measured a snapshot rendered prompts with the chat template
+    (its side file's sampling config); None when the snapshot records no sampling."""
+    side = home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.json"
+    sampling = (read_json(side).get("sampling") or {}) if side.exists() else {}
+    return bool(sampling["chat_template"]) if "chat_template" in sampling else None
