@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,14 +93,36 @@ def resolve_seeds(prompts: list[str], params: SamplingConfig, seeds: list[int] |
     return [int(s) % SEED_MODULUS for s in seeds]
 
 
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
 def check_model_dir(model_dir: str | Path) -> Path:
-    """A local model directory with a config.json, or an InputError naming the path."""
+    """A local model directory with a config.json, or a Hugging Face Hub id (`org/name`)
+    resolved to its snapshot in the Hugging Face cache (fetched there first unless
+    HF_HUB_OFFLINE=1); else an InputError naming both places looked in."""
     path = Path(model_dir).expanduser()
+    if not path.exists() and HUB_ID.match(str(model_dir)) and not str(model_dir).startswith("."):
+        path = hub_snapshot(str(model_dir))
     if not path.is_dir():
         raise InputError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise InputError(f"no config.json in model directory: {path}")
     return path.resolve()
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of Hub model `repo_id` (see `check_model_dir`)."""
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        return Path(snapshot_download(repo_id, repo_type="model", local_files_only=offline))
+    except Exception as err:  # the hub's many errors (not cached, no network, no such repo): one line
+        where = f"no local folder {repo_id!r}, and the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        how = "has no snapshot of it (HF_HUB_OFFLINE=1: fetch it first with `hf download " + repo_id + "`)" \
+            if offline else f"could not fetch it: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        raise InputError(f"model {repo_id!r} not found: {where} {how}",
+                         detail={"field": "model", "value": repo_id}) from err
 
 
 def model_files(model_dir: Path) -> list[Path]:

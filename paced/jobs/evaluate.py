@@ -36,6 +36,7 @@ class EvalConfig:
     limit: int | None = None  # problems per data set (the first by id)
     backend: str | None = None  # auto: vllm when importable
     sampled: bool = True  # also report mean@k
+    chat_template: bool = False  # render each prompt as a user turn with the model's chat template
 
     def __post_init__(self):
         if self.k < 1:
@@ -71,9 +72,10 @@ def evaluate_backend(backend, sets: dict[str, tuple[pa.Table, str]], cfg: EvalCo
     """Greedy (and mean@k) accuracy of one loaded model on each named problem set."""
     from paced.backends import SamplingConfig
 
-    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                            chat_template=cfg.chat_template)
     sampled = SamplingConfig(n=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                             seed=cfg.seed)
+                             seed=cfg.seed, chat_template=cfg.chat_template)
     report = {}
     for name, (problems, grader) in sets.items():
         if problems.num_rows == 0:
@@ -130,8 +132,9 @@ def forgetting(model: dict, base: dict) -> dict | None:
 def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
-    parser.add_argument("--model", required=True, help="model folder to evaluate (save_pretrained)")
-    parser.add_argument("--base", default=None, help="base model folder, reported side by side")
+    parser.add_argument("--model", required=True, help="model to evaluate: a folder (save_pretrained) or a Hugging "
+                        "Face Hub id (org/name, from the Hugging Face cache)")
+    parser.add_argument("--base", default=None, help="base model (folder or Hub id), reported side by side")
     parser.add_argument("--dataset", action="append", required=True, help="held-out data set (repeatable)")
     parser.add_argument("--mastered-student", default=None, help="student id whose p̂=1 problems measure forgetting")
     parser.add_argument("--mastered-dataset", default=None, help="data set those problems come from")
@@ -143,6 +146,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each set")
     parser.add_argument("--greedy-only", action="store_true", help="skip mean@k")
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="render prompts with the model's chat template (as `paced rollout --chat-template`)")
     add_home_argument(parser)
 
 
@@ -151,7 +156,7 @@ def run(args) -> int:
     if bool(args.mastered_student) != bool(args.mastered_dataset):
         raise InputError("--mastered-student and --mastered-dataset go together")
     cfg = EvalConfig(args.k, args.temperature, args.max_new_tokens, args.seed, args.limit,
-                     None if args.backend == "auto" else args.backend, not args.greedy_only)
+                     None if args.backend == "auto" else args.backend, not args.greedy_only, args.chat_template)
     mastered = (args.mastered_student, args.mastered_dataset, args.mastered_snapshot) if args.mastered_student else None
     sets = load_sets(home, args.dataset, cfg, mastered)
     model = evaluate_model(args.model, sets, cfg)

@@ -343,7 +343,8 @@ def add_sampling_arguments(parser, *, temperature: float = 1.0) -> None:
 def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
-    parser.add_argument("--student", required=True, metavar="DIR", help="the student model directory")
+    parser.add_argument("--student", required=True, metavar="MODEL",
+                        help="the student model: a folder, or a Hugging Face Hub id (org/name) from the HF cache")
     parser.add_argument("--student-id", default=None, help="id to file rollouts under (default: hash of the model files)")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("-k", "--k", type=int, default=8, help="rollouts per problem")

@@ -170,7 +170,8 @@ def add_arguments(parser) -> None:
     from paced.jobs.rollout import add_sampling_arguments
     from paced.store.home import add_home_argument
 
-    parser.add_argument("--teacher", required=True, metavar="DIR", help="the teacher model directory")
+    parser.add_argument("--teacher", required=True, metavar="MODEL",
+                        help="the teacher model: a folder, or a Hugging Face Hub id (org/name) from the HF cache")
     parser.add_argument("--teacher-id", default=None, help="id to file references under (default: hash of the model files)")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--tries", type=int, default=4, help="tries per problem: one greedy, then sampled")
