@@ -8,6 +8,7 @@ from api_fixtures import ServerThread, make_service_home
 
 from paced.api.app import create_app
 from paced.api.settings import Settings
+from paced.client import ShardClient
 from paced.trainer.data import HttpShardSource
 
 
@@ -26,10 +27,10 @@ def test_http_source_renews_the_leases_it_holds_and_not_the_acked_ones(tmp_path)
         assert (second.index, other["shard"]) == (1, 2)
         source.ack(second.key)
         assert source.renew() == 0 and source.acked == 2
-        stale = HttpShardSource(f"{server.url}/v1/runs/{run}", ttl_seconds=0.2)
-        held = next(iter(stale))
+        stale = ShardClient(f"{server.url}/v1/runs/{run}", ttl_seconds=0.2, renew_in_background=False)
+        held = stale.lease()
         time.sleep(0.4)
         assert httpx.post(f"{server.url}/v1/runs/{run}/leases", json={"consumer": "x"}).json()["shard"] == held.index
-        assert stale.renew() == 0 and not stale.held  # the shard went out again: dropped, with a warning
+        assert stale.renew() == 0 and not stale.held and stale.dropped == 1  # the shard went out again: dropped
         source.close()
         stale.close()

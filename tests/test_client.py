@@ -49,7 +49,7 @@ def test_batches_hand_out_every_row_once_per_epoch_and_ack_after_steps(service):
     eligible = [i for i in with_refs if 0 < i % 9 < 8]  # weight > 0 under `paced`, with a reference
     assert sorted(seen) == sorted(f"p{i:07d}" for i in eligible * 2)  # every row, once an epoch
     assert view["done"] and client.done and sum(acks) == client.acked == client.leased
-    assert client.skipped_rows > 0 and not client.held and client.lost == 0
+    assert client.skipped_rows > 0 and not client.held and client.conflicts == client.dropped == 0
 
 
 def test_opening_and_peeking_at_a_dataset_leases_one_shard_and_keeps_it(service):
@@ -78,7 +78,7 @@ def test_held_leases_are_renewed_in_the_background(service):
         for row in rows:
             if row[DONE_COLUMN]:
                 break
-        assert client.step_done() == 1 and client.acked == 1 and client.lost == 0
+        assert client.step_done() == 1 and client.acked == 1 and client.conflicts == client.dropped == 0
 
 
 def test_batch_tracking_acks_only_shards_whose_last_row_was_trained_on(service):

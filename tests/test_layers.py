@@ -22,7 +22,11 @@ FORBIDDEN = {  # importer layer -> layers it must never import
     "tasks": {"jobs", "api", "trainer", "cli"},
     "api": {"jobs", "trainer", "backends", "cli"},
     "jobs": {"api", "trainer", "cli"},
-    "trainer": {"jobs", "api", "cli", "store"},  # DESIGN §2: the service only over HTTP or shard files
+    "trainer": {"jobs", "api", "cli", "store", "integrations"},  # DESIGN §2: the service only over HTTP or shard files
+    # the client of external trainers: light (no torch, no data home), only paced.errors below it
+    "client": {"curriculum", "store", "jobs", "api", "trainer", "backends", "grading", "tasks", "cli",
+               "integrations"},
+    "integrations": {"curriculum", "store", "jobs", "api", "trainer", "backends", "grading", "tasks", "cli"},
 }
 ALLOWED = {  # (importing file, imported module prefix): the written exceptions
     ("jobs/train.py", "paced.trainer"),

@@ -48,3 +48,22 @@ def test_evaluate_takes_a_hub_id_and_a_chat_template_flag(hub_cache, tiny_model_
     assert report["model"]["model_id"] == model_id(tiny_model_dir) and report["model"]["sets"]["a"]["greedy"]["problems"] == 4
     assert main([*args, "--chat-template"]) == 1  # the tiny tokenizer has no template: said in one line
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_train_takes_hub_ids_and_warns_when_the_snapshot_saw_other_prompts(hub_cache, tmp_path, capsys):
+    from api_fixtures import make_service_home
+
+    from paced.store.files import write_json_atomic
+
+    home, sid = make_service_home(tmp_path, n=20)
+    write_json_atomic(home.snapshots_dir("s1") / f"{sid}.json", {"sampling": {"chat_template": True}})
+    shards = tmp_path / "m"
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(shards),
+                 "--home", str(home.root)]) == 0
+    assert json.loads(capsys.readouterr().out)["measured_with_chat_template"] is True
+    assert main(["train", "--student", "paced-test/tiny", "--teacher", "paced-test/tiny", "--from", str(shards),
+                 "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--no-progress",
+                 "--home", str(home.root)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: snapshot" in err and "rendered with the chat template" in err and "add --chat-template" in err
+    assert (tmp_path / "out" / "final" / "config.json").is_file()

@@ -155,6 +155,6 @@ def raise_for(response: httpx.Response, what: str) -> None:
         body = {"error": str(body)[:300]}
     message = f"{what}: the service answered {response.status_code}: {body.get('error', body)}"
     if response.status_code in (401, 403):
-        message += " (pass a token, or set PACED_TOKEN)"
+        message += " (pass --token, or token=... to the client, or set PACED_TOKEN)"
     error = {404: NotFoundError, 409: ConflictError}.get(response.status_code, InputError)
     raise error(message, detail=body.get("detail"))

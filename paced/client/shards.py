@@ -62,15 +62,17 @@ class ShardClient:
 
     def __init__(self, run_url: str, *, token: str | None = None, consumer: str | None = None,
                  ttl_seconds: float | None = None, require_completion: bool = True, retries: int = 5,
-                 timeout_seconds: float = 30.0, backoff_seconds: float = 0.5):
+                 timeout_seconds: float = 30.0, backoff_seconds: float = 0.5, renew_in_background: bool = True):
         base, self.run_id = run_base(run_url)
         self.run_url = f"{base}/v1/runs/{self.run_id}"
         self.service = ServiceClient(base, token=token, retries=retries, timeout_seconds=timeout_seconds,
                                      backoff_seconds=backoff_seconds)
         self.consumer = consumer or default_consumer()
         self.ttl_seconds, self.require_completion = ttl_seconds, require_completion
+        self.renew_in_background = renew_in_background
         self.held: dict[str, HeldShard] = {}  # leased and not acked, in lease order
-        self.leased = self.acked = self.lost = self.skipped_rows = 0
+        self.leased = self.acked = self.skipped_rows = 0
+        self.conflicts = self.dropped = 0  # acks refused; leases lost at renewal (their shards went out again)
         self.done = False  # the service said every shard of every epoch is acked
         self._by_batches = False
         self._lock = threading.Lock()
@@ -130,28 +132,33 @@ class ShardClient:
         shards finished but not acked (they may be what it waits for) and `wait_on_own` is
         false (the caller has not had a chance to step and ack them yet)."""
         while True:
-            answer: LeaseAnswer = self.service.lease(self.run_url, self.consumer, self.ttl_seconds)
-            if answer.status == "done":
-                self.done = True
-                return None
-            if answer.status == "leased":
-                return self._hold(answer)
+            got = self.lease()
+            if got is None or isinstance(got, HeldShard):
+                return got
             with self._lock:
                 pending = any(s.finished for s in self.held.values())
             if pending and not wait_on_own:
                 return None
-            self._stop.wait(answer.retry_after_seconds)
+            self._stop.wait(got)
 
-    def _hold(self, answer: LeaseAnswer) -> HeldShard:
+    def lease(self) -> HeldShard | float | None:
+        """One lease request: the shard (now held and renewed), the seconds the service asks us
+        to wait, or None when every shard of every epoch is acked."""
+        answer: LeaseAnswer = self.service.lease(self.run_url, self.consumer, self.ttl_seconds)
+        if answer.status == "done":
+            self.done = True
+            return None
+        if answer.status == "wait":
+            return answer.retry_after_seconds
         rows = [dict(r) for r in answer.items]
-        skipped = sum(1 for r in rows if self.require_completion and not r.get("completion"))
-        self.skipped_rows += skipped
+        self.skipped_rows += sum(1 for r in rows if self.require_completion and not r.get("completion"))
         shard = HeldShard(answer.lease_id, answer.epoch, answer.shard, rows, answer.snapshot_id,
                           float(answer.ttl_seconds or self.ttl_seconds or 300.0))
         with self._lock:
             self.held[shard.lease_id] = shard
             self.leased += 1
-        self._start_renewer()
+        if self.renew_in_background:
+            self._start_renewer()
         return shard
 
     # ------------------------------------------------------------ acks
@@ -170,17 +177,24 @@ class ShardClient:
     def step_done(self) -> int:
         """Call after each optimizer step: acks the shards that step finished; how many."""
         with self._lock:
-            ready = [s for s in self.held.values() if (s.consumed if self._by_batches else s.finished)]
-        for shard in ready:
-            if self.service.ack(self.run_url, shard.lease_id):
-                self.acked += 1
-            else:
-                self.lost += 1
-                log.warning("ack of lease %s refused: it expired and shard %d of epoch %d went out again "
-                            "(raise ttl_seconds)", shard.lease_id, shard.index, shard.epoch)
-            with self._lock:
-                self.held.pop(shard.lease_id, None)
+            ready = [s.lease_id for s in self.held.values() if (s.consumed if self._by_batches else s.finished)]
+        for lease_id in ready:
+            self.ack(lease_id)
         return len(ready)
+
+    def ack(self, lease_id: str) -> bool:
+        """Ack one held lease now; False (counted in `conflicts`, with a warning) when the
+        service refuses it: the lease expired and its shard went out again."""
+        with self._lock:
+            shard = self.held.pop(lease_id, None)
+        if self.service.ack(self.run_url, lease_id):
+            self.acked += 1
+            return True
+        self.conflicts += 1
+        where = f"shard {shard.index} of epoch {shard.epoch}" if shard else "its shard"
+        log.warning("ack of lease %s refused: it expired and %s went out again (raise the lease TTL)",
+                    lease_id, where)
+        return False
 
     # ------------------------------------------------------------ renewals
 
@@ -195,7 +209,7 @@ class ShardClient:
             if ttl is None:
                 with self._lock:
                     if self.held.pop(shard.lease_id, None) is not None:
-                        self.lost += 1
+                        self.dropped += 1
                 log.warning("lease %s could not be renewed: its shard went out again", shard.lease_id)
                 continue
             shard.ttl_seconds = ttl

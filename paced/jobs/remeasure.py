@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -134,7 +133,8 @@ def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path,
     """The manifest of `folder` rebuilt from a snapshot of `student_id` (default: its newest),
     with epoch `epoch` (default: the folder's) and `overrides` of its inputs (scheme, alpha,
     beta, prior, weight_floor, uniform_mix), written to `out` (replacing an unfinished one)."""
-    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import ShardForm, manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.store.snapshots import measured_chat_template
 
     built = manifest_inputs(folder)
     i = {"weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss", "epoch": 0, **built["inputs"],
@@ -149,34 +149,36 @@ def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path,
                          "or use --scheme paced-posterior")
     if out.exists():  # left by an interrupted earlier attempt at this refresh
         shutil.rmtree(out)
+    form = ShardForm(bool(built.get("require_reference")), built.get("form", "text"),
+                     measured_chat_template(home, student_id, snapshot_id))  # as the folder was written
     write_manifest_dir(home, manifest, manifest_record(student_id, i["dataset"], snapshot_id, scheme, i["mode"],
-                                                       i["seed"], i["epoch"]), out, built["shard_size"])
+                                                       i["seed"], i["epoch"]), out, built["shard_size"], form)
     return str(out)
 
 
-def service_call(method: str, url: str, body: dict | None = None, *, token: str | None = None,
-                 timeout_seconds: float = 30.0) -> dict:
-    """One JSON request to the service; InputError with its message on failure."""
-    import httpx
+def service_for(url: str, http: dict):
+    """A `paced.client.ServiceClient` for the service `url` (a run URL) belongs to."""
+    from paced.client import ServiceClient, run_base
 
-    token = token or os.environ.get("PACED_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return ServiceClient(run_base(url)[0], token=http.get("token"), timeout_seconds=http.get("timeout_seconds", 30.0))
+
+
+def get_run(run_url: str, http: dict) -> dict:
+    """The service's view of a run (GET /v1/runs/ID)."""
+    service = service_for(run_url, http)
     try:
-        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout_seconds)
-    except httpx.TransportError as err:
-        raise InputError(f"cannot reach the service at {url}: {err}") from err
-    if response.status_code >= 400:
-        raise InputError(f"{method} {url}: the service answered {response.status_code}: {response.text[:300]}")
-    return response.json()
+        return service.get_run(run_url)
+    finally:
+        service.close()
 
 
 def create_run_like(run_url: str, student_id: str, **http) -> str:
     """A new run with the config of `run_url` for `student_id` (newest snapshot); its URL."""
-    old = service_call("GET", run_url.rstrip("/"), **http)["config"]
-    base = run_url.rstrip("/").split("/v1/runs/")[0]
-    created = service_call("POST", f"{base}/v1/runs", {**old, "student_id": student_id, "snapshot_id": None},
-                           **http)
-    return f"{base}/v1/runs/{created['run_id']}"
+    service = service_for(run_url, http)
+    try:
+        return service.create_run_like(run_url, student_id)
+    finally:
+        service.close()
 
 
 def is_http(source: str) -> bool:
@@ -200,7 +202,7 @@ def current_cursor(config: RemeasureConfig, source: str, previous: dict | None) 
     if previous is not None:
         return Cursor(previous["student_id"], previous["snapshot_id"], previous["dataset"])
     if is_http(source):
-        view = service_call("GET", source, **config.http())
+        view = get_run(source, config.http())
         return Cursor(view["config"]["student_id"], view["snapshot_id"], view["config"]["dataset"])
     inputs = manifest_inputs(source)["inputs"]
     return Cursor(inputs["student_id"], inputs["snapshot_id"], inputs["dataset"])
@@ -226,7 +228,7 @@ class RemeasureJob:
         open_home(self.config.home, create=False)
         current_cursor(self.config, source, previous)  # manifest inputs / the run exist
         if every and is_http(source) and previous is None:
-            view = service_call("GET", source, **self.config.http())
+            view = get_run(source, self.config.http())
             if not view["config"].get("follow_snapshots"):
                 raise InputError(f"--refresh-every over the service: run {source} must follow snapshots "
                                  "(create it with follow_snapshots: true) to take up the refreshed pass rates")

@@ -45,9 +45,10 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from paced.curriculum import SCHEMES
-from paced.errors import InputError
+from paced.errors import InputError, PacedError
 from paced.jobs.manifest import parse_prior
 from paced.jobs.remeasure import REFRESH_BACKENDS, HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
 from paced.trainer.config import TrainConfig, parse_stages
@@ -59,8 +60,9 @@ CONFIGS = (TrainConfig, RemeasureConfig, HeldOutConfig)
 # Flags whose spelling, type or action differ from the field's: field -> add_argument kwargs.
 SPECIAL = {
     "source": {"flags": ["--from"], "required": True, "metavar": "URL_OR_DIR"},
-    "student": {"required": True, "metavar": "DIR"},
-    "teacher": {"required": True, "metavar": "DIR"},
+    "student": {"required": True, "metavar": "MODEL"},
+    "teacher": {"required": True, "metavar": "MODEL"},
+    "chat_template": {"action": "store_true"},
     "out": {"required": True, "metavar": "DIR"},
     "loss": {"choices": ["forward", "reverse", "jsd", "akl"]},
     "stages": {"type": parse_stages, "metavar": "LOSS:STEPS,..."},
@@ -111,8 +113,17 @@ def config_from_args(cls, args):
     return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
+def resolve_model_arg(name: str) -> str:
+    """A model flag's value as a local folder: a path as given, a Hugging Face Hub id (no such
+    local folder) as its snapshot folder in the Hugging Face cache."""
+    from paced.backends.base import check_model_dir
+
+    return name if Path(name).expanduser().exists() else str(check_model_dir(name))
+
+
 def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
     """The trainer's config and the two measuring jobs it is handed."""
+    args.student, args.teacher = resolve_model_arg(args.student), resolve_model_arg(args.teacher)
     config = config_from_args(TrainConfig, args)
     remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)),
                                    **{k: getattr(config, k) for k in _shared_names(RemeasureConfig)}})
@@ -133,7 +144,40 @@ def run(args) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config, remeasure, evaluate = jobs_from_args(args)
+    warning = chat_template_mismatch(config, remeasure.config)
+    if warning and int(os.environ.get("RANK", "0")) == 0:
+        print(f"paced train: warning: {warning}", file=sys.stderr, flush=True)
     summary = train(config, remeasure=remeasure, evaluate=evaluate)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), file=sys.stdout, flush=True)
     return 0
+
+
+def chat_template_mismatch(config: TrainConfig, remeasure: RemeasureConfig) -> str | None:
+    """A warning when the snapshot that weights the data was measured on prompts rendered
+    differently (with or without the chat template) than `--chat-template` trains on."""
+    from paced.jobs.remeasure import get_run, is_http, manifest_inputs
+    from paced.store.home import open_home
+    from paced.store.snapshots import measured_chat_template
+
+    if is_http(config.source):
+        view = get_run(config.source, remeasure.http())
+        student, snapshot, measured = view["config"]["student_id"], view["snapshot_id"], None
+    else:
+        info = manifest_inputs(config.source) if (Path(config.source) / "manifest.json").is_file() else None
+        if info is None:
+            return None
+        student, snapshot = info["inputs"]["student_id"], info["inputs"]["snapshot_id"]
+        measured = info.get("measured_with_chat_template")
+    if measured is None:
+        try:
+            measured = measured_chat_template(open_home(remeasure.home, create=False), student, snapshot)
+        except PacedError:  # no data home here (a remote service): nothing recorded to compare with
+            measured = None
+    if measured is None or measured == config.chat_template:
+        return None
+    said = "with" if measured else "without"
+    fix = "add --chat-template" if measured else "drop --chat-template"
+    return (f"snapshot {snapshot} of {student} was measured on prompts rendered {said} the chat template, but "
+            f"this run trains {'with' if config.chat_template else 'without'} it: the weights describe other "
+            f"prompts than the student is trained on ({fix}, or measure again)")

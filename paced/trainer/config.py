@@ -76,8 +76,8 @@ def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
 class TrainConfig:
     """Everything one `paced train` run is told. Validated on construction."""
 
-    student: str = _help("the student model folder (save_pretrained layout)")
-    teacher: str = _help("the teacher model folder; may be the student's own starting checkpoint")
+    student: str = _help("the student model: a folder (save_pretrained layout) or a Hugging Face Hub id")
+    teacher: str = _help("the teacher model (folder or Hub id); may be the student's own starting checkpoint")
     source: str = _help("shards: a manifest folder, or a run URL http://HOST/v1/runs/RUN")
     out: str = _help("output folder for checkpoints (checkpoint-STEP/, final/)")
     loss: str = _help("loss of a single-stage run", "forward")
@@ -95,6 +95,8 @@ class TrainConfig:
     sample_temperature: float = _help("on-policy sampling temperature", 1.0)
     sample_top_p: float = _help("on-policy nucleus sampling (1: off)", 1.0)
     max_new_tokens: int = _help("on-policy: longest sampled completion", 64)
+    chat_template: bool = _help("render prompts as one user turn with the student's chat template (as "
+                                "`paced rollout --chat-template` measured them)", False)
     teacher_prompt_template: str | None = _help("teacher-side prompt, e.g. 'Hint: ...\\n{prompt}'", None)
     jsd_beta: float = _help("beta of the generalised JSD", 0.5)
     akl_head_mass: float = _help("AKL: head = top teacher tokens up to this mass", 0.5)

@@ -22,12 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paced.errors import ConflictError, InputError, NotFoundError, PacedError
+from paced.errors import InputError
 from paced.store.files import read_json
 
 log = logging.getLogger(__name__)
@@ -104,107 +103,60 @@ def default_consumer(rank: int) -> str:
 
 
 class HttpShardSource:
-    """Leases of one run of the service: lease, yield the rows, ack when told.
-
-    Connection errors and 5xx answers are retried `retries` times with exponential backoff;
-    4xx answers raise a `PacedError` carrying the service's message. A lease answer of
-    `wait` (or 204 with Retry-After) is passed on as a `ShardRows` with `wait_seconds` (the
-    trainer first finishes and acks what it holds: its own leases may be what blocks the rest);
-    `done` (or a bare 204) ends."""
+    """Leases of one run of the service, through `paced.client.ShardClient` (one implementation
+    for paced train and external trainers): lease, yield the rows, ack when told; held leases
+    are renewed in the background. Connection errors, 429 and 5xx answers are retried with
+    exponential backoff; 4xx answers raise a `PacedError` carrying the service's message. A
+    lease answer of `wait` is passed on as a `ShardRows` with `wait_seconds` (the trainer first
+    finishes and acks what it holds: its own leases may be what blocks the rest); `done` ends."""
 
     shared = False
 
     def __init__(self, run_url: str, *, token: str | None = None, consumer: str = "trainer",
                  ttl_seconds: float | None = None, retries: int = 5, timeout_seconds: float = 30.0):
-        import httpx
+        from paced.client import ShardClient
 
-        self.run_url = run_url.rstrip("/")
-        if "/v1/runs/" not in self.run_url:
+        if not run_url.startswith(("http://", "https://")) or "/v1/runs/" not in run_url:
             raise InputError(f"--from {run_url}: a service URL must name a run: http://HOST:PORT/v1/runs/RUN_ID")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.Client(headers=headers, timeout=timeout_seconds)
-        self.consumer, self.ttl_seconds, self.retries = consumer, ttl_seconds, retries
-        self.leased = self.acked = self.conflicts = 0
-        self.held: dict[str, None] = {}  # leases yielded and not acked yet, in order
-
-    def _post(self, url: str, body: dict | None = None):
-        import httpx
-
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.client.post(url, json=body)
-            except httpx.TransportError as err:
-                error = f"cannot reach the service at {url}: {err}"
-            else:
-                if response.status_code < 500:
-                    return response
-                error = f"the service answered {response.status_code} to {url}: {response.text[:300]}"
-            if attempt == self.retries:
-                raise PacedError(error, code="service_unreachable")
-            time.sleep(min(30.0, 0.5 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _raise_for(response, what: str) -> None:
-        if response.status_code < 400:
-            return
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": response.text[:300]}
-        message = f"{what}: the service answered {response.status_code}: {body.get('error', body)}"
-        error = {404: NotFoundError, 409: ConflictError}.get(response.status_code, InputError)
-        if response.status_code in (401, 403):
-            message += " (pass --token or set PACED_TOKEN)"
-        raise error(message, detail=body.get("detail"))
+        self.client = ShardClient(run_url, token=token, consumer=consumer, ttl_seconds=ttl_seconds,
+                                  require_completion=False, retries=retries, timeout_seconds=timeout_seconds)
+        self.run_url = self.client.run_url
 
     def __iter__(self) -> Iterator[ShardRows]:
-        body = {"consumer": self.consumer}
-        if self.ttl_seconds is not None:
-            body["ttl_seconds"] = self.ttl_seconds
         while True:
-            response = self._post(f"{self.run_url}/leases", body)
-            self._raise_for(response, f"leasing a shard of {self.run_url}")
-            data = {} if response.status_code == 204 or not response.content else response.json()
-            retry = data.get("retry_after_seconds") or response.headers.get("Retry-After")
-            status = data.get("status") or ("leased" if data.get("lease_id") else "wait" if retry else "done")
-            if data.get("done") is True or status == "done":
+            shard = self.client.lease()
+            if shard is None:
                 return
-            if status == "wait":
-                yield ShardRows("", [], -1, -1, wait_seconds=min(60.0, max(0.05, float(retry or 1.0))))
+            if isinstance(shard, float):
+                yield ShardRows("", [], -1, -1, wait_seconds=shard)
                 continue
-            self.leased += 1
-            self.held[data["lease_id"]] = None
-            yield ShardRows(data["lease_id"], list(data.get("items") or []), int(data.get("epoch", 0)),
-                            int(data.get("shard", 0)))
+            shard.finished = True
+            yield ShardRows(shard.lease_id, shard.rows, shard.epoch, shard.index)
+
+    @property
+    def held(self) -> dict:
+        return self.client.held
+
+    @property
+    def leased(self) -> int:
+        return self.client.leased
+
+    @property
+    def acked(self) -> int:
+        return self.client.acked
+
+    @property
+    def conflicts(self) -> int:
+        return self.client.conflicts
 
     def renew(self, ttl_seconds: float | None = None) -> int:
         """Extend every lease held (not acked yet) to `ttl_seconds` (default: the source's TTL,
-        else the service's) from now; how many were renewed. A lease the service no longer
-        lets us keep (409: its shard went out again; 404) is dropped with a warning: its ack
-        would be refused anyway."""
-        ttl = ttl_seconds if ttl_seconds is not None else self.ttl_seconds
-        renewed = 0
-        for key in list(self.held):
-            response = self._post(f"{self.run_url}/leases/{key}/renew", {} if ttl is None else {"ttl_seconds": ttl})
-            if response.status_code in (404, 409):
-                log.warning("lease %s could not be renewed (%s): %s", key, response.status_code, response.text[:200])
-                self.held.pop(key, None)
-                continue
-            self._raise_for(response, f"renewing lease {key}")
-            renewed += 1
-        return renewed
+        else the service's) from now, e.g. before a re-measurement that may outlast them; how
+        many were renewed. A lease the service no longer lets us keep is dropped with a warning."""
+        return self.client.renew(ttl_seconds)
 
     def ack(self, key: str) -> None:
-        self.held.pop(key, None)
-        response = self._post(f"{self.run_url}/leases/{key}/ack")
-        if response.status_code == 409:  # our lease expired and the shard went to someone else
-            self.conflicts += 1
-            log.warning("ack of lease %s refused (409): the lease expired and the shard was re-leased; "
-                        "raise --lease-ttl-seconds", key)
-            return
-        self._raise_for(response, f"acking lease {key}")
-        self.acked += 1
+        self.client.ack(key)
 
     def close(self) -> None:
         self.client.close()

@@ -170,7 +170,7 @@ def sample_targets(t: Trainee, prompts: list[str], seed_key: str) -> list[list[i
 
     c = t.config
     params = SamplingConfig(n=1, temperature=c.sample_temperature, top_p=c.sample_top_p,
-                            max_new_tokens=c.max_new_tokens, seed=c.seed)
+                            max_new_tokens=c.max_new_tokens, seed=c.seed, chat_template=c.chat_template)
     seeds = [derive_seed(c.seed, f"{seed_key}:{i}") for i in range(len(prompts))]
     backend = HFBackend.from_model(t.raw_student, t.tokenizer, batch_size=max(1, len(prompts)))
     with t.runtime.autocast():
@@ -213,9 +213,9 @@ def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool
     weights = [float(r.get("weight") or 0.0) for r in rows]
     targets = sample_targets(t, prompts, seed_key) if on_policy else \
         completion_ids(t.tokenizer, [r["completion"] for r in rows])
-    sides = [prompt_ids(t.tokenizer, prompts)]
+    sides = [prompt_ids(t.tokenizer, prompts, chat_template=c.chat_template)]
     if c.teacher_prompt_template:
-        sides.append(prompt_ids(t.tokenizer, prompts, c.teacher_prompt_template))
+        sides.append(prompt_ids(t.tokenizer, prompts, c.teacher_prompt_template, c.chat_template))
     sides, targets = fit_lengths(sides, targets, c.max_length)
     pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
     encoded = [encode_side(p, targets, pad) for p in sides]

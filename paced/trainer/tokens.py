@@ -25,10 +25,15 @@ class Encoded:
     mask: object  # torch.BoolTensor [B, L]
 
 
-def prompt_ids(tokenizer, prompts: list[str], template: str | None = None) -> list[list[int]]:
-    """Prompt tokens with the tokenizer's special tokens (e.g. BOS), as generation sees them."""
+def prompt_ids(tokenizer, prompts: list[str], template: str | None = None,
+               chat_template: bool = False) -> list[list[int]]:
+    """Prompt tokens as generation sees them: with the tokenizer's special tokens (e.g. BOS),
+    or (`chat_template`) as one user turn with the generation prompt, as the backends render
+    them."""
+    from paced.backends.base import render_prompts
+
     texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
-    return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+    return render_prompts(tokenizer, texts, chat_template)
 
 
 def completion_ids(tokenizer, completions: list[str]) -> list[list[int]]:
