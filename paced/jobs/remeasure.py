@@ -160,7 +160,8 @@ def service_for(url: str, http: dict):
     """A `paced.client.ServiceClient` for the service `url` (a run URL) belongs to."""
     from paced.client import ServiceClient, run_base
 
-    return ServiceClient(run_base(url)[0], token=http.get("token"), timeout_seconds=http.get("timeout_seconds", 30.0))
+    return ServiceClient(run_base(url)[0], token=http.get("token"), timeout_seconds=http.get("timeout_seconds", 30.0),
+                         retries=http.get("retries", 5))
 
 
 def get_run(run_url: str, http: dict) -> dict:

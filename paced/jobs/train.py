@@ -123,7 +123,6 @@ def resolve_model_arg(name: str) -> str:
 
 def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
     """The trainer's config and the two measuring jobs it is handed."""
-    args.student, args.teacher = resolve_model_arg(args.student), resolve_model_arg(args.teacher)
     config = config_from_args(TrainConfig, args)
     remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)),
                                    **{k: getattr(config, k) for k in _shared_names(RemeasureConfig)}})
@@ -143,6 +142,7 @@ def run(args) -> int:
     from paced.trainer.loop import train
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.student, args.teacher = resolve_model_arg(args.student), resolve_model_arg(args.teacher)
     config, remeasure, evaluate = jobs_from_args(args)
     warning = chat_template_mismatch(config, remeasure.config)
     if warning and int(os.environ.get("RANK", "0")) == 0:
@@ -156,16 +156,18 @@ def run(args) -> int:
 def chat_template_mismatch(config: TrainConfig, remeasure: RemeasureConfig) -> str | None:
     """A warning when the snapshot that weights the data was measured on prompts rendered
     differently (with or without the chat template) than `--chat-template` trains on."""
-    from paced.jobs.remeasure import get_run, is_http, manifest_inputs
+    from paced.jobs.remeasure import get_run, is_http
+    from paced.store.files import read_json
     from paced.store.home import open_home
     from paced.store.snapshots import measured_chat_template
 
     if is_http(config.source):
-        view = get_run(config.source, remeasure.http())
+        view = get_run(config.source, {**remeasure.http(), "retries": config.http_retries})
         student, snapshot, measured = view["config"]["student_id"], view["snapshot_id"], None
     else:
-        info = manifest_inputs(config.source) if (Path(config.source) / "manifest.json").is_file() else None
-        if info is None:
+        path = Path(config.source) / "manifest.json"
+        info = read_json(path) if path.is_file() else {}
+        if "inputs" not in info:  # shards written by hand: nothing recorded to compare with
             return None
         student, snapshot = info["inputs"]["student_id"], info["inputs"]["snapshot_id"]
         measured = info.get("measured_with_chat_template")

@@ -180,6 +180,8 @@ class TrainConfig:
         """The resolved config for trainer_state.json (the token is never written down)."""
         data = dataclasses.asdict(self)
         data["token"] = None
+        if not data["chat_template"]:  # as every run before the flag: checkpoints written then still resume
+            del data["chat_template"]
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
                           for s in self.schedule]
         return data
