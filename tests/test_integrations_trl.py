@@ -18,12 +18,16 @@ from paced.client import ShardClient
 from paced.integrations.trl import WeightedSFTTrainer
 
 
-def sft_config(tmp_path, **overrides) -> SFTConfig:
+def config_kwargs(tmp_path, **overrides) -> dict:
     base = {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 6,
             "learning_rate": 1e-3, "logging_steps": 1, "report_to": [], "save_strategy": "no", "use_cpu": True,
             "dataloader_num_workers": 0, "seed": 0, "max_length": 64, "disable_tqdm": True,
             "bf16": False}
-    return SFTConfig(**{**base, **overrides})
+    return {**base, **overrides}
+
+
+def sft_config(tmp_path, **overrides) -> SFTConfig:
+    return SFTConfig(**config_kwargs(tmp_path, **overrides))
 
 
 def hand_loss(model, examples, weights) -> tuple[float, float]:
@@ -80,3 +84,37 @@ def test_sft_trainer_over_http_leases_once_and_acks_every_shard_after_steps(tmp_
     assert view["done"] and client.done and elapsed < 120  # no stall for a lease TTL
     assert client.acked == client.leased == view["progress"][0]["shards"] and client.conflicts == client.dropped == 0
     assert 0 < trainer.state.global_step < 50  # the run ended the training
+
+
+def test_gkd_trainer_loss_is_the_weighted_mean_of_row_jsds(tmp_path, tiny_model_dir):
+    from trl.experimental.gkd import GKDConfig
+
+    from paced.integrations.trl_gkd import WeightedGKDTrainer
+
+    weights = [0.5, 2.0, 0.0, 1.0]
+    rows = [{"messages": [{"role": "user", "content": f"{i}+{i}="}, {"role": "assistant", "content": str(2 * i)}],
+             "weight": w} for i, w in enumerate(weights)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32) for _ in range(2))
+    with torch.no_grad():  # a teacher unlike the student: the divergence is not 0
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    config = GKDConfig(**config_kwargs(tmp_path, per_device_train_batch_size=4, lmbda=0.0, beta=0.5))
+    trainer = WeightedGKDTrainer(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
+                                 train_dataset=datasets.Dataset.from_list(rows))
+    batch = trainer.data_collator(rows)
+    per_row = []
+    with torch.no_grad():
+        for i in range(len(rows)):  # each row alone: JSD_0.5 per completion token, averaged
+            ids, mask = batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1]
+            s = torch.softmax(student(input_ids=ids, attention_mask=mask).logits[0, :-1], -1)
+            t = torch.softmax(teacher(input_ids=ids, attention_mask=mask).logits[0, :-1], -1)
+            m = 0.5 * s + 0.5 * t
+            jsd = 0.5 * (t * (t / m).log()).sum(-1) + 0.5 * (s * (s / m).log()).sum(-1)
+            per_row.append(float(jsd[batch["labels"][i, 1:] != -100].mean()))
+    expected = sum(w * x for w, x in zip(weights, per_row, strict=True)) / sum(weights)
+    assert abs(expected - sum(per_row) / len(per_row)) > 1e-5  # the weights change the loss
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged[0] == pytest.approx(expected, rel=1e-3, abs=1e-6)

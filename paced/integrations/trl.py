@@ -57,23 +57,26 @@ def weighted_sequence_loss(logits, labels, weights):
     -100, shifted by one: logits[t] predicts labels[t + 1]). A batch of zero weight gives 0
     with a gradient path."""
     logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
-    mask = labels != -100
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-    per_row = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return weighted_rows(nll, labels != -100, weights, logits)
+
+
+def weighted_rows(per_token, mask, weights, anchor):
+    """Σ_i w_i mean_t(per_token[i, t] over mask[i]) / Σ_i w_i; 0 times `anchor` (a gradient
+    path) when every weight is 0."""
+    per_row = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
     weights = weights.to(per_row.device, per_row.dtype)
     total = weights.sum()
     if float(total) == 0.0:
-        return logits.sum() * 0.0
+        return anchor.sum() * 0.0
     return (weights * per_row).sum() / total
 
 
-class WeightedSFTTrainer(SFTTrainer):
-    """`trl.SFTTrainer` whose loss honours each row's `weight` (see the module docstring).
-    `shard_client`: a `paced.client.ShardClient` whose `dataset()` is the train set; its shards
-    are acked after the optimizer step that trained on their last row."""
+class Weighted:
+    """What makes a TRL trainer honour paced's weights (mixed in before the trainer class):
+    the columns kept, the collator wrapped, the shard client told about trained batches."""
 
-    def __init__(self, *args, shard_client=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def _paced_setup(self, shard_client) -> None:
         if getattr(self.args, "packing", False) or getattr(self.args, "padding_free", False):
             raise InputError("packing / padding_free merge rows, so a row's weight cannot be applied: "
                              "set packing=False and padding_free=False")
@@ -90,11 +93,26 @@ class WeightedSFTTrainer(SFTTrainer):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _take_weights(self, model, inputs: dict):
+        """The batch's weights, out of `inputs`; the shard client told which shards it finishes."""
         weights = inputs.pop(WEIGHT)
         done = inputs.pop(DONE_COLUMN, None)
         if self.shard_client is not None and done is not None and model.training:
             self.shard_client.consumed(done)
+        return weights
+
+
+class WeightedSFTTrainer(Weighted, SFTTrainer):
+    """`trl.SFTTrainer` whose loss honours each row's `weight` (see the module docstring).
+    `shard_client`: a `paced.client.ShardClient` whose `dataset()` is the train set; its shards
+    are acked after the optimizer step that trained on their last row."""
+
+    def __init__(self, *args, shard_client=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._paced_setup(shard_client)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = self._take_weights(model, inputs)
         labels = inputs.pop("labels")
         keep = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
         outputs = model(**{k: v for k, v in inputs.items() if k in keep}, use_cache=False)
