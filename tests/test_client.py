@@ -119,3 +119,18 @@ def test_errors_name_the_fault(service, tmp_path):
     with pytest.raises(PacedError, match=r"cannot reach the service.*after 3 tries") as err:
         down.get_run("http://127.0.0.1:9/v1/runs/r")
     assert err.value.code == "service_unreachable"
+
+
+def test_torch_dataset_feeds_a_data_loader_and_acks_after_each_step(service):
+    from torch.utils.data import DataLoader
+
+    run = new_run(service)
+    with ShardClient(run, consumer="torch") as client:
+        loader = DataLoader(client.torch_dataset(), batch_size=4, collate_fn=list)
+        rows = []
+        while not client.done:  # a pass ends where the epoch's last shards wait for their step
+            for batch in loader:
+                rows += batch
+                client.step_done()
+        assert run_view(run)["done"] and client.acked == client.leased
+        assert len({r["position"] for r in rows}) == len(rows) > 0
