@@ -131,3 +131,13 @@ def test_conversational_shards_hold_one_turn_each_and_a_pool_without_references_
     bare, _, _ = make_home(tmp_path / "bare", with_refs=False)
     assert build(bare, tmp_path / "none", keep_unreferenced=False) == 1
     assert "--no-require-reference" in capsys.readouterr().err
+
+
+def test_paced_train_refuses_conversational_shards_in_one_line(tmp_path, capsys, tiny_model_dir):
+    home_dir, _, _ = make_home(tmp_path)
+    assert build(home_dir, tmp_path / "m", "--form", "conversational") == 0
+    model = str(tiny_model_dir)
+    assert main(["train", "--student", model, "--teacher", model, "--from", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "out"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "conversational form" in err and "Traceback" not in err

@@ -71,6 +71,9 @@ class FileShardSource:
         if not self.files:
             raise InputError(f"--from {self.folder}: no shard-*.parquet files in this folder")
         self.manifest = read_json(self.folder / "manifest.json") if (self.folder / "manifest.json").exists() else {}
+        if self.manifest.get("form", "text") != "text":
+            raise InputError(f"--from {self.folder}: its shards are in the {self.manifest['form']} form (for external "
+                             "trainers); paced train reads the text form: build the manifest without --form")
         self.position = dict(position or {"epoch": 0, "shard": 0, "row": 0})
 
     def __iter__(self) -> Iterator[ShardRows]:
