@@ -16,7 +16,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY paced ./paced
 # The vllm extra brings a CUDA build of torch that matches it.
-RUN pip install --upgrade pip && pip install ".[vllm]"
+RUN pip install --upgrade pip && pip install ".[train,vllm]"
 
 VOLUME /data
 EXPOSE 8000

