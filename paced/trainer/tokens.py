@@ -25,9 +25,18 @@ class Encoded:
     mask: object  # torch.BoolTensor [B, L]
 
 
-def prompt_ids(tokenizer, prompts: list[str], template: str | None = None) -> list[list[int]]:
-    """Prompt tokens with the tokenizer's special tokens (e.g. BOS), as generation sees them."""
-    texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
+def prompt_ids(tokenizer, prompts: list[str], template: str | None = None,
+               answers: list[str | None] | None = None) -> list[list[int]]:
+    """Prompt tokens with the tokenizer's special tokens (e.g. BOS), as generation sees them.
+    `template` may show `{answer}` (the rows' reference answers, `answers`)."""
+    if template and "{answer}" in template:
+        answers = answers or [None] * len(prompts)
+        if any(a is None for a in answers):
+            raise InputError("--teacher-prompt-template shows {answer}, but some shard rows carry no `answer`; "
+                             "rebuild the manifest with this version of paced")
+        texts = [template.format(prompt=p, answer=a) for p, a in zip(prompts, answers, strict=True)]
+    else:
+        texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
     return [list(ids) for ids in tokenizer(texts)["input_ids"]]
 
 
