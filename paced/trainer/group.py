@@ -29,8 +29,10 @@ committed: that compute is spent). Counted as `zero_weight_steps` in the summary
 We chose skipping over a uniform fallback because a uniform step on a group with no contrast
 is exactly what the weighting is meant to avoid.
 
-Rows of weight 0 in the shard (the manifest's or service's selection) never reach this module:
-selection decides which prompts are drawn, the group weights act inside the step.
+Rows of weight 0 in the shard (the manifest's or service's selection) are never sampled:
+selection decides which prompts are drawn, the group weights act inside the step (the shard
+weight of a selected row does not multiply its group weight). `paced train` wires `Grading`
+and `SampleSink` (paced/jobs/group_rollouts.py); the trainer never touches the data home.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ counted; a process whose own batch weighs 0 while another's does not backpropaga
 loss, so every process runs the same collective operations (DDP). Off-policy stages train on
 the shard's reference completion (rows without one are skipped and counted); on-policy stages
 sample one completion per prompt from the current student (seed derived from the run seed,
-step, rank and row, so a resume draws the same samples). Both sides see prompt tokens, then the
+step, rank and row, so a resume draws the same samples) — or, with --group-size K, K graded
+samples per prompt weighted by w(p̂) of their group (paced/trainer/group.py). Both sides see prompt tokens, then the
 completion and EOS; the loss covers completion + EOS tokens, aligned between the two sides
 even when the teacher sees a different prompt (`--teacher-prompt-template`).
 
