@@ -270,3 +270,31 @@ def test_group_training_from_a_service_run_commits_under_the_runs_student(
     assert summary["group"]["samples"] == 2 * 4 * 2 and summary["group"]["correct"] == 0
     assert sorted(p.name for p in (home.root / "rollouts").iterdir()) == ["s1-step0", "s1-step1"]
     assert len(committed(home.root)) == 16
+
+
+@pytest.mark.slow  # two fresh interpreters under torchrun
+def test_two_gloo_processes_normalise_over_both_and_equal_one_process(models, tmp_path, capsys):
+    """2 ranks × 2 prompts draw the samples 1 process × 4 prompts draws; the weight sum is
+    all-reduced, so the update is the same, and rank 0 commits every rank's samples once."""
+    import json
+
+    extra = ("--steps", "3", "--group-scheme", "paced-posterior")
+    home_a, manifest_a = group_home(tmp_path / "a", capsys)
+    assert main(group_args(models, home_a, manifest_a, tmp_path / "a" / "out", *extra)) == 0
+    one = summary_of(capsys)
+    home_b, manifest_b = group_home(tmp_path / "b", capsys)
+    args = group_args(models, home_b, manifest_b, tmp_path / "b" / "out", *extra)
+    args[args.index("--batch-size") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "paced.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("{")]
+    two = json.loads(line)
+    assert two["world_size"] == 2 and two["group"] == one["group"]
+    first, second = two["parameter_checksums"]
+    assert first == second
+    assert committed(home_b) == committed(home_a) and len(committed(home_a)) == 3 * 4 * K
+    a, b = parameters(tmp_path / "a" / "out" / "final"), parameters(tmp_path / "b" / "out" / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)

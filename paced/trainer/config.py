@@ -17,9 +17,12 @@ from paced.errors import InputError
 LOSS_NAMES = ("forward", "reverse", "jsd", "akl")
 ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
 DEVICES = ("auto", "cpu", "cuda")
+# The settings of --group-size (recorded in trainer_state.json only when it is on).
+GROUP_FIELDS = ("group_size", "group_scheme", "group_alpha", "group_beta", "group_prior", "grader_workers",
+                "grading_timeout_seconds")
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
-                     "http_timeout_seconds", "device"}
+                     "http_timeout_seconds", "device", "grader_workers"}
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,11 @@ class TrainConfig:
         """The resolved config for trainer_state.json (the token is never written down)."""
         data = dataclasses.asdict(self)
         data["token"] = None
-        data["group_prior"] = list(self.group_prior)
+        if self.group_size:
+            data["group_prior"] = list(self.group_prior)
+        else:  # without group mode its settings are not recorded, so older checkpoints still resume
+            for name in GROUP_FIELDS:
+                data.pop(name)
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
                           for s in self.schedule]
         return data
