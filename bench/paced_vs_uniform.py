@@ -60,7 +60,18 @@ ARMS: dict[str, dict] = {
                                        "refresh_every": 50},
     "paced-posterior-onpolicy-refresh50": {"scheme": "paced-posterior", "loss": "reverse", "on_policy": True,
                                            "refresh_every": 50},
+    # the paper's regime (DESIGN.md §8): K samples per prompt from the current student, graded, each weighted
+    # by w(p̂) of its group; reverse KL of the teacher on the student's samples; a uniform manifest (no selection)
+    **{f"{g}-group{sfx}": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": g, "self": self_}
+       for self_, sfx in ((False, ""), (True, "-self")) for g in ("uniform", "hard-filter", "paced", "paced-posterior")},
+    # two stages: off-policy forward KL on the references (batch rows) for half the steps, then paced-group
+    "two-stage-group": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": "paced",
+                        "first_stage": "forward"},
 }
+GROUP_ARMS = [a for a in ARMS if a.endswith(("-group", "-group-self"))]
+# the teacher's prompt in self-distillation: the solved problem, then the problem (the task's alphabet has
+# no other separator); the teacher is the student's starting checkpoint
+SELF_TEMPLATE = "{prompt}{answer}+0={prompt}"
 
 
 DEFAULT_ARMS = [a for a, spec in ARMS.items() if "mode" not in spec and not spec.get("on_policy")]
@@ -96,12 +107,10 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     from paced.curriculum import WeightScheme
     from paced.jobs.evaluate import EvalConfig, evaluate_backend, mastered_problems
     from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
-    from paced.jobs.remeasure import HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
     from paced.store.home import open_home
     from paced.store.problems import read_problems
     from paced.store.rollouts import read_rollouts
-    from paced.trainer.config import TrainConfig, parse_stages
-    from paced.trainer.loop import train
+    from paced.trainer.flops import count_parameters
 
     spec = ARMS[arm]
     home_dir = arm_home(base, f"{arm}-s{seed}", Path(args.out))
@@ -115,38 +124,97 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     sets = {"arith-sub": (read_problems(home, "arith-sub"), "numeric"),
             "mastered": (mastered_problems(home, "base", "arith"), "numeric")}
     side: dict[int, dict] = {}
+    offset = {"step": 0}
+    params: dict[str, int] = {}
 
     def on_step(step, model, tokenizer):
-        if step % args.eval_every == 0 or step == args.steps:
+        params.setdefault("student", count_parameters(model))
+        step += offset["step"]
+        if (step % args.eval_every == 0 or step == args.steps) and step not in side:
             backend = HFBackend.from_model(model, tokenizer, batch_size=256)
             res = evaluate_backend(backend, sets, EvalConfig(k=1, max_new_tokens=8, seed=0, sampled=False))
             side[step] = {k: v["greedy"]["accuracy"] for k, v in res.items()}
 
+    curve, summary = train_arm(spec, args, home_dir, mdir, seed, on_step, offset)
+    # arms weighted by the base snapshot pay for the base student's rollouts; the others need none
+    pays = spec["scheme"] != "uniform" or spec.get("group") == "paced-posterior"
+    base_files = sorted((base / "rollouts" / "base").rglob("batch-*.parquet"))
+    initial = int(pc.sum(read_rollouts(base_files)["tokens"]).as_py()) if pays else 0
+    initial_flops = 2.0 * params["student"] * initial
+    curve = [{**e, **{f"{k}_accuracy": v for k, v in side.get(e["step"], {}).items()},
+              "total_tokens": e["train_tokens"] + e["rollout_tokens"] + e.get("generated_tokens", 0) + initial,
+              "total_flops": e["flops"] + initial_flops} for e in curve]
+    return {"arm": arm, "seed": seed, "curve": curve, "initial_rollout_tokens": initial,
+            "summary": {k: summary.get(k) for k in ("steps", "train_tokens", "rollout_tokens", "train_seconds",
+                                                       "rollout_seconds", "skipped_batches", "generated_tokens",
+                                                       "total_flops", "group")}}
+
+
+def arm_config(spec: dict, args, home_dir: Path, mdir: Path, seed: int, out: Path, steps: int, **over):
+    """The TrainConfig of one arm (a group arm: B = batch/K prompts × K samples per step)."""
+    from paced.trainer.config import TrainConfig, parse_stages
+
     teacher, student = ("quick-teacher", "quick-student") if args.quick else ("teacher", "student")
-    half = args.steps // 2
-    config = TrainConfig(
+    half = steps // 2
+    group = spec.get("group")
+    fields = dict(
         student=str(home_dir / "models" / student), teacher=str(home_dir / "models" / teacher),
-        source=str(mdir), out=str(home_dir.parent / "train"), loss=spec.get("loss", "forward"), steps=args.steps,
-        stages=parse_stages(f"forward:{half},reverse:{args.steps - half}") if spec.get("two_stage") else (),
+        source=str(mdir), out=str(out), loss=spec.get("loss", "forward"), steps=steps,
+        stages=parse_stages(f"forward:{half},reverse:{steps - half}") if spec.get("two_stage") else (),
         on_policy=spec.get("on_policy"),
         lr=args.lr, batch_size=args.batch_size, seed=seed, max_new_tokens=8,
         refresh_every=spec.get("refresh_every", 0), refresh_between_stages=spec.get("refresh_between_stages", False),
         eval_every=args.eval_every, progress=False,
     )
-    remeasure = RemeasureJob(RemeasureConfig(home=str(home_dir), reprobe_fraction=args.reprobe_fraction,
-                                             rollout_k=args.k, seed=seed, max_new_tokens=8, progress=False))
-    evaluate = HeldOutEval(HeldOutConfig(home=str(home_dir), eval_dataset="arith-heldout", eval_max_new_tokens=8,
-                                         seed=seed))
-    summary = train(config, remeasure, evaluate, on_step=on_step)
-    # the weighted arms pay for the base student's pass-rate rollouts; uniform needs none
-    base_files = sorted((base / "rollouts" / "base").rglob("batch-*.parquet"))
-    initial = 0 if spec["scheme"] == "uniform" else int(pc.sum(read_rollouts(base_files)["tokens"]).as_py())
-    curve = [{**e, **{f"{k}_accuracy": v for k, v in side.get(e["step"], {}).items()},
-              "total_tokens": e["train_tokens"] + e["rollout_tokens"] + initial} for e in summary["eval_curve"]]
-    shutil.rmtree(home_dir.parent / "train", ignore_errors=True)
-    return {"arm": arm, "seed": seed, "curve": curve, "initial_rollout_tokens": initial,
-            "summary": {k: summary.get(k) for k in ("steps", "train_tokens", "rollout_tokens", "train_seconds",
-                                                       "rollout_seconds", "skipped_batches")}}
+    if group:
+        fields |= {"group_size": args.k, "group_scheme": group, "batch_size": max(1, args.batch_size // args.k),
+                   "grader_workers": 1}
+    if spec.get("self"):
+        fields |= {"teacher": fields["student"], "teacher_prompt_template": args.self_template}
+    return TrainConfig(**(fields | over))
+
+
+def train_arm(spec: dict, args, home_dir: Path, mdir: Path, seed: int, on_step, offset: dict):
+    """Run the arm's training (two `train` calls for a first off-policy stage); (eval curve, summary)."""
+    from paced.jobs.remeasure import HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
+    from paced.jobs.train import group_io
+    from paced.trainer.loop import train
+
+    def jobs():
+        remeasure = RemeasureJob(RemeasureConfig(home=str(home_dir), reprobe_fraction=args.reprobe_fraction,
+                                                 rollout_k=args.k, seed=seed, max_new_tokens=8, progress=False))
+        return remeasure, HeldOutEval(HeldOutConfig(home=str(home_dir), eval_dataset="arith-heldout",
+                                                    eval_max_new_tokens=8, seed=seed))
+
+    first, curve = spec.get("first_stage"), []
+    steps = args.steps
+    if first:  # off-policy on the references, batch rows, then the group stage from its final weights
+        half = args.steps // 2
+        config = arm_config(spec, args, home_dir, mdir, seed, home_dir.parent / "train1", half, loss=first,
+                            on_policy=False, group_size=0, batch_size=args.batch_size)
+        done = train(config, *jobs(), on_step=on_step)
+        curve, offset["step"], steps = done["eval_curve"], half, args.steps - half
+        student = str(home_dir.parent / "train1" / "final")
+    config = arm_config(spec, args, home_dir, mdir, seed, home_dir.parent / "train", steps,
+                        **({"student": student} if first else {}))
+    io = group_io(config, str(home_dir))
+    try:
+        summary = train(config, *jobs(), on_step=on_step, group_io=io)
+    finally:
+        if io is not None:
+            io.grading.close()
+    if first:
+        last = curve[-1]
+        shifted = [{**e, "step": e["step"] + offset["step"],
+                    **{k: e.get(k, 0) + last.get(k, 0) for k in ("train_tokens", "rollout_tokens", "flops",
+                                                                 "generated_tokens", "train_seconds")}}
+                   for e in summary["eval_curve"][1:]]
+        curve = curve + shifted
+    else:
+        curve = summary["eval_curve"]
+    for folder in ("train", "train1"):
+        shutil.rmtree(home_dir.parent / folder, ignore_errors=True)
+    return curve, summary
 
 
 def group_by_arm(results: list[dict]) -> dict[str, list[dict]]:
@@ -162,55 +230,88 @@ def mean_sd(values) -> str:
     return "n/a" if v.size == 0 else f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1) if v.size > 1 else 0:.1f}"
 
 
+def compute_of(entry: dict) -> float:
+    """An eval entry's total compute: FLOPs (older results: tokens)."""
+    return entry.get("total_flops", entry["total_tokens"])
+
+
+def at_compute(run: dict, budget: float, value=lambda e: e["accuracy"]) -> float | None:
+    """`value` (held-out accuracy) of a run at `budget` FLOPs, linear between its evals (None past its end)."""
+    xs = [compute_of(e) for e in run["curve"]]
+    if budget > xs[-1] * (1 + 1e-9):
+        return None
+    return float(np.interp(budget, xs, [value(e) for e in run["curve"]]))
+
+
+def zero_shares(runs: list[dict]) -> str:
+    """Mean share of steps / samples with weight 0 (group arms)."""
+    groups = [r["summary"].get("group") for r in runs if r["summary"].get("group")]
+    if not groups:
+        return "–"
+    return (f"{100 * np.mean([g['zero_weight_step_share'] for g in groups]):.0f} / "
+            f"{100 * np.mean([g['zero_weight_sample_share'] for g in groups]):.0f}")
+
+
 def aggregate(results: list[dict]) -> str:
-    """The Markdown table: final accuracy, forgetting, steps to uniform's final, equal compute."""
+    """The Markdown table: final accuracy (equal steps), by level, forgetting, accuracy at equal FLOPs
+    (the smallest final compute of any run, so that every run reaches it), weight-0 shares."""
     by_arm = group_by_arm(results)
-    # the reference arm: `uniform`, else the first uniform-weighted variant of the run
-    baseline = "uniform" if "uniform" in by_arm else next((a for a in by_arm if a.startswith("uniform")), None)
-    uni = by_arm.get(baseline) if baseline else None
-    target = np.mean([r["curve"][-1]["accuracy"] for r in uni]) if uni else None
-    budget = np.mean([r["curve"][-1]["total_tokens"] for r in uni]) if uni else None
+    budget = min(compute_of(r["curve"][-1]) for r in results)
     levels = sorted({int(d) for r in results for d in r["curve"][-1]["by_difficulty"]})
     header = (f"| arm | held-out acc (%) | {' / '.join(map(str, levels))} digits (%) | mastered (%) | "
-              "subtraction (%) | steps to uniform's final | acc at uniform's compute (%) | total tokens |")
-    lines = [header, "|" + "---|" * 8]
+              f"subtraction (%) | acc at {budget:.2e} FLOPs (%) | weight-0 steps / samples (%) | "
+              "total FLOPs | seconds |")
+    header = header.replace("| mastered", f"| same at {budget:.2e} FLOPs (%) | mastered")
+    lines = [header, "|" + "---|" * 10]
     for arm, runs in by_arm.items():
         finals = [r["curve"][-1] for r in runs]
-        steps = [e["step"] for e in runs[0]["curve"]]
-        mean_curve = np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)
-        reach = next((s for s, a in zip(steps, mean_curve) if target is not None and a >= target), None)
-        at_budget = []
-        for r in runs:
-            inside = [e["accuracy"] for e in r["curve"] if budget is not None and e["total_tokens"] <= budget]
-            at_budget.append(inside[-1] if inside else None)
         digits = " / ".join(f"{100 * np.mean([f['by_difficulty'].get(str(d), np.nan) for f in finals]):.0f}"
                             for d in levels)
+        digits += " | " + " / ".join(
+            f"{100 * np.mean([at_compute(r, budget, lambda e, d=d: e['by_difficulty'].get(str(d), np.nan)) for r in runs]):.0f}"
+            for d in levels)
+        seconds = np.mean([f.get("train_seconds", r["summary"].get("train_seconds") or 0)
+                           for f, r in zip(finals, runs, strict=True)])
         lines.append(f"| {arm} | {mean_sd(f['accuracy'] for f in finals)} | {digits} | "
                      f"{mean_sd(f.get('mastered_accuracy') for f in finals)} | "
-                     f"{mean_sd(f.get('arith-sub_accuracy') for f in finals)} | {reach if reach is not None else 'not reached'} | "
-                     f"{mean_sd(at_budget)} | {np.mean([f['total_tokens'] for f in finals]):,.0f} |")
+                     f"{mean_sd(f.get('arith-sub_accuracy') for f in finals)} | "
+                     f"{mean_sd(at_compute(r, budget) for r in runs)} | {zero_shares(runs)} | "
+                     f"{np.mean([compute_of(f) for f in finals]):.2e} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def curve_table(results: list[dict]) -> str:
+    """Mean held-out accuracy per arm at every eval step (Markdown)."""
+    by_arm = group_by_arm(results)
+    steps = [e["step"] for e in next(iter(by_arm.values()))[0]["curve"]]
+    lines = ["| arm | " + " | ".join(map(str, steps)) + " |", "|" + "---|" * (len(steps) + 1)]
+    for arm, runs in by_arm.items():
+        acc = 100 * np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)
+        lines.append(f"| {arm} | " + " | ".join(f"{a:.1f}" for a in acc) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(results: list[dict], path: Path, title: str) -> None:
-    """Mean held-out accuracy per arm against steps and against total (training + rollout) tokens."""
+    """Mean held-out accuracy per arm against steps and against total FLOPs (training, sampling, rollouts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     by_arm = group_by_arm(results)
-    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, (by_step, by_flops) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for arm, runs in by_arm.items():
         acc = 100 * np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)
         steps = [e["step"] for e in runs[0]["curve"]]
-        tokens = np.mean([[e["total_tokens"] for e in r["curve"]] for r in runs], axis=0)
-        style = {"linewidth": 2.5, "color": "black"} if arm == "uniform" else {"linewidth": 1.2}
+        flops = np.mean([[compute_of(e) for e in r["curve"]] for r in runs], axis=0)
+        style = {"linewidth": 2.5, "color": "black"} if arm in ("uniform", "uniform-group") else {"linewidth": 1.2}
+        if arm.endswith("-self"):
+            style["linestyle"] = "--"
         by_step.plot(steps, acc, label=arm, **style)
-        by_tokens.plot(tokens, acc, label=arm, **style)
+        by_flops.plot(flops, acc, label=arm, **style)
     by_step.set(xlabel="training steps", ylabel="held-out accuracy (%)", title=title)
-    by_tokens.set(xlabel="total tokens (training + rollouts)", xscale="log", title="at equal compute")
-    by_tokens.legend(fontsize=7, loc="lower right")
+    by_flops.set(xlabel="total FLOPs (training + sampling + rollouts)", xscale="log", title="at equal compute")
+    by_flops.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -218,8 +319,11 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS),
-                   help="default: every arm but the weighted-sample and on-policy variants")
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=[*ARMS, "group"],
+                   help="default: every arm but the weighted-sample, on-policy and group variants; `group`: the "
+                        "group experiment (every -group arm, uniform, akl, two-stage-group)")
+    p.add_argument("--self-template", default=SELF_TEMPLATE,
+                   help="teacher prompt of the -self arms (teacher = the student's starting checkpoint)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
@@ -239,11 +343,16 @@ def main() -> None:
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
     p.add_argument("--plot", metavar="PNG", help="where to draw the accuracy curves (default: OUT/curves.png)")
     args = p.parse_args()
+    if "group" in args.arms:
+        args.arms = [a for a in args.arms if a != "group"] + [*GROUP_ARMS, "uniform", "akl"]
+        args.arms = list(dict.fromkeys(args.arms))
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         a = saved["args"]
         print(f"pool {a['pool']} problems, K={a['k']}, {a['steps']} steps × batch {a['batch_size']}, seeds {a['seeds']}")
         print(aggregate(saved["results"]))
+        print()
+        print(curve_table(saved["results"]))
         if args.plot:
             plot_curves(saved["results"], Path(args.plot), f"{a['steps']} steps, K={a['k']}, lr {a['lr']}")
         return
@@ -276,6 +385,8 @@ def main() -> None:
     print(f"pool {args.pool} problems, K={args.k}, {args.steps} steps × batch {args.batch_size}, "
           f"seeds {args.seeds}, {time.perf_counter() - started:.0f} s")
     print(aggregate(results))
+    print()
+    print(curve_table(results))
     plot_curves(results, Path(args.plot or out / "curves.png"), f"{args.steps} steps, K={args.k}, lr {args.lr}")
 
 

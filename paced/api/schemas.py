@@ -148,6 +148,7 @@ class ShardItem(BaseModel):
     n: int
     dataset: str
     guard: str
+    answer: str | None = Field(None, description="the problem's reference answer (grading on-policy samples)")
 
 
 class LeaseResponse(BaseModel):

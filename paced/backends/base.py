@@ -84,6 +84,13 @@ def derive_seed(seed: int, key: int | str) -> int:
     return int.from_bytes(digest[:8], "big") % SEED_MODULUS
 
 
+def sample_seed(run_seed: int, problem_id: str, sample_idx: int) -> int:
+    """The seed of sample `sample_idx` of one problem under a run seed: `derive_seed(run_seed,
+    problem_id) + sample_idx` (vLLM seeds the i-th of n samples with seed + i). `paced rollout`
+    and the trainer's group sampling both use it, so their samples can be compared one to one."""
+    return (derive_seed(run_seed, problem_id) + sample_idx) % SEED_MODULUS
+
+
 def resolve_seeds(prompts: list[str], params: SamplingConfig, seeds: list[int] | None) -> list[int]:
     """Per-prompt seeds: the caller's, or derived from (params.seed, prompt index)."""
     if seeds is None:

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from paced.backends.base import SEED_MODULUS, Completion, SamplingConfig, derive_seed
+from paced.backends.base import Completion, SamplingConfig, derive_seed, sample_seed
 from paced.curriculum.summary import passrate_summary
 from paced.errors import InputError
 from paced.store.home import Home, open_home, validate_name
@@ -118,11 +118,6 @@ class WorkItem:
     answer: str
     first: int
     count: int
-
-
-def sample_seed(run_seed: int, problem_id: str, sample_idx: int) -> int:
-    """The seed of one sample (vLLM seeds the i-th of n samples with seed + i)."""
-    return (derive_seed(run_seed, problem_id) + sample_idx) % SEED_MODULUS
 
 
 def missing_runs(have: list[int], k: int) -> list[tuple[int, int]]:

@@ -31,11 +31,22 @@ lineage named by the checkpoint (OUT/manifest-stageK, or a new run like the old 
 use the base snapshot's sampling (--rollout-k, --rollout-temperature, --rollout-max-new-tokens
 override it) on --refresh-backend. A kill during a refresh resumes into it (--resume).
 --eval-every N --eval-dataset NAME: greedy held-out accuracy at step 0 and every N steps, with
-cumulative training and rollout tokens (the summary's eval_curve).
+cumulative training, generated and rollout tokens and FLOPs (the summary's eval_curve).
+
+On-policy group distillation (the PACED paper's regime; docs/results.md): --group-size [K]
+(K = 8 when given alone) samples K completions per prompt from the current student in every
+on-policy stage, grades them with the data set's grader (--home), and weights each sample's
+loss by w(p̂ = c/K) of its prompt under --group-scheme (paced, hard-filter, uniform,
+paced-posterior; --group-alpha/--group-beta/--group-prior); the step's loss is Σ w·L / Σ w over
+all its samples, and a step where every weight is 0 is skipped (counted). The samples are
+committed as rollouts of student `{lineage}-step{s}` in --home, so `paced refresh` makes
+snapshots of them. Self-distillation: --teacher set to the student's own starting folder with
+--teacher-prompt-template showing the reference answer, e.g. 'Answer: {answer}\\n{prompt}'.
 
 stdout: the summary as one JSON object (steps, losses, train_tokens/train_seconds, the refreshes,
 rollout_tokens/rollout_samples/rollout_seconds/refresh_seconds, total_tokens/total_seconds,
-eval_curve); stderr: a progress bar and logs.
+generated_tokens and train/sampling/rollout/total_flops, group counts, eval_curve); stderr: a
+progress bar and logs.
 """
 
 from __future__ import annotations
@@ -78,6 +89,9 @@ SPECIAL = {
     "refresh_backend": {"choices": list(REFRESH_BACKENDS)},
     "scheme": {"choices": sorted(SCHEMES)},
     "prior": {"type": parse_prior, "metavar": "A,B"},
+    "group_size": {"type": int, "nargs": "?", "const": 8, "metavar": "K"},
+    "group_scheme": {"choices": sorted(SCHEMES)},
+    "group_prior": {"type": parse_prior, "metavar": "A,B"},
     "rollout_temperature": {"type": float},
     "rollout_max_new_tokens": {"type": int},
     "eval_limit": {"type": int},
@@ -138,6 +152,16 @@ def _shared_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("shared")]
 
 
+def group_io(config: TrainConfig, home: str | None):
+    """Grading and the sample sink of --group-size (paced/jobs/group_rollouts.py), or None."""
+    if not config.group_size:
+        return None
+    from paced.jobs.group_rollouts import grading_and_sink
+    from paced.trainer.group import GroupIO
+
+    return GroupIO(*grading_and_sink(config, home))
+
+
 def run(args) -> int:
     from paced.trainer.loop import train
 
@@ -147,7 +171,12 @@ def run(args) -> int:
     warning = chat_template_mismatch(config, remeasure.config)
     if warning and int(os.environ.get("RANK", "0")) == 0:
         print(f"paced train: warning: {warning}", file=sys.stderr, flush=True)
-    summary = train(config, remeasure=remeasure, evaluate=evaluate)
+    io = group_io(config, remeasure.config.home)
+    try:
+        summary = train(config, remeasure=remeasure, evaluate=evaluate, group_io=io)
+    finally:
+        if io is not None:
+            io.grading.close()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), file=sys.stdout, flush=True)
     return 0

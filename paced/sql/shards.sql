@@ -6,7 +6,7 @@ WITH refs AS (
     GROUP BY problem_id
 )
 SELECT i.position, i.problem_id, p.prompt, r.response AS completion, i.weight, i.pass_rate, i.n,
-       $dataset AS dataset, $guard AS guard
+       $dataset AS dataset, $guard AS guard, p.answer
 FROM items AS i
 JOIN read_parquet($problem_files) AS p ON p.id = i.problem_id
 LEFT JOIN refs AS r ON r.problem_id = i.problem_id
@@ -14,7 +14,7 @@ ORDER BY i.position;
 
 -- name: assemble_no_refs
 SELECT i.position, i.problem_id, p.prompt, CAST(NULL AS VARCHAR) AS completion, i.weight, i.pass_rate,
-       i.n, $dataset AS dataset, $guard AS guard
+       i.n, $dataset AS dataset, $guard AS guard, p.answer
 FROM items AS i
 JOIN read_parquet($problem_files) AS p ON p.id = i.problem_id
 ORDER BY i.position;

@@ -1,7 +1,8 @@
 """Shard rows: manifest items joined with prompts and teacher references.
 
 Rows follow the prompt–completion format Hugging Face TRL trainers read (`prompt`,
-`completion`), plus `problem_id`, `weight`, `pass_rate`, `n`, `dataset` and `guard`, so an
+`completion`), plus `problem_id`, `weight`, `pass_rate`, `n`, `dataset`, `guard` and `answer` (the
+problem's reference answer: on-policy group training grades samples against it), so an
 external trainer needs no conversion. `completion` is the teacher's verified reference (null
 where the problem has none: on-policy training needs only the prompt).
 """
@@ -34,6 +35,7 @@ SHARD_SCHEMA = pa.schema([
     ("n", pa.int64()),
     ("dataset", pa.string()),
     ("guard", pa.string()),
+    ("answer", pa.string()),  # the problem's reference answer: the grader's key and {answer} of a teacher template
 ])
 
 

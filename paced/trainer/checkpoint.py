@@ -28,6 +28,7 @@ from pathlib import Path
 from paced import __version__
 from paced.errors import InputError
 from paced.store.files import read_json, write_json_atomic
+from paced.trainer.flops import flops_record
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -218,6 +219,8 @@ class Progress:
     last_loss: float | None = None
     local_tokens: int = 0
     local_rows: int = 0  # rows skipped by this process's earlier streams (before a source change)
+    generated_tokens: int = 0  # sampled from the student while training, all processes
+    group: dict = field(default_factory=dict)  # --group-size counts, all processes (paced/trainer/group.py)
 
     @classmethod
     def from_state(cls, state: dict | None, stages: int, source: str) -> Progress:
@@ -226,7 +229,8 @@ class Progress:
         keep = ("step", "stage", "stage_step", "stage_steps", "source", "position", "skipped_batches",
                 "tokens", "skipped_rows", "seconds", "first_loss", "last_loss", "pending_refresh")
         return cls(**{k: state.get(k) for k in keep}, refreshes=list(state.get("refreshes") or []),
-                   evals=list(state.get("evals") or []))
+                   evals=list(state.get("evals") or []), generated_tokens=int(state.get("generated_tokens") or 0),
+                   group=dict(state.get("group") or {}))
 
     def totals(self, runtime, stream) -> tuple[int, int]:
         """(tokens, skipped rows) over all processes. Collective: every process must call it."""
@@ -242,7 +246,8 @@ class Progress:
                 "skipped_batches": self.skipped_batches, "tokens": tokens, "skipped_rows": rows,
                 "seconds": round(self.seconds, 3), "refreshes": self.refreshes,
                 "pending_refresh": self.pending_refresh, "evals": self.evals, "first_loss": self.first_loss,
-                "last_loss": self.last_loss, "world_size": runtime.world_size}
+                "last_loss": self.last_loss, "world_size": runtime.world_size,
+                "generated_tokens": self.generated_tokens, "group": self.group}
 
 
 def save(t, progress: Progress, name: str, stream, optimizer=None, schedule=None,
@@ -314,6 +319,8 @@ def make_summary(t, progress: Progress, stream, checksums: list | None = None) -
         "world_size": t.runtime.world_size,
         "source": progress.source,
         **compute_summary(progress, tokens),
+        **flops_record(t, tokens, progress.generated_tokens, sum(x["rollout_tokens"] for x in progress.refreshes)),
+        **group_summary(progress.group),
         "refreshes": progress.refreshes,
         "eval_curve": progress.evals,
         "final_checkpoint": str(Path(t.config.out) / FINAL),
@@ -324,6 +331,17 @@ def make_summary(t, progress: Progress, stream, checksums: list | None = None) -
     if checksums is not None:
         summary["parameter_checksums"] = checksums
     return summary
+
+
+def group_summary(counts: dict) -> dict:
+    """--group-size counts: steps and samples, those of weight 0, correct, grading failures."""
+    if not counts:
+        return {}
+    steps, samples = counts.get("steps", 0), counts.get("samples", 0)
+    return {"group": {**counts, "zero_weight_steps": counts.get("zero_weight_steps", 0),
+                      "zero_weight_step_share": round(counts.get("zero_weight_steps", 0) / max(steps, 1), 6),
+                      "zero_weight_sample_share": round(counts.get("zero_weight_samples", 0) / max(samples, 1), 6),
+                      "pass_rate": round(counts.get("correct", 0) / max(samples, 1), 6)}}
 
 
 def compute_summary(progress: Progress, train_tokens: int) -> dict:

@@ -11,14 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from paced.curriculum import SCHEMES
 from paced.errors import InputError
 
 LOSS_NAMES = ("forward", "reverse", "jsd", "akl")
 ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
 DEVICES = ("auto", "cpu", "cuda")
+# The settings of --group-size (recorded in trainer_state.json only when it is on).
+GROUP_FIELDS = ("group_size", "group_scheme", "group_alpha", "group_beta", "group_prior", "grader_workers",
+                "grading_timeout_seconds")
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
-                     "http_timeout_seconds", "device"}
+                     "http_timeout_seconds", "device", "grader_workers"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,20 @@ class TrainConfig:
     max_new_tokens: int = _help("on-policy: longest sampled completion", 64)
     chat_template: bool = _help("render prompts as one user turn with the student's chat template (as "
                                 "`paced rollout --chat-template` measured them)", False)
-    teacher_prompt_template: str | None = _help("teacher-side prompt, e.g. 'Hint: ...\\n{prompt}'", None)
+    teacher_prompt_template: str | None = _help("teacher-side prompt with {prompt} and optionally {answer} (the "
+                                                "shard row's reference answer: self-distillation with privileged "
+                                                "information), e.g. 'Answer: {answer}\\n{prompt}'", None)
+    group_size: int = _help("on-policy group distillation: K samples per prompt, graded, each weighted by w(p̂ = "
+                            "c/K) of its group; `--group-size` alone means 8 (0: off, one sample per prompt)", 0)
+    group_scheme: str = _help("--group-size: in-group weights w(p̂): paced p^α(1−p)^β, hard-filter (0 < p̂ < 1), "
+                              "uniform, paced-posterior (Beta posterior, prior from the row's snapshot counts)",
+                              "paced")
+    group_alpha: float = _help("--group-size: exponent α of the in-group weight", 1.0)
+    group_beta: float = _help("--group-size: exponent β of the in-group weight", 1.0)
+    group_prior: tuple[float, float] = _help("--group-size paced-posterior: Beta prior 'a,b' (added to the row's "
+                                             "snapshot counts when it has them)", (1.0, 1.0))
+    grader_workers: int = _help("--group-size: grading worker processes (killable; in-process graders need none)", 2)
+    grading_timeout_seconds: float = _help("--group-size: seconds per graded answer (past it: wrong, counted)", 10.0)
     jsd_beta: float = _help("beta of the generalised JSD", 0.5)
     akl_head_mass: float = _help("AKL: head = top teacher tokens up to this mass", 0.5)
     loss_chunk_size: int | None = _help("tokens per loss chunk (default: automatic)", None)
@@ -121,11 +138,11 @@ class TrainConfig:
         if self.loss not in LOSS_NAMES:
             raise InputError(f"--loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
         object.__setattr__(self, "stages", tuple(self.stages))
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens", "grader_workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "http_retries", "refresh_every",
-                     "eval_every"):
+                     "eval_every", "group_size"):
             if getattr(self, name) < 0:
                 raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -143,18 +160,36 @@ class TrainConfig:
         if self.device not in DEVICES:
             raise InputError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_template()
+        self._check_group()
         if self.refresh_between_stages and len(self.schedule) < 2:
             raise InputError("--refresh-between-stages needs at least two --stages")
+
+    def _check_group(self) -> None:
+        if not self.group_size:
+            return
+        if self.group_scheme not in SCHEMES:
+            raise InputError(f"--group-scheme must be one of {', '.join(sorted(SCHEMES))}, got {self.group_scheme!r}")
+        object.__setattr__(self, "group_prior", tuple(float(x) for x in self.group_prior))
+        if len(self.group_prior) != 2 or not min(self.group_prior) > 0:
+            raise InputError(f"--group-prior must be two numbers > 0, got {self.group_prior}")
+        for name in ("group_alpha", "group_beta"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not self.grading_timeout_seconds > 0:
+            raise InputError(f"`grading_timeout_seconds` must be > 0, got {self.grading_timeout_seconds}")
+        if not any(s.resolved_on_policy(self.on_policy) for s in self.schedule):
+            raise InputError("--group-size samples from the student: it needs an on-policy stage (--loss reverse, "
+                             "--on-policy, or a stage like reverse:100 in --stages)")
 
     def _check_template(self) -> None:
         template = self.teacher_prompt_template
         if template is None:
             return
         try:
-            rendered = template.format(prompt="\x00")
+            rendered = template.format(prompt="\x00", answer="")
         except (KeyError, IndexError, ValueError) as err:
             raise InputError(
-                f"--teacher-prompt-template must contain {{prompt}} and no other fields "
+                f"--teacher-prompt-template must contain {{prompt}} and no other fields but {{answer}} "
                 f"(write {{{{ and }}}} for braces): {err}"
             ) from err
         if "\x00" not in rendered:
@@ -182,6 +217,11 @@ class TrainConfig:
         data["token"] = None
         if not data["chat_template"]:  # as every run before the flag: checkpoints written then still resume
             del data["chat_template"]
+        if self.group_size:
+            data["group_prior"] = list(self.group_prior)
+        else:  # without group mode its settings are not recorded, so older checkpoints still resume
+            for name in GROUP_FIELDS:
+                data.pop(name)
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
                           for s in self.schedule]
         return data

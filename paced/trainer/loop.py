@@ -12,7 +12,8 @@ counted; a process whose own batch weighs 0 while another's does not backpropaga
 loss, so every process runs the same collective operations (DDP). Off-policy stages train on
 the shard's reference completion (rows without one are skipped and counted); on-policy stages
 sample one completion per prompt from the current student (seed derived from the run seed,
-step, rank and row, so a resume draws the same samples). Both sides see prompt tokens, then the
+step, rank and row, so a resume draws the same samples) — or, with --group-size K, K graded
+samples per prompt weighted by w(p̂) of their group (paced/trainer/group.py). Both sides see prompt tokens, then the
 completion and EOS; the loss covers completion + EOS tokens, aligned between the two sides
 even when the teacher sees a different prompt (`--teacher-prompt-template`).
 
@@ -35,6 +36,7 @@ from paced.trainer import checkpoint as ckpt
 from paced.trainer.checkpoint import Progress, save
 from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
 from paced.trainer.data import BatchStream, open_stream
+from paced.trainer.group import GroupIO, GroupStep
 from paced.trainer.remeasure import (
     EVERY,
     STAGE,
@@ -152,6 +154,7 @@ class Trainee:
     teacher: object
     remeasure: Remeasure | None = None
     evaluate: Evaluate | None = None
+    group_io: GroupIO | None = None  # --group-size: grading and the sample sink (paced/trainer/group.py)
 
     def settings(self) -> dict:
         """What trainer_state.json records as the run's config: the trainer's and its hooks'."""
@@ -199,23 +202,18 @@ def aligned_logits(model, side, vocab: int):
     return out.logits[..., :vocab].gather(1, index)
 
 
-def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool, seed_key: str):
-    """(BatchLoss or None, completion tokens, the tensor to backpropagate) of one micro-batch.
-
-    A batch without weight (another process has some) gives a zero loss over the student's
-    logits, so DDP's gradient all-reduce still happens on this process."""
+def forward_pair(t: Trainee, rows: list[dict], targets: list[list[int]]):
+    """(student logits, teacher logits, mask) over the completion tokens `targets` of `rows`: the
+    student sees each row's prompt, the teacher the same or `--teacher-prompt-template` (which
+    may show the row's `answer`); the teacher's forward runs without gradient."""
     import torch
-
-    from paced.trainer.losses import weighted_batch_loss
 
     c, device = t.config, t.runtime.device
     prompts = [r["prompt"] for r in rows]
-    weights = [float(r.get("weight") or 0.0) for r in rows]
-    targets = sample_targets(t, prompts, seed_key) if on_policy else \
-        completion_ids(t.tokenizer, [r["completion"] for r in rows])
     sides = [prompt_ids(t.tokenizer, prompts, chat_template=c.chat_template)]
     if c.teacher_prompt_template:
-        sides.append(prompt_ids(t.tokenizer, prompts, c.teacher_prompt_template, c.chat_template))
+        sides.append(prompt_ids(t.tokenizer, prompts, c.teacher_prompt_template, c.chat_template,
+                                [r.get("answer") for r in rows]))
     sides, targets = fit_lengths(sides, targets, c.max_length)
     pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
     encoded = [encode_side(p, targets, pad) for p in sides]
@@ -226,11 +224,27 @@ def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool
         with torch.no_grad():
             teacher_logits = aligned_logits(t.teacher, encoded[-1], vocab)
         student_logits = aligned_logits(t.student, encoded[0], vocab)
-        if not any(w > 0 for w in weights):  # another process has weight: join its all-reduce
-            return None, 0, student_logits.sum() * 0.0
-        result = weighted_batch_loss(student_logits, teacher_logits, encoded[0].mask, weights,
+    return student_logits, teacher_logits, encoded[0].mask
+
+
+def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool, seed_key: str):
+    """(BatchLoss or None, completion tokens, the tensor to backpropagate) of one micro-batch.
+
+    A batch without weight (another process has some) gives a zero loss over the student's
+    logits, so DDP's gradient all-reduce still happens on this process."""
+    from paced.trainer.losses import weighted_batch_loss
+
+    c = t.config
+    weights = [float(r.get("weight") or 0.0) for r in rows]
+    targets = sample_targets(t, [r["prompt"] for r in rows], seed_key) if on_policy else \
+        completion_ids(t.tokenizer, [r["completion"] for r in rows])
+    student_logits, teacher_logits, mask = forward_pair(t, rows, targets)
+    if not any(w > 0 for w in weights):  # another process has weight: join its all-reduce
+        return None, 0, student_logits.sum() * 0.0
+    with t.runtime.autocast():
+        result = weighted_batch_loss(student_logits, teacher_logits, mask, weights,
                                      loss=stage.loss, chunk_size=c.loss_chunk_size, **c.loss_kwargs(stage.loss))
-    return result, int(encoded[0].mask.sum()), result.loss
+    return result, int(mask.sum()), result.loss
 
 
 # ---------------------------------------------------------------- steps and stages
@@ -269,6 +283,7 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
     c = t.config
     optimizer.zero_grad(set_to_none=True)
     micro, losses = 0, []
+    group = GroupStep(t, progress.step) if c.group_size and on_policy else None  # paced/trainer/group.py
     while micro < c.grad_accum:
         batch = stream.next_batch()
         if t.runtime.any(batch is None):
@@ -289,16 +304,26 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
         if not t.runtime.any(any(float(r.get("weight") or 0.0) > 0 for r in batch.rows)):
             progress.skipped_batches += 1 if batch.rows else 0  # nothing to learn anywhere: no forward
             continue
+        if group is not None:  # K samples per prompt, graded; the update waits for the whole step
+            group.add(batch.rows)
+            micro += 1
+            continue
         result, tokens, loss = micro_batch_loss(t, batch.rows, stage, on_policy,
                                                 f"{progress.step}:{t.runtime.rank}:{micro}")
         (loss / c.grad_accum).backward()
         micro += 1
         progress.local_tokens += tokens
         meter.tokens += tokens
+        if on_policy:  # every trained token of a one-sample on-policy batch was generated first
+            progress.generated_tokens += int(t.runtime.sum([float(tokens)])[0])
         if result is not None:
             losses.append(float(result.loss.detach()))
     if micro == 0:
         return False
+    if group is not None:
+        if group.finish(stage, optimizer, schedule, progress):
+            meter.loss, meter.batches = meter.loss + progress.last_loss, meter.batches + 1
+        return True
     if losses:
         meter.loss, meter.batches = meter.loss + sum(losses), meter.batches + len(losses)
         progress.last_loss = sum(losses) / len(losses)
@@ -352,22 +377,25 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
 
 
 def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Evaluate | None = None,
-          on_step=None) -> dict:
+          on_step=None, group_io: GroupIO | None = None) -> dict:
     """Run every stage of `config.schedule`; returns the summary (also in OUT/final).
 
     `remeasure` re-measures pass rates (needed by --refresh-every and --refresh-between-stages;
     it may also pick the starting source), `evaluate` the held-out accuracy (--eval-every):
     `paced.jobs.remeasure` has both. `on_step(step, model, tokenizer)`, if given, is called at
     step 0 and after every optimizer step with the in-memory student (the Python API's hook,
-    e.g. for a bench's own evals)."""
+    e.g. for a bench's own evals). `group_io`: grading and the sample sink of --group-size
+    (paced/trainer/group.py; `paced.jobs.group_rollouts` has both)."""
     if (config.refresh_every or config.refresh_between_stages) and remeasure is None:
         raise InputError("--refresh-every and --refresh-between-stages need a remeasure job "
                          "(train(config, remeasure=RemeasureJob(...)); `paced train` gives one)")
     if config.eval_every and evaluate is None:
         raise InputError("--eval-every needs an evaluate job (train(config, evaluate=HeldOutEval(...)))")
+    if config.group_size and group_io is None:
+        raise InputError("--group-size grades the student's samples: pass group_io (`paced train` wires it)")
     runtime = start_runtime(config)
     try:
-        return _train(config, runtime, remeasure, evaluate, on_step)
+        return _train(config, runtime, remeasure, evaluate, on_step, group_io)
     finally:
         if runtime.distributed:
             import torch.distributed as dist
@@ -376,7 +404,7 @@ def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Eva
 
 
 def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | None, evaluate: Evaluate | None,
-           on_step) -> dict:
+           on_step, group_io: GroupIO | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -391,7 +419,7 @@ def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | Non
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(student, device_ids=[runtime.device] if runtime.device != "cpu" else None)
-    t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate)
+    t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io)
     progress = Progress.from_state(state, len(config.schedule), config.source)
     optimizer_state = None
     if state:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from paced.trainer import checkpoint as ckpt
 from paced.trainer.data import BatchStream, open_stream
+from paced.trainer.flops import flops_record
 
 EVERY, STAGE = "every", "stage"
 
@@ -115,7 +116,7 @@ def remeasure(trainee, progress, stream: BatchStream, kind: str, optimizer=None,
 
 def after_step(trainee, progress, stream: BatchStream, on_step=None) -> None:
     """The `on_step` callback, then (every --eval-every steps, once per step) held-out accuracy
-    with the cumulative training and rollout tokens (collective)."""
+    with the cumulative training, generated and rollout tokens and FLOPs (collective)."""
     if on_step is not None:
         on_step(progress.step, trainee.raw_student, trainee.tokenizer)
     every = trainee.config.eval_every
@@ -126,6 +127,9 @@ def after_step(trainee, progress, stream: BatchStream, on_step=None) -> None:
     entry = on_rank0(trainee.runtime, lambda: trainee.evaluate(progress.step, trainee.raw_student, trainee.tokenizer,
                                                                trainee.runtime))
     ckpt.restore_rng_state(rng)
-    progress.evals.append({**entry, "train_tokens": train_tokens,
-                           "rollout_tokens": sum(r["rollout_tokens"] for r in progress.refreshes),
+    rollout_tokens = sum(r["rollout_tokens"] for r in progress.refreshes)
+    progress.evals.append({**entry, "train_tokens": train_tokens, "rollout_tokens": rollout_tokens,
+                           "flops": flops_record(trainee, train_tokens, progress.generated_tokens,
+                                                 rollout_tokens)["total_flops"],
+                           "generated_tokens": progress.generated_tokens, "train_seconds": round(progress.seconds, 3),
                            "seconds": round(time.perf_counter() - started, 3)})

@@ -26,13 +26,20 @@ class Encoded:
 
 
 def prompt_ids(tokenizer, prompts: list[str], template: str | None = None,
-               chat_template: bool = False) -> list[list[int]]:
+               chat_template: bool = False, answers: list[str | None] | None = None) -> list[list[int]]:
     """Prompt tokens as generation sees them: with the tokenizer's special tokens (e.g. BOS),
     or (`chat_template`) as one user turn with the generation prompt, as the backends render
-    them."""
+    them. `template` may show `{answer}` (the rows' reference answers, `answers`)."""
     from paced.backends.base import render_prompts
 
-    texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
+    if template and "{answer}" in template:
+        answers = answers or [None] * len(prompts)
+        if any(a is None for a in answers):
+            raise InputError("--teacher-prompt-template shows {answer}, but some shard rows carry no `answer`; "
+                             "rebuild the manifest with this version of paced")
+        texts = [template.format(prompt=p, answer=a) for p, a in zip(prompts, answers, strict=True)]
+    else:
+        texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
     return render_prompts(tokenizer, texts, chat_template)
 
 

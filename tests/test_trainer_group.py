@@ -1,0 +1,300 @@
+"""On-policy group distillation (`paced train --group-size`): in-group weights, the step's
+Σ w·L / Σ w, skipped zero-weight steps, samples committed as rollouts exactly once across a
+SIGKILL, refreshes of training samples equal to `paced rollout`'s, the self-distillation
+template. Tiny real models, the real grader and store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from api_fixtures import add_snapshot, problem_ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_trainer_service import TOKEN, create_run, service  # noqa: F401 - the `service` fixture
+from trainer_helpers import build_models, parameters, summary_of, train_args
+
+from paced.cli import main
+from paced.curriculum import WeightScheme, beta_weight, posterior_weight
+from paced.errors import InputError
+from paced.jobs.refresh import refresh_student
+from paced.jobs.rollout import RolloutConfig, rollout
+from paced.store.home import open_home
+from paced.store.problems import write_problem_part
+from paced.store.rollouts import batch_files, read_rollouts, rollout_sets
+from paced.store.snapshots import read_snapshot
+from paced.trainer.group import compute_group_weights, prior_counts, sample_indices, step_seed
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("models"))
+
+
+def group_home(root: Path, capsys, n: int = 24, scheme: str = "uniform") -> tuple[Path, Path]:
+    """A data home whose answers are one digit (a random tiny student gets some right at one
+    token), a snapshot of student s1 and a manifest built from it."""
+    home = open_home(root / "home")
+    problems = pa.table({"id": problem_ids(n), "prompt": [f"{i}+{i}=" for i in range(n)],
+                         "answer": [str(i % 10) for i in range(n)],
+                         "difficulty": pa.array([1] * n, pa.int32()), "metadata": ["{}"] * n})
+    write_problem_part(home, "arith", problems, grader="exact", source="test")
+    add_snapshot(home, "s1", [i % 9 for i in range(n)])
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(root / "m"),
+                 "--shard-size", "8", "--scheme", scheme, "--no-require-reference", "--home", str(home.root)]) == 0
+    capsys.readouterr()
+    return home.root, root / "m"
+
+
+def group_args(models, home: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
+    return [*train_args(models, manifest, out, "--loss", "reverse", "--group-size", str(K), "--max-new-tokens", "1",
+                        "--home", str(home), "--grader-workers", "1"), *extra]
+
+
+def committed(home: Path) -> list[tuple]:
+    """Every committed training sample: (student, problem, sample, completion, outcome), sorted."""
+    rows = []
+    for student in sorted(p.name for p in (home / "rollouts").iterdir()):
+        for s in rollout_sets(open_home(home, create=False), student):
+            t = read_rollouts(list(s.files))
+            rows += [(student, *r) for r in zip(t["problem_id"].to_pylist(), t["sample_idx"].to_pylist(),
+                                                t["completion"].to_pylist(), t["outcome"].to_pylist(), strict=True)]
+    return sorted(rows)
+
+
+# ---------------------------------------------------------------- weights (pure)
+
+counts = st.lists(st.integers(0, 8), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts, st.sampled_from(["paced", "hard-filter", "uniform", "paced-posterior"]),
+       st.floats(0, 3), st.floats(0, 3))
+def test_group_weights_follow_their_scheme(correct, name, alpha, beta):
+    c = np.array(correct)
+    w = compute_group_weights(c, 8, WeightScheme(name, alpha, beta))
+    assert w.shape == c.shape and np.isfinite(w).all() and (w >= 0).all()
+    if name == "uniform":
+        assert (w == 1).all()
+    elif name == "hard-filter":
+        assert ((w == 1) == ((c > 0) & (c < 8))).all() and ((w == 0) == ~((c > 0) & (c < 8))).all()
+    elif name == "paced":
+        np.testing.assert_allclose(w, beta_weight(c / 8, alpha, beta))
+        if alpha > 0 and beta > 0:  # Σw = 0 exactly when no group has contrast
+            assert (w.sum() == 0) == bool(((c == 0) | (c == 8)).all())
+    else:
+        assert (w > 0).all()  # the posterior never gives an exact 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts, st.lists(st.integers(0, 16), min_size=12, max_size=12), st.floats(0.1, 5), st.floats(0.1, 5))
+def test_posterior_adds_the_rows_snapshot_counts_to_the_prior(correct, prior_n, a0, b0):
+    c = np.array(correct)
+    n0 = np.array(prior_n[:len(c)], dtype=float)
+    rows = [{"pass_rate": (i % 3) / 2, "n": int(n)} for i, n in enumerate(n0)]
+    c0, n0_read = prior_counts(rows)
+    np.testing.assert_array_equal(n0_read, n0)
+    w = compute_group_weights(c, 8, WeightScheme("paced-posterior", prior=(a0, b0)), c0, n0_read)
+    np.testing.assert_allclose(w, posterior_weight(c + c0, 8 + n0, prior=(a0, b0)))
+    # rows without counts: the Beta prior alone
+    bare = compute_group_weights(c, 8, WeightScheme("paced-posterior", prior=(a0, b0)),
+                                 *prior_counts([{"pass_rate": None, "n": None}] * len(c)))
+    np.testing.assert_allclose(bare, posterior_weight(c, np.full(len(c), 8), prior=(a0, b0)))
+
+
+def test_group_weights_refuse_impossible_counts():
+    with pytest.raises(InputError, match="correct <= K"):
+        compute_group_weights([9], 8, WeightScheme("paced"))
+
+
+def test_a_problem_twice_in_a_step_gets_the_next_sample_indices():
+    from collections import Counter
+
+    taken = Counter()
+    assert sample_indices(["a", "b", "a"], 8, taken) == [0, 0, 8]
+    assert sample_indices(["a"], 8, taken) == [16]
+
+
+# ---------------------------------------------------------------- the step (tiny real models)
+
+
+def test_the_step_loss_is_normalised_over_all_its_micro_batches(models, tmp_path, capsys):
+    """Batch 4 × 1 micro-batch and batch 2 × 2 micro-batches draw the same samples (seeds per
+    step, problem and sample) and give the same update: Σ w·L / Σ w over the whole step."""
+    home, manifest = group_home(tmp_path, capsys, scheme="uniform")
+    extra = ("--steps", "3", "--group-scheme", "paced-posterior")
+    assert main(group_args(models, home, manifest, tmp_path / "a", *extra)) == 0
+    one = summary_of(capsys)
+    samples = committed(home)
+    for student in (home / "rollouts").iterdir():  # the second run commits the same samples
+        import shutil
+
+        shutil.rmtree(student)
+    args = group_args(models, home, manifest, tmp_path / "b", *extra)
+    args[args.index("--batch-size") + 1] = "2"
+    assert main([*args, "--grad-accum", "2"]) == 0
+    two = summary_of(capsys)
+    assert committed(home) == samples and len(samples) == 3 * 4 * K
+    assert one["group"] == two["group"] and one["group"]["samples"] == 3 * 4 * K
+    a, b = parameters(tmp_path / "a" / "final"), parameters(tmp_path / "b" / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    assert one["generated_tokens"] > 0 and one["total_flops"] == pytest.approx(
+        one["train_flops"] + one["sampling_flops"])
+
+
+def test_a_step_where_every_weight_is_0_is_skipped_and_counted(models, tmp_path, capsys):
+    """hard-filter with K = 1: every group is all right or all wrong, so every weight is 0."""
+    home, manifest = group_home(tmp_path, capsys)
+    args = group_args(models, home, manifest, tmp_path / "out", "--steps", "3", "--group-scheme", "hard-filter")
+    args[args.index("--group-size") + 1] = "1"
+    assert main(args) == 0
+    summary = summary_of(capsys)
+    assert summary["group"]["zero_weight_steps"] == 3 and summary["group"]["zero_weight_step_share"] == 1.0
+    assert summary["group"]["zero_weight_samples"] == summary["group"]["samples"] == 12
+    assert summary["train_tokens"] == 0 and summary["train_flops"] == 0 and summary["sampling_flops"] > 0
+    student = parameters(models[0])
+    for name, value in parameters(tmp_path / "out" / "final").items():
+        torch.testing.assert_close(value, student[name])  # no update
+    assert len(committed(home)) == 12  # the samples were still drawn, graded and committed
+
+
+def test_group_mode_needs_an_on_policy_stage_and_answers(models, tmp_path, capsys):
+    home, manifest = group_home(tmp_path, capsys)
+    args = group_args(models, home, manifest, tmp_path / "out", "--steps", "1")
+    args[args.index("--loss") + 1] = "forward"
+    assert main(args) == 1
+    assert "needs an on-policy stage" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- samples as rollouts
+
+
+def test_training_samples_refresh_like_paced_rollout_of_the_same_checkpoint(models, tmp_path, capsys):
+    """Step 2's samples, drawn by checkpoint-2, equal `paced rollout --seed step_seed(0, 2)` of
+    that checkpoint on the same problems, sample for sample, and so do their snapshots."""
+    home, manifest = group_home(tmp_path / "a", capsys)
+    assert main(group_args(models, home, manifest, tmp_path / "out", "--steps", "3", "--save-every", "1",
+                           "--group-scheme", "paced")) == 0
+    capsys.readouterr()
+    student = "s1-step2"
+    trained = read_rollouts(batch_files(next((home / "rollouts" / student).glob("*/arith"))))
+    other, _ = group_home(tmp_path / "b", capsys)
+    config = RolloutConfig(k=K, temperature=1.0, max_new_tokens=1, seed=step_seed(0, 2))
+    rollout(other, tmp_path / "out" / "checkpoint-2", "arith", config, student_id=student,
+            problem_ids=sorted(set(trained["problem_id"].to_pylist())), backend_name="transformers", progress=False)
+    rolled = read_rollouts(batch_files(next((other / "rollouts" / student).glob("*/arith"))))
+    assert rolled.to_pylist() == trained.to_pylist()
+    snaps = [refresh_student(open_home(h, create=False), student) for h in (home, other)]
+    tables = [read_snapshot(open_home(h, create=False), student, s["snapshot_id"]).drop(["snapshot_id"])
+              for h, s in zip((home, other), snaps, strict=True)]
+    assert tables[0].num_rows == 4 and tables[0].equals(tables[1])
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers
+def test_sigkill_and_resume_commit_each_sample_once_with_the_same_weights(models, tmp_path, capsys):
+    home_b, manifest = group_home(tmp_path / "b", capsys)
+    args = ["--steps", "8", "--save-every", "3", "--group-scheme", "paced"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", *group_args(models, home_b, manifest,
+                                                                             tmp_path / "b" / "out", *args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300  # kill after step 4's commit: steps 3-4 are replayed from checkpoint-3
+    while not (home_b / "rollouts" / "s1-step4").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "out" / "final").exists(), "the run ended before it could be killed"
+    assert main(group_args(models, home_b, manifest, tmp_path / "b" / "out", *args, "--resume")) == 0
+    resumed = summary_of(capsys)
+    home_a, manifest_a = group_home(tmp_path / "a", capsys)
+    assert main(group_args(models, home_a, manifest_a, tmp_path / "a" / "out", *args)) == 0
+    straight = summary_of(capsys)
+    rows_a, rows_b = committed(home_a), committed(home_b)
+    assert rows_b == rows_a and len(rows_a) == 8 * 4 * K
+    assert len({r[:3] for r in rows_b}) == len(rows_b)  # each (checkpoint, problem, sample) once
+    assert resumed["group"] == straight["group"]  # same outcomes, so the same weights and zero-weight counts
+    assert 0 < straight["group"]["correct"] < straight["group"]["samples"]
+    a, b = parameters(tmp_path / "a" / "out" / "final"), parameters(tmp_path / "b" / "out" / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- self-distillation
+
+
+def test_the_self_distillation_template_reaches_the_teacher_and_not_the_student(models, tmp_path):
+    """The teacher's forward sees the row's answer through {answer}; the student's never does."""
+    from paced.trainer.checkpoint import load_model
+    from paced.trainer.config import TrainConfig
+    from paced.trainer.loop import Runtime, Trainee, forward_pair
+
+    student_dir = models[0]
+    (student, tokenizer), (teacher, _) = (load_model(student_dir, torch.float32, "cpu") for _ in range(2))
+    config = TrainConfig(student=str(student_dir), teacher=str(student_dir), source=str(tmp_path), out=str(tmp_path),
+                         teacher_prompt_template="{answer}={prompt}")
+    seen: dict[str, list] = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.register_forward_hook(lambda m, a, kw, out, name=name: seen.setdefault(name, []).append(
+            kw["input_ids"].tolist()), with_kwargs=True)
+    trainee = Trainee(config, Runtime(), tokenizer, student, student, teacher)
+    row = {"prompt": "12+3=", "answer": "15", "problem_id": "p", "dataset": "arith"}
+    forward_pair(trainee, [row], [tokenizer("15", add_special_tokens=False)["input_ids"]])
+    decoded = {k: tokenizer.decode(v[0][0], skip_special_tokens=True) for k, v in seen.items()}
+    assert decoded["teacher"].startswith("15=12+3=") and decoded["student"].startswith("12+3=")
+    assert "15" not in decoded["student"].removeprefix("12+3=").removesuffix("15")  # only its own completion
+    with pytest.raises(InputError, match="carry no `answer`"):
+        forward_pair(trainee, [{**row, "answer": None}], [[1]])
+
+
+@pytest.mark.slow  # a `paced serve` subprocess
+def test_group_training_from_a_service_run_commits_under_the_runs_student(
+        models, service, tmp_path, capsys, monkeypatch):  # noqa: F811 - `service`: the imported fixture
+    url, home = service
+    run = create_run(url)
+    monkeypatch.setenv("PACED_TOKEN", TOKEN)
+    args = [*train_args(models, f"{url}/v1/runs/{run['run_id']}", tmp_path / "out", "--loss", "reverse"),
+            "--steps", "2", "--group-size", "2", "--group-scheme", "uniform", "--home", str(home.root)]
+    assert main(args) == 0
+    summary = summary_of(capsys)
+    assert summary["group"]["samples"] == 2 * 4 * 2 and summary["group"]["correct"] == 0
+    assert sorted(p.name for p in (home.root / "rollouts").iterdir()) == ["s1-step0", "s1-step1"]
+    assert len(committed(home.root)) == 16
+
+
+@pytest.mark.slow  # two fresh interpreters under torchrun
+def test_two_gloo_processes_normalise_over_both_and_equal_one_process(models, tmp_path, capsys):
+    """2 ranks × 2 prompts draw the samples 1 process × 4 prompts draws; the weight sum is
+    all-reduced, so the update is the same, and rank 0 commits every rank's samples once."""
+    import json
+
+    extra = ("--steps", "3", "--group-scheme", "paced-posterior")
+    home_a, manifest_a = group_home(tmp_path / "a", capsys)
+    assert main(group_args(models, home_a, manifest_a, tmp_path / "a" / "out", *extra)) == 0
+    one = summary_of(capsys)
+    home_b, manifest_b = group_home(tmp_path / "b", capsys)
+    args = group_args(models, home_b, manifest_b, tmp_path / "b" / "out", *extra)
+    args[args.index("--batch-size") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "paced.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("{")]
+    two = json.loads(line)
+    assert two["world_size"] == 2 and two["group"] == one["group"]
+    first, second = two["parameter_checksums"]
+    assert first == second
+    assert committed(home_b) == committed(home_a) and len(committed(home_a)) == 3 * 4 * K
+    a, b = parameters(tmp_path / "a" / "out" / "final"), parameters(tmp_path / "b" / "out" / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
