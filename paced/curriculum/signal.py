@@ -4,9 +4,11 @@ PACED's argument: the distillation gradient of a problem the student never (p̂ 
 (p̂ = 1) solves carries little signal — its per-problem gradients are noise around a small mean.
 Given per-problem gradients (sketched to D dimensions) grouped by bin, this measures per bin
 
-- `snr`: ‖ḡ‖² / mean ‖gᵢ − ḡ‖², the squared norm of the bin's mean gradient over the mean
-  squared deviation of its problems' gradients (bins are compared at equal problem counts, so
-  the 1/n share of noise in ‖ḡ‖² is the same for each);
+- `snr`: ‖μ‖² / tr Σ, the squared norm of the bin's mean gradient over the total variance of
+  its problems' gradients, estimated without bias: (‖ḡ‖² − tr Σ̂ / n) / tr Σ̂ with
+  tr Σ̂ = Σ‖gᵢ − ḡ‖² / (n − 1). ‖ḡ‖² alone carries tr Σ / n of noise, so pure noise would read
+  ≈ 1/n; the estimate reads ≈ 0 for noise at any n (it can dip below 0), so bins of different
+  sizes compare fairly;
 - `alignment`: cos(ḡ, g_heldout), how well the bin's mean gradient points where the held-out
   set's gradient does (a descent step along ḡ lowers the held-out loss when it is > 0).
 """
@@ -42,23 +44,27 @@ class BinSignal:
     mean_norm: float | None
 
 
+MIN_PROBLEMS = 4  # fewer problems in a bin: no SNR (the estimate would be mostly noise)
+
+
 def compute_bin_signal(name: str, grads: np.ndarray, heldout: np.ndarray | None) -> BinSignal:
-    """SNR and alignment of one bin's per-problem gradients [n, D] (n ≥ 2 for an SNR)."""
+    """SNR and alignment of one bin's per-problem gradients [n, D] (n ≥ MIN_PROBLEMS)."""
     g = np.asarray(grads, dtype=np.float64)
     if g.ndim != 2:
         raise InputError(f"gradients must be [problems, dimensions], got shape {g.shape}")
-    if g.shape[0] < 2:
-        return BinSignal(name, int(g.shape[0]), None, None, None)
+    n = g.shape[0]
+    if n < MIN_PROBLEMS:
+        return BinSignal(name, int(n), None, None, None)
     mean = g.mean(axis=0)
-    noise = float(((g - mean) ** 2).sum(axis=1).mean())
+    noise = float(((g - mean) ** 2).sum() / (n - 1))  # tr Σ̂
     signal = float(mean @ mean)
-    snr = signal / noise if noise > 0 else float("inf")
+    snr = (signal - noise / n) / noise if noise > 0 else float("inf")
     alignment = None
     if heldout is not None:
         h = np.asarray(heldout, dtype=np.float64)
         denominator = np.sqrt(signal) * np.linalg.norm(h)
         alignment = float(mean @ h / denominator) if denominator > 0 else None
-    return BinSignal(name, int(g.shape[0]), snr, alignment, float(np.sqrt(signal)))
+    return BinSignal(name, int(n), snr, alignment, float(np.sqrt(signal)))
 
 
 def verdict(signals: list[BinSignal]) -> str:
@@ -74,7 +80,7 @@ def verdict(signals: list[BinSignal]) -> str:
         s = by.get(end)
         if s is None:
             continue
-        coherent = s.snr >= 0.5 * ref_snr and (s.alignment is None or np.isnan(ref_align)
+        coherent = s.snr >= 0.5 * ref_snr and s.snr > 0 and (s.alignment is None or np.isnan(ref_align)
                                                or s.alignment >= 0.5 * ref_align)
         parts.append((name, coherent))
     if not parts:

@@ -4,8 +4,9 @@
         [--regime off-policy|on-policy|both] [--per-bin 32] [--dim 4096] [--out diagnose.png]
 
 Per pass-rate bin of the student's newest snapshot (p̂ = 0, 0 < p̂ ≤ ⅓, ⅓ < p̂ < ⅔, ⅔ ≤ p̂ < 1,
-p̂ = 1), `--per-bin` problems drawn at random (the same count in every bin that has them): the
-signal-to-noise ratio of their distillation gradients (‖mean‖² over the mean squared deviation)
+p̂ = 1), up to `--per-bin` problems drawn at random (a bin with fewer than 4 shows n/a): the
+signal-to-noise ratio of their distillation gradients (‖mean‖² over the total variance,
+estimated without the 1/n bias, so ≈ 0 for pure noise whatever the bin's size)
 and the cosine of their mean gradient with the held-out direction (the gradient of the
 cross-entropy of the held-out set's gold answers). Off-policy: forward KL on the teacher's
 references (problems without one are left out); on-policy: reverse KL on one student sample.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paced.curriculum.signal import BIN_LABELS, BINS, compute_bin_signal, pass_rate_bin, verdict
+from paced.curriculum.signal import BIN_LABELS, BINS, MIN_PROBLEMS, compute_bin_signal, pass_rate_bin, verdict
 from paced.errors import InputError
 from paced.store.home import open_home
 
@@ -118,11 +119,9 @@ def measure(config: DiagnoseConfig, home) -> dict:
     result = {"config": asdict(config), "regimes": {}}
     for regime in config.regimes:
         rows = {b: [r for r in chosen[b] if regime == "on-policy" or r["reference"] is not None] for b in BINS}
-        count = min([len(v) for v in rows.values() if len(v) >= 2] or [0])
-        count = min(count, config.per_bin)
         signals = []
         for name in BINS:
-            picked = rows[name][:count] if len(rows[name]) >= 2 else []
+            picked = rows[name][:config.per_bin] if len(rows[name]) >= MIN_PROBLEMS else []
             prompts = [r["prompt"] for r in picked]
             if regime == "on-policy":
                 targets = sample_completions(student, tokenizer, prompts, config.max_new_tokens, config.seed)
@@ -131,7 +130,7 @@ def measure(config: DiagnoseConfig, home) -> dict:
             grads = problem_gradients(student, teacher, tokenizer, prompts, targets, REGIMES[regime], sketch,
                                       config.max_length) if picked else np.zeros((0, config.dim))
             signals.append(compute_bin_signal(name, grads, held_grad))
-        result["regimes"][regime] = {"problems_per_bin": count, "bins": [asdict(s) for s in signals],
+        result["regimes"][regime] = {"bins": [asdict(s) for s in signals],
                                      "verdict": verdict(signals)}
     return result
 
@@ -139,7 +138,7 @@ def measure(config: DiagnoseConfig, home) -> dict:
 def table_text(result: dict) -> str:
     lines = []
     for regime, r in result["regimes"].items():
-        lines.append(f"{regime} (loss {REGIMES[regime]}, {r['problems_per_bin']} problems per bin)")
+        lines.append(f"{regime} (loss {REGIMES[regime]})")
         lines.append(f"  {'bin':<12} {'problems':>8} {'SNR':>10} {'held-out cos':>13}")
         for b in r["bins"]:
             snr = "n/a" if b["snr"] is None else f"{b['snr']:.4f}"
