@@ -133,3 +133,21 @@ def test_teacher_cli_through_the_transformers_backend(home_and_expect, teacher, 
     assert summary["solved"] == sum(v is not None for v in expect.values())
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["already_done"] is True
+
+
+def test_sharded_teacher_jobs_together_equal_the_whole_pool_run(home_and_expect, teacher):
+    from paced.store.partition import Shard
+
+    home, expect = home_and_expect
+    summaries = [collect_references(home, None, "t", CONFIG, teacher_id="sharded", backend=teacher[1],
+                                    progress=False, shard=Shard(r, 3)) for r in range(3)]
+    assert sum(s["tried"] for s in summaries) == len(expect) and [s["shard"] for s in summaries] == ["0/3", "1/3", "2/3"]
+    collect_references(home, None, "t", CONFIG, teacher_id="whole", backend=teacher[1], progress=False)
+    sharded, whole = (pq.read_table(reference_files(home, "t", t)).sort_by("problem_id") for t in ("sharded", "whole"))
+    assert sharded.drop(["teacher_id"]).equals(whole.drop(["teacher_id"]))
+    folder = home.references_dir("t", "sharded")
+    assert set(done_problems(folder)) == set(expect)
+    assert all("-s0000" in p.name for p in folder.glob("done-*.json"))
+    again = collect_references(home, None, "t", CONFIG, teacher_id="sharded", backend=None, backend_name="none",
+                               progress=False, shard=Shard(1, 3))
+    assert again["already_done"]

@@ -2,7 +2,7 @@
 
     paced rollout --student DIR [--student-id ID] --dataset NAME -k 8 --temperature 1.0 \\
         --top-p 1.0 --max-new-tokens N --seed S [--backend auto|vllm|transformers] [--limit N] \\
-        [--batch-size 256] --home DIR
+        [--batch-size 256] [--shard RANK/WORLD] [--ray [ADDRESS]] [vLLM engine options] --home DIR
 
 Contract:
 - **Student id**: `--student-id`, else the backends' `model_id(DIR)` (a hash of the model files).
@@ -24,6 +24,13 @@ Contract:
   Commits happen in order (grading and writing overlap the next batch's generation), so a
   kill at any moment leaves a prefix of the batches; the rerun finds the same remaining
   batches and the final rows equal an uninterrupted run's: none lost, none doubled.
+- **Shards** (`--shard RANK/WORLD`, or the Slurm/torchrun variables, see
+  `paced.store.partition`): the shard takes only the problems whose id hashes to its rank
+  (after `--limit`), and tags its batch files, so shards run at once on one home, each is
+  resumable on its own, and their union is exactly the whole-pool run's rows (the seeds are
+  per problem and sample). `paced refresh` reads every batch file of the folder.
+- **Ray** (`--ray [ADDRESS]`): generation goes to one actor per device of a Ray cluster (see
+  `paced.backends.ray_backend`); grading and commits stay in this process.
 
 stdout: one JSON summary (student_id, sampling_hash, problems, rolled_out, samples, tokens,
 seconds, samples_per_second, tokens_per_second, pass-rate summary of this run's problems);
@@ -44,9 +51,17 @@ import numpy as np
 import pyarrow as pa
 
 from paced.backends.base import Completion, SamplingConfig, derive_seed, sample_seed
+from paced.backends.engine import (
+    DEFAULT_ENGINE,
+    EngineOptions,
+    add_engine_arguments,
+    engine_options,
+    open_backend,
+)
 from paced.curriculum.summary import passrate_summary
 from paced.errors import InputError
 from paced.store.home import Home, open_home, validate_name
+from paced.store.partition import WHOLE, Shard, add_shard_argument, resolve_shard
 from paced.store.problems import dataset_info, read_problems
 from paced.store.rollouts import (
     ROLLOUT_SCHEMA,
@@ -199,8 +214,10 @@ def grade_rows(pool, items: list[WorkItem], completions: list[list[Completion]],
     }, schema=ROLLOUT_SCHEMA)
 
 
-def select_problems(home: Home, dataset: str, problem_ids=None, limit: int | None = None) -> pa.Table:
-    """The run's problems, sorted by id: the first `limit`, or exactly `problem_ids`."""
+def select_problems(home: Home, dataset: str, problem_ids=None, limit: int | None = None,
+                    shard: Shard = WHOLE) -> pa.Table:
+    """The run's problems, sorted by id: the first `limit`, or exactly `problem_ids`; of those,
+    the ones `shard` owns."""
     table = read_problems(home, dataset)  # sorted by id
     if problem_ids is not None:
         wanted = set(problem_ids)
@@ -215,6 +232,8 @@ def select_problems(home: Home, dataset: str, problem_ids=None, limit: int | Non
         if limit < 1:
             raise InputError(f"--limit must be >= 1, got {limit}")
         table = table.slice(0, limit)
+    if not shard.whole:
+        table = table.filter(pa.array([shard.owns(pid) for pid in table["id"].to_pylist()], pa.bool_()))
     return table
 
 
@@ -252,32 +271,31 @@ def resolve_model_id(model_dir: str | Path | None, given: str | None, what: str)
 def rollout(home: Home | str | Path, student_dir: str | Path | None, dataset: str,
             config: RolloutConfig = RolloutConfig(), *, student_id: str | None = None, problem_ids=None,
             limit: int | None = None, backend=None, backend_name: str | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, shard: Shard = WHOLE, engine: EngineOptions = DEFAULT_ENGINE) -> dict:
     """Roll out what is pending (see the module doc) and return the run's summary.
 
     `backend`: an already-built backend to use (not closed here); else one is loaded from
-    `student_dir` with `backend_name` (None: auto), and only if something is pending.
-    `problem_ids`: only these problems; `limit`: only the first N by id."""
+    `student_dir` with `backend_name` (None: auto) and `engine`, only if something is pending.
+    `problem_ids`: only these problems; `limit`: only the first N by id; `shard`: only the
+    problems it owns (of those)."""
     start = time.perf_counter()
     home = home if isinstance(home, Home) else open_home(home, create=False)
     student_id = resolve_model_id(student_dir, student_id, "student")
     target = RolloutTarget(home.rollouts_dir(student_id, config.sampling_hash, dataset), dataset, student_id,
                            config.sampling_hash, dataset_info(home, dataset)["grader"])
     stats = {"samples": 0, "tokens": 0, "batches": 0}
-    with folder_lock(target.folder, "rollout"):
-        problems = select_problems(home, dataset, problem_ids, limit)
+    with folder_lock(target.folder, "rollout", shard):
+        problems = select_problems(home, dataset, problem_ids, limit, shard)
         items = pending_work(problems, committed_samples(batch_files(target.folder)), config.k)
         if items:
             write_sampling_config(target.folder, config.record())
             if backend is None:
-                from paced.backends import load_backend
-
-                with load_backend(backend_name, student_dir) as loaded:
-                    _roll(items, target, config, loaded, stats, progress)
+                with open_backend(backend_name, student_dir, engine) as loaded:
+                    _roll(items, target, config, loaded, stats, progress, shard)
             else:
-                _roll(items, target, config, backend, stats, progress)
+                _roll(items, target, config, backend, stats, progress, shard)
         else:
-            print(f"paced rollout: nothing to do: all {problems.num_rows} problems already have "
+            print(f"paced rollout: nothing to do: all {problems.num_rows} problems{_of(shard)} already have "
                   f"{config.k} rollouts for {student_id}/{config.sampling_hash}", file=sys.stderr)
         counts = pass_counts(batch_files(target.folder), config.k)
     in_run = set(problems["id"].to_pylist())
@@ -285,7 +303,7 @@ def rollout(home: Home | str | Path, student_dir: str | Path | None, dataset: st
     n, correct = (np.asarray(counts[c].to_pylist(), dtype=np.int64)[keep] for c in ("n", "correct"))
     seconds = time.perf_counter() - start
     return {"student_id": student_id, "sampling_hash": config.sampling_hash, "dataset": dataset, "k": config.k,
-            "round": config.round, "problems": problems.num_rows,
+            "round": config.round, "shard": str(shard), "problems": problems.num_rows,
             "rolled_out": len({i.problem_id for i in items}), "samples": stats["samples"],
             "tokens": stats["tokens"], "batches": stats["batches"], "seconds": round(seconds, 3),
             "samples_per_second": round(stats["samples"] / seconds, 2),
@@ -293,8 +311,12 @@ def rollout(home: Home | str | Path, student_dir: str | Path | None, dataset: st
             "pass_rates": passrate_summary(np.divide(correct, np.maximum(n, 1)), n)}
 
 
+def _of(shard: Shard) -> str:
+    return "" if shard.whole else f" of shard {shard}"
+
+
 def _roll(items: list[WorkItem], target: RolloutTarget, config: RolloutConfig, backend, stats: dict,
-          progress: bool) -> None:
+          progress: bool, shard: Shard = WHOLE) -> None:
     """Generate, grade and commit the batches, with a progress bar."""
     from paced.grading import GradingPool
 
@@ -305,7 +327,7 @@ def _roll(items: list[WorkItem], target: RolloutTarget, config: RolloutConfig, b
 
         def commit(batch, completions):
             table = grade_rows(pool, batch, completions, target)
-            write_rollout_batch(target.folder, table)
+            write_rollout_batch(target.folder, table, shard)
             return batch, table
 
         def on_commit(done):
@@ -333,6 +355,8 @@ def add_sampling_arguments(parser, *, temperature: float = 1.0) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="problems per committed batch")
     parser.add_argument("--grader-workers", type=int, default=2)
     parser.add_argument("--grading-timeout", type=float, default=10.0, help="seconds per answer")
+    add_shard_argument(parser)
+    add_engine_arguments(parser)
 
 
 def add_arguments(parser) -> None:
@@ -355,6 +379,7 @@ def run(args) -> int:
                            grader_workers=args.grader_workers, grading_timeout_seconds=args.grading_timeout)
     home = open_home(args.home, create=False)
     summary = rollout(home, args.student, args.dataset, config, student_id=args.student_id, limit=args.limit,
-                      backend_name=None if args.backend == "auto" else args.backend)
+                      backend_name=None if args.backend == "auto" else args.backend,
+                      shard=resolve_shard(args.shard), engine=engine_options(args))
     print(json.dumps(summary), file=sys.stdout)
     return 0

@@ -2,7 +2,7 @@
 
     paced teacher --teacher DIR [--teacher-id ID] --dataset NAME [--tries 4] [-k 1] \\
         [--temperature 1.0] [--max-new-tokens N] [--seed S] [--backend ...] [--limit N] \\
-        [--batch-size 256] --home DIR
+        [--batch-size 256] [--shard RANK/WORLD] [--ray [ADDRESS]] [vLLM engine options] --home DIR
 
 Per problem, up to `--tries` tries, stopping at the first that yields a verified-correct answer:
 try 0 is greedy (temperature 0, one sample): the teacher's most likely answer; tries 1.. draw
@@ -16,7 +16,10 @@ Problems go in id order, `--batch-size` at a time; each batch commits
 none) and then `done-{seq}.json` (every id tried, the unsolved ones, the settings). A rerun
 skips every problem that is solved or listed as tried, so unsolved problems are not retried
 forever; a kill between the two files only means that batch's unsolved problems are tried
-again (with the same seeds, so the same result). stdout: one JSON summary, including the
+again (with the same seeds, so the same result). `--shard RANK/WORLD` (or the Slurm/torchrun
+variables) takes only the problems whose id hashes to RANK and tags its files, so shards run at
+once on one home and their union is the whole-pool run's references (see `paced rollout`).
+stdout: one JSON summary, including the
 count and first ids of problems the teacher could not solve.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from paced.backends.engine import DEFAULT_ENGINE, EngineOptions, engine_options, open_backend
 from paced.errors import InputError
 from paced.jobs.rollout import (
     RolloutTarget,
@@ -41,6 +45,7 @@ from paced.jobs.rollout import (
     select_problems,
 )
 from paced.store.home import Home, open_home
+from paced.store.partition import WHOLE, Shard, resolve_shard
 from paced.store.problems import dataset_info
 from paced.store.rollouts import done_problems, folder_lock, unsolved_problems, write_reference_batch
 from paced.store.shards import REFERENCE_SCHEMA
@@ -107,8 +112,9 @@ def _reference_table(dataset: str, teacher_id: str, solved: dict) -> pa.Table:
 def collect_references(home: Home | str | Path, teacher_dir: str | Path | None, dataset: str,
                        config: TeacherConfig = TeacherConfig(), *, teacher_id: str | None = None,
                        limit: int | None = None, backend=None, backend_name: str | None = None,
-                       progress: bool = True) -> dict:
-    """Collect references for the problems not yet done; returns the run's summary."""
+                       progress: bool = True, shard: Shard = WHOLE,
+                       engine: EngineOptions = DEFAULT_ENGINE) -> dict:
+    """Collect references for the problems not yet done (of `shard`); returns the run's summary."""
     start = time.perf_counter()
     home = home if isinstance(home, Home) else open_home(home, create=False)
     teacher_id = resolve_model_id(teacher_dir, teacher_id, "teacher")
@@ -116,33 +122,32 @@ def collect_references(home: Home | str | Path, teacher_dir: str | Path | None, 
                            dataset_info(home, dataset)["grader"])
     folder = target.folder
     totals = {"solved": 0, "samples": 0, "tokens": 0, "batches": 0}
-    with folder_lock(folder, "teacher job"):
-        problems = select_problems(home, dataset, None, limit)
+    with folder_lock(folder, "teacher job", shard):
+        problems = select_problems(home, dataset, None, limit, shard)
         done = done_problems(folder)
         todo = [WorkItem(pid, prompt, answer, 0, 1) for pid, prompt, answer in zip(
             problems["id"].to_pylist(), problems["prompt"].to_pylist(), problems["answer"].to_pylist(), strict=True)
             if pid not in done]
         if todo and backend is None:
-            from paced.backends import load_backend
-
-            with load_backend(backend_name, teacher_dir) as loaded:
-                _run(target, todo, config, loaded, totals, progress)
+            with open_backend(backend_name, teacher_dir, engine) as loaded:
+                _run(target, todo, config, loaded, totals, progress, shard)
         elif todo:
-            _run(target, todo, config, backend, totals, progress)
+            _run(target, todo, config, backend, totals, progress, shard)
         else:
             print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by {teacher_id}",
                   file=sys.stderr)
         unsolved_all = unsolved_problems(folder)
     in_run = set(problems["id"].to_pylist())
     unsolved = [pid for pid in unsolved_all if pid in in_run]
-    return {"teacher_id": teacher_id, "dataset": dataset, "problems": problems.num_rows, "tried": len(todo),
+    return {"teacher_id": teacher_id, "dataset": dataset, "shard": str(shard), "problems": problems.num_rows,
+            "tried": len(todo),
             "solved": totals["solved"], "unsolved": len(unsolved), "unsolved_ids": unsolved[:10],
             "samples": totals["samples"], "tokens": totals["tokens"], "batches": totals["batches"],
             "seconds": round(time.perf_counter() - start, 3), "already_done": not todo}
 
 
 def _run(target: RolloutTarget, todo: list[WorkItem], config: TeacherConfig, backend, totals: dict,
-         progress: bool) -> None:
+         progress: bool, shard: Shard) -> None:
     """Solve and commit the batches, with a progress bar."""
     from paced.grading import GradingPool
 
@@ -157,7 +162,7 @@ def _run(target: RolloutTarget, todo: list[WorkItem], config: TeacherConfig, bac
             tried = [p.problem_id for p in batch]
             table = _reference_table(target.dataset, target.model_id, solved)
             write_reference_batch(target.folder, table, tried, [pid for pid in tried if pid not in solved],
-                                  REFERENCE_SCHEMA, settings)
+                                  REFERENCE_SCHEMA, settings, shard)
             totals["solved"] += len(solved)
             totals["samples"] += stats["samples"]
             totals["tokens"] += stats["tokens"]
@@ -187,6 +192,7 @@ def run(args) -> int:
                            grader_workers=args.grader_workers, grading_timeout_seconds=args.grading_timeout)
     home = open_home(args.home, create=False)
     summary = collect_references(home, args.teacher, args.dataset, config, teacher_id=args.teacher_id,
-                                 limit=args.limit, backend_name=None if args.backend == "auto" else args.backend)
+                                 limit=args.limit, backend_name=None if args.backend == "auto" else args.backend,
+                                 shard=resolve_shard(args.shard), engine=engine_options(args))
     print(json.dumps(summary), file=sys.stdout)
     return 0

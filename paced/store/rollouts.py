@@ -1,17 +1,20 @@
 """Rollout and reference batch files: one immutable Parquet file per committed batch.
 
-    rollouts/{student}/{sampling_hash}/{dataset}/batch-{seq:08d}.parquet   ROLLOUT_SCHEMA
-    rollouts/{student}/{sampling_hash}/{dataset}/sampling.json             the full sampling config
-    references/{dataset}/{teacher}/batch-{seq:08d}.parquet                 REFERENCE_SCHEMA
-    references/{dataset}/{teacher}/done-{seq:08d}.json                     every id the batch tried
+    rollouts/{student}/{sampling_hash}/{dataset}/batch-{seq:08d}{tag}.parquet   ROLLOUT_SCHEMA
+    rollouts/{student}/{sampling_hash}/{dataset}/sampling.json                  the full sampling config
+    references/{dataset}/{teacher}/batch-{seq:08d}{tag}.parquet                 REFERENCE_SCHEMA
+    references/{dataset}/{teacher}/done-{seq:08d}{tag}.json                     every id the batch tried
 
-`seq` is the commit sequence number within the folder (0, 1, 2, ...): one greater than the
-greatest batch already there, so a rerun never overwrites a committed batch. A job holds the
-folder's lock (`folder_lock`) for as long as it writes, so two jobs never race for a number;
-the lock is an `flock`, released by the kernel when its holder dies (SIGKILL included).
+`seq` is the commit sequence number within the folder (0, 1, 2, ...) and `tag` the writer's
+shard (`-s{rank}of{world}`, empty for a job over the whole pool, see `paced.store.partition`):
+one greater than the greatest batch with the same tag, so a rerun never overwrites a committed
+batch and shards never race for a name. A job over the whole pool holds the folder's lock
+(`.lock`) exclusively; a shard holds it shared plus its own `.lock{tag}` exclusively, so the
+shards of a folder run at once, never beside a whole-pool job or a second copy of themselves.
+Locks are `flock`s, released by the kernel when their holder dies (SIGKILL included).
 
 Readers only glob final names (`batch-*.parquet`); a killed writer leaves at most a `.tmp-*`
-file, which the next writer sweeps under the lock.
+file, which the next writer with the same tag (or any whole-pool writer) sweeps under its lock.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from paced.store.files import (
     write_parquet_atomic,
 )
 from paced.store.home import Home
+from paced.store.partition import WHOLE, Shard
 from paced.store.sql import connect, query_files, statement
 
 ROLLOUT_SCHEMA = pa.schema([
@@ -55,7 +59,7 @@ ROLLOUT_SCHEMA = pa.schema([
 ])
 SAMPLING_FILE = "sampling.json"
 LOCK_FILE = ".lock"
-_BATCH_RE = re.compile(r"^(?:batch|done)-(\d{8})\.(?:parquet|json)$")
+_BATCH_RE = re.compile(r"^(?:batch|done)-(\d{8})((?:-s\d+of\d+)?)\.(?:parquet|json)$")
 BATCH_HINT = "move it aside and rerun `paced rollout` to roll its problems out again"
 SAMPLING_HINT = "delete it: the next `paced rollout` of this config writes it again"
 
@@ -68,40 +72,54 @@ def batch_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("batch-*.parquet"))
 
 
-def next_seq(folder: Path) -> int:
-    """One more than the greatest committed sequence number (batch or done marker)."""
-    seqs = [int(m.group(1)) for p in Path(folder).glob("*-*") if (m := _BATCH_RE.match(p.name))]
+def next_seq(folder: Path, shard: Shard = WHOLE) -> int:
+    """One more than the greatest sequence number committed with `shard`'s tag (batch or done)."""
+    seqs = [int(m.group(1)) for p in Path(folder).glob("*-*")
+            if (m := _BATCH_RE.match(p.name)) and m.group(2) == shard.tag]
     return max(seqs, default=-1) + 1
 
 
+def _flock(folder: Path, name: str, mode: int, what: str) -> int:
+    fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(fd)
+        raise ConflictError(f"another {what} is writing to {folder}; wait for it to finish",
+                            code="busy", detail={"folder": str(folder)}) from err
+    return fd
+
+
 @contextmanager
-def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold the folder's writer lock; ConflictError if another process holds it. A folder this
-    call created is removed again (with the parents it created) when nothing was committed in
-    it (no batch, at most its sampling.json), so a job that fails on a bad argument or a model
-that does not load leaves no empty folder behind."""
+def folder_lock(folder: Path, what: str, shard: Shard = WHOLE) -> Iterator[None]:
+    """Hold the folder's writer lock for `shard` (see the module doc); ConflictError if taken.
+    A folder a whole-pool job created is removed again (with the parents it created) when
+    nothing was committed in it (no batch, at most its sampling.json), so a job that fails on a
+    bad argument or a model that does not load leaves no empty folder behind. (A shard leaves
+    its folder: another shard may be starting in it.)"""
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     make_dirs(folder)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    fds = [_flock(folder, LOCK_FILE, fcntl.LOCK_EX if shard.whole else fcntl.LOCK_SH, what)]
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise ConflictError(f"another {what} is writing to {folder}; wait for it to finish",
-                                code="busy", detail={"folder": str(folder)}) from err
-        sweep_temp_files(folder)
+        if not shard.whole:
+            fds.append(_flock(folder, LOCK_FILE + shard.tag, fcntl.LOCK_EX, f"{what} of shard {shard}"))
+            for tmp in list(folder.glob(f".tmp-*{shard.tag}.*")):  # only this shard's leftovers
+                tmp.unlink(missing_ok=True)
+        else:
+            sweep_temp_files(folder)
         yield
     finally:
         try:
-            if created and {p.name for p in folder.iterdir()} <= {LOCK_FILE, SAMPLING_FILE}:
+            if shard.whole and created and {p.name for p in folder.iterdir()} <= {LOCK_FILE, SAMPLING_FILE}:
                 for name in (SAMPLING_FILE, LOCK_FILE):
                     (folder / name).unlink(missing_ok=True)
                 for path in created:  # deepest first
                     path.rmdir()
         except OSError:  # another writer came in meanwhile: its folder now
             pass
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def num_rows(files: list[Path]) -> int:
@@ -148,10 +166,10 @@ def read_sampling_config(folder: Path) -> dict | None:
     return read_json_object(path, SAMPLING_HINT) if path.exists() else None
 
 
-def write_rollout_batch(folder: Path, table: pa.Table) -> Path:
-    """Commit one batch of rollouts (sorted by problem, sample) as the folder's next file."""
+def write_rollout_batch(folder: Path, table: pa.Table, shard: Shard = WHOLE) -> Path:
+    """Commit one batch of rollouts (sorted by problem, sample) as the shard's next file."""
     table = table.cast(ROLLOUT_SCHEMA).sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
-    path = Path(folder) / f"batch-{next_seq(folder):08d}.parquet"
+    path = Path(folder) / f"batch-{next_seq(folder, shard):08d}{shard.tag}.parquet"
     if path.exists():  # cannot happen under the lock; never overwrite a committed batch
         raise ConflictError(f"{path} already exists")
     return write_parquet_atomic(path, table)
@@ -225,11 +243,11 @@ def unsolved_problems(folder: Path) -> list[str]:
 
 
 def write_reference_batch(folder: Path, table: pa.Table, tried: list[str], unsolved: list[str],
-                          schema: pa.Schema, settings: dict | None = None) -> Path:
+                          schema: pa.Schema, settings: dict | None = None, shard: Shard = WHOLE) -> Path:
     """Commit a teacher batch: the references (if any) first, then the done marker."""
-    seq = next_seq(folder)
+    seq = next_seq(folder, shard)
     if table.num_rows:
         table = table.cast(schema).sort_by([("problem_id", "ascending"), ("attempt", "ascending")])
-        write_parquet_atomic(Path(folder) / f"batch-{seq:08d}.parquet", table)
-    return write_json_atomic(Path(folder) / f"done-{seq:08d}.json",
+        write_parquet_atomic(Path(folder) / f"batch-{seq:08d}{shard.tag}.parquet", table)
+    return write_json_atomic(Path(folder) / f"done-{seq:08d}{shard.tag}.json",
                              {"tried": sorted(tried), "unsolved": sorted(unsolved), "settings": settings})
