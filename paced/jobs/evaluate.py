@@ -21,6 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from paced.backends.engine import (
+    DEFAULT_ENGINE,
+    EngineOptions,
+    add_engine_arguments,
+    engine_options,
+    open_backend,
+)
 from paced.errors import InputError
 from paced.store.home import Home, open_home
 from paced.store.problems import dataset_info, read_problems
@@ -37,6 +44,7 @@ class EvalConfig:
     backend: str | None = None  # auto: vllm when importable
     sampled: bool = True  # also report mean@k
     chat_template: bool = False  # render each prompt as a user turn with the model's chat template
+    engine: EngineOptions = DEFAULT_ENGINE  # vLLM engine options
 
     def __post_init__(self):
         if self.k < 1:
@@ -112,9 +120,9 @@ def load_sets(home: Home, datasets: list[str], cfg: EvalConfig, mastered: tuple[
 
 
 def evaluate_model(model_dir: str, sets: dict, cfg: EvalConfig) -> dict:
-    from paced.backends import load_backend, model_id
+    from paced.backends import model_id
 
-    with load_backend(cfg.backend, model_dir) as backend:
+    with open_backend(cfg.backend, model_dir, cfg.engine) as backend:
         return {"model_id": model_id(model_dir), "dir": str(model_dir), "sets": evaluate_backend(backend, sets, cfg)}
 
 
@@ -148,6 +156,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
     parser.add_argument("--chat-template", action="store_true",
                         help="render prompts with the model's chat template (as `paced rollout --chat-template`)")
+    add_engine_arguments(parser, ray=False)
     add_home_argument(parser)
 
 
@@ -156,7 +165,8 @@ def run(args) -> int:
     if bool(args.mastered_student) != bool(args.mastered_dataset):
         raise InputError("--mastered-student and --mastered-dataset go together")
     cfg = EvalConfig(args.k, args.temperature, args.max_new_tokens, args.seed, args.limit,
-                     None if args.backend == "auto" else args.backend, not args.greedy_only, args.chat_template)
+                     None if args.backend == "auto" else args.backend, not args.greedy_only, args.chat_template,
+                     engine_options(args))
     mastered = (args.mastered_student, args.mastered_dataset, args.mastered_snapshot) if args.mastered_student else None
     sets = load_sets(home, args.dataset, cfg, mastered)
     model = evaluate_model(args.model, sets, cfg)
