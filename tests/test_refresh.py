@@ -172,3 +172,26 @@ def test_batch_files_are_immutable_and_numbered_in_commit_order(tmp_path):
     assert (first.name, second.name) == ("batch-00000000.parquet", "batch-00000001.parquet")
     assert first.read_bytes() == before
     assert pq.read_table(second)["problem_id"].to_pylist() == ["b", "b"]
+
+
+def test_fast_aggregate_equals_the_deduplicating_one_and_a_sample_committed_twice_counts_once(tmp_path):
+    from paced.jobs.refresh import aggregate_passrates
+    from paced.store.rollouts import batch_files
+    from paced.store.sql import connect, query_arrow, statement
+
+    home = open_home(tmp_path / "h")
+    a = rollout_rows([f"p{i:02d}" for i in range(30)], 70, seed=3)  # sample indices past 64
+    commit(home, a.slice(0, 1000)), commit(home, a.slice(1000))
+    files = [str(f) for f in batch_files(home.rollouts_dir("s1", "h1", "d"))]
+    params = {"files": files, "student_id": "s1", "sampling_hash": "h1", "snapshot_id": "x"}
+    con = connect()
+    exact = query_arrow(con, statement("passrates.aggregate"), params)
+    assert aggregate_passrates(con, params).equals(exact)
+    # p00's sample 3 committed again with another outcome: the first file's copy counts, as before
+    again = a.slice(3, 1).set_column(4, "outcome", pa.array(["error"]))
+    assert again["outcome"][0].as_py() != a["outcome"][3].as_py()
+    commit(home, again)
+    params["files"] = [str(f) for f in batch_files(home.rollouts_dir("s1", "h1", "d"))]
+    deduplicated = aggregate_passrates(con, params)
+    assert deduplicated.equals(query_arrow(con, statement("passrates.aggregate"), params))
+    assert deduplicated.equals(exact)

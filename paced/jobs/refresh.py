@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from paced import __version__
 from paced.errors import NotFoundError
 from paced.store.files import damaged, parquet_problem, read_json_object, write_json_atomic
@@ -46,6 +49,9 @@ from paced.store.sql import connect, query_files, statement
 
 def choose_sampling_hash(sets: list[RolloutSet], sampling_hash: str | None = None) -> str:
     """The requested hash (must exist), else the one with the most rollouts (ties: smallest)."""
+    hashes = {s.sampling_hash for s in sets}
+    if sampling_hash is None and len(hashes) == 1:
+        return hashes.pop()  # nothing to choose: no need to read every file's footer
     totals: dict[str, int] = {}
     for s in sets:
         totals[s.sampling_hash] = totals.get(s.sampling_hash, 0) + s.rows
@@ -89,7 +95,7 @@ def newest_fingerprint(home: Home, student_id: str) -> str | None:
 def _aggregate(home: Home, student_id: str, chosen: str, inputs: list[dict], snapshot_id: str, con=None):
     files = [str(home.root / i["path"]) for i in inputs]
     params = {"files": files, "student_id": student_id, "sampling_hash": chosen, "snapshot_id": snapshot_id}
-    return query_files(con or connect(), statement("passrates.aggregate"), params, files, BATCH_HINT)
+    return aggregate_passrates(con or connect(), params)
 
 
 def _repair(home: Home, student_id: str, side: dict, chosen: str, inputs: list[dict], con=None) -> bool:
@@ -106,6 +112,19 @@ def _repair(home: Home, student_id: str, side: dict, chosen: str, inputs: list[d
     print(f"paced refresh: {path} {reason}; rebuilding it from its rollouts", file=sys.stderr)
     write_snapshot(home, student_id, _aggregate(home, student_id, chosen, inputs, sid, con), sid, repair=True)
     return True
+
+
+def aggregate_passrates(con, params: dict) -> pa.Table:
+    """`passrates.aggregate`'s rows: by one hash aggregate when no sample was committed twice
+    (checked exactly, per problem), else by the deduplicating query. A batch file DuckDB cannot
+    read is named (`DamagedError`)."""
+    files = params["files"]
+    width = query_files(con, statement("passrates.max_sample"), {"files": files}, files, BATCH_HINT)
+    table = query_files(con, statement("passrates.aggregate_distinct"),
+                        {**params, "max_sample": width["max_sample"][0].as_py()}, files, BATCH_HINT)
+    if pc.all(pc.equal(table["rows"], table["n"])).as_py() is not False:
+        return table.drop_columns(["rows"])
+    return query_files(con, statement("passrates.aggregate"), params, files, BATCH_HINT)
 
 
 def refresh_student(home: Home, student_id: str, sampling_hash: str | None = None, con=None) -> dict:
