@@ -21,6 +21,8 @@ RECORDED = {
     "refresh_backend", "home", "rollout_k", "rollout_temperature", "rollout_max_new_tokens", "rollout_batch_size",
     "scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix", "eval_every", "eval_dataset", "eval_limit",
     "eval_max_new_tokens", "device", "progress",
+    # added later (a checkpoint without them resumes: a missing setting reads as None, their default)
+    "tensor_parallel_size", "gpu_memory_utilization", "dtype", "max_model_len", "enforce_eager",
 }
 
 
@@ -54,3 +56,14 @@ def test_weights_over_the_service_are_refused_with_the_place_to_set_them():
 def test_a_bad_remeasure_setting_is_an_input_error_naming_it():
     with pytest.raises(InputError, match="reprobe_fraction"):
         jobs_from_args(parse("--reprobe-fraction", "2"))
+    with pytest.raises(InputError, match=r"--gpu-memory-utilization must be in \(0, 1\]"):
+        jobs_from_args(parse("--gpu-memory-utilization", "1.2"))
+    with pytest.raises(InputError, match="--max-model-len only apply to the vllm backend"):
+        jobs_from_args(parse("--refresh-backend", "transformers", "--max-model-len", "64"))
+
+
+def test_vllm_engine_flags_reach_the_refresh():
+    _, remeasure, _ = jobs_from_args(parse("--refresh-backend", "vllm", "--tensor-parallel-size", "2", "--dtype",
+                                           "bfloat16", "--max-model-len", "512", "--enforce-eager"))
+    assert remeasure.config.engine().backend_kwargs("vllm") == {
+        "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 512, "enforce_eager": True}

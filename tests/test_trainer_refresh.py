@@ -320,7 +320,8 @@ def test_refresh_with_vllm_rolls_out_the_saved_checkpoint_in_a_subprocess(models
     pytest.importorskip("vllm")
     home, base, manifest = home_with_manifest(tmp_path, capsys, 12)
     args = train_args(models, manifest, tmp_path / "out", "--steps", "3", "--refresh-every", "2", "--home",
-                      str(home.root), "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--refresh-backend", "vllm")
+                      str(home.root), "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--refresh-backend", "vllm",
+                      "--max-model-len", "48", "--dtype", "float32")  # engine options reach the subprocess's engine
     assert main(args) == 0
     (refresh,) = summary_of(capsys)["refreshes"]
     assert refresh["backend"] == "vllm" and refresh["checkpoint_id"] == model_id(tmp_path / "out" / "checkpoint-2")

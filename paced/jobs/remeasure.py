@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paced.backends.engine import EngineOptions
 from paced.curriculum import SCHEMES, WeightScheme
 from paced.errors import InputError, PacedError
 from paced.store.files import read_json
@@ -74,6 +75,13 @@ class RemeasureConfig:
     rollout_max_new_tokens: int | None = _flag("refresh rollouts: longest completion (default: the base "
                                                "snapshot's sampling, else --max-new-tokens)", None)
     rollout_batch_size: int = _flag("refresh rollouts: problems per committed batch", 256)
+    tensor_parallel_size: int | None = _flag("vLLM refresh: GPUs per engine (default 1)", None)
+    gpu_memory_utilization: float | None = _flag("vLLM refresh: share of GPU memory the engine may take, in (0, 1] "
+                                                 "(default: 0.9 × what the trainer leaves free)", None)
+    dtype: str | None = _flag("vLLM refresh: auto, float32, float16 or bfloat16 (default: float32 on the CPU, "
+                              "auto on a GPU)", None)
+    max_model_len: int | None = _flag("vLLM refresh: engine context length (default: the model's)", None)
+    enforce_eager: bool | None = _flag("vLLM refresh: no CUDA graphs", None)
     scheme: str | None = _flag("weights of the manifests the trainer builds from snapshots (files only; "
                                "default: the --from manifest's)", None)
     alpha: float | None = _flag("exponent α of w = p^α (1−p)^β (files only; default: the manifest's)", None)
@@ -106,6 +114,15 @@ class RemeasureConfig:
             raise InputError(f"--scheme must be one of {', '.join(sorted(SCHEMES))}, got {self.scheme!r}")
         if self.prior is not None:
             object.__setattr__(self, "prior", tuple(float(x) for x in self.prior))
+        engine = self.engine()  # validates the vLLM options
+        if self.refresh_backend == "transformers":
+            engine.backend_kwargs("transformers")  # vLLM options for a transformers refresh: an error
+
+    def engine(self) -> EngineOptions:
+        """The vLLM engine options of the refresh rollouts (validated)."""
+        return EngineOptions(tensor_parallel_size=self.tensor_parallel_size,
+                             gpu_memory_utilization=self.gpu_memory_utilization, dtype=self.dtype,
+                             max_model_len=self.max_model_len, enforce_eager=self.enforce_eager)
 
     def scheme_overrides(self) -> dict:
         """The weight settings given on the command line, as manifest.json input keys."""
@@ -323,8 +340,9 @@ def roll(config: RemeasureConfig, runtime, home: Home, checkpoint: Path, checkpo
     from paced.jobs.rollout import rollout
 
     name = backend_name(config, runtime.device)
+    engine = config.engine().backend_kwargs(name)
     if name == "vllm":
-        return {**vllm_rollout(home, checkpoint, checkpoint_id, dataset, rollout_cfg, ids, config.progress),
+        return {**vllm_rollout(home, checkpoint, checkpoint_id, dataset, rollout_cfg, ids, config.progress, engine),
                 "backend": name}
     from paced.backends.hf_backend import HFBackend
 
@@ -336,12 +354,16 @@ def roll(config: RemeasureConfig, runtime, home: Home, checkpoint: Path, checkpo
 
 
 def vllm_rollout(home: Home, checkpoint: Path, checkpoint_id: str, dataset: str, config, ids: list[str],
-                 progress: bool) -> dict:
+                 progress: bool, engine: dict | None = None) -> dict:
     """The rollout in a fresh process (`python -m paced.jobs.remeasure`): vLLM's engine starts
-    and frees its memory there, next to the trainer's model."""
+    and frees its memory there, next to the trainer's model. `engine`: vLLM engine options
+    (`gpu_memory_utilization` defaults to 0.9 of the GPU memory the trainer leaves free)."""
+    engine = dict(engine or {})
+    if "gpu_memory_utilization" not in engine and (share := free_gpu_share()):
+        engine["gpu_memory_utilization"] = share
     request = {"home": str(home.root), "student_dir": str(checkpoint), "student_id": checkpoint_id,
                "dataset": dataset, "config": asdict(config), "problem_ids": ids, "progress": progress,
-               "gpu_memory_utilization": free_gpu_share()}
+               "engine": engine}
     proc = subprocess.run([sys.executable, "-m", "paced.jobs.remeasure"], input=json.dumps(request),
                           stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
@@ -372,8 +394,7 @@ def _vllm_main() -> int:
     folder = home.rollouts_dir(request["student_id"], config.sampling_hash, request["dataset"])
     todo = pending_work(select_problems(home, request["dataset"], request["problem_ids"]),
                         committed_samples(batch_files(folder)), config.k)
-    share = request["gpu_memory_utilization"]
-    kwargs = {"gpu_memory_utilization": share} if share else {}
+    kwargs = request.get("engine") or {}
     args = (home, request["student_dir"], request["dataset"], config)
     common = {"student_id": request["student_id"], "problem_ids": request["problem_ids"],
               "progress": request["progress"]}

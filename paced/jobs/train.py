@@ -58,6 +58,7 @@ import os
 import sys
 from pathlib import Path
 
+from paced.backends.engine import DTYPES
 from paced.curriculum import SCHEMES
 from paced.errors import InputError, PacedError
 from paced.jobs.manifest import parse_prior
@@ -96,6 +97,11 @@ SPECIAL = {
     "rollout_max_new_tokens": {"type": int},
     "eval_limit": {"type": int},
     "eval_dataset": {"metavar": "NAME"},
+    "tensor_parallel_size": {"type": int},
+    "gpu_memory_utilization": {"type": float},
+    "dtype": {"choices": list(DTYPES)},
+    "max_model_len": {"type": int},
+    "enforce_eager": {"action": "store_true"},
     **{name: {"type": float} for name in ("alpha", "beta", "weight_floor", "uniform_mix")},
 }
 
