@@ -61,7 +61,7 @@ from paced.backends.engine import (
 from paced.curriculum.summary import passrate_summary
 from paced.errors import InputError
 from paced.store.home import Home, open_home, validate_name
-from paced.store.partition import WHOLE, Shard, add_shard_argument, resolve_shard
+from paced.store.partition import WHOLE, Shard, add_shard_argument, announce_shard, resolve_shard
 from paced.store.problems import dataset_info, read_problems
 from paced.store.rollouts import (
     ROLLOUT_SCHEMA,
@@ -380,6 +380,6 @@ def run(args) -> int:
     home = open_home(args.home, create=False)
     summary = rollout(home, args.student, args.dataset, config, student_id=args.student_id, limit=args.limit,
                       backend_name=None if args.backend == "auto" else args.backend,
-                      shard=resolve_shard(args.shard), engine=engine_options(args))
+                      shard=announce_shard(resolve_shard(args.shard), "rollout"), engine=engine_options(args))
     print(json.dumps(summary), file=sys.stdout)
     return 0

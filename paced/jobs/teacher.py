@@ -45,7 +45,7 @@ from paced.jobs.rollout import (
     select_problems,
 )
 from paced.store.home import Home, open_home
-from paced.store.partition import WHOLE, Shard, resolve_shard
+from paced.store.partition import WHOLE, Shard, announce_shard, resolve_shard
 from paced.store.problems import dataset_info
 from paced.store.rollouts import done_problems, folder_lock, unsolved_problems, write_reference_batch
 from paced.store.shards import REFERENCE_SCHEMA
@@ -193,6 +193,6 @@ def run(args) -> int:
     home = open_home(args.home, create=False)
     summary = collect_references(home, args.teacher, args.dataset, config, teacher_id=args.teacher_id,
                                  limit=args.limit, backend_name=None if args.backend == "auto" else args.backend,
-                                 shard=resolve_shard(args.shard), engine=engine_options(args))
+                                 shard=announce_shard(resolve_shard(args.shard), "teacher"), engine=engine_options(args))
     print(json.dumps(summary), file=sys.stdout)
     return 0

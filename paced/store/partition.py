@@ -88,6 +88,15 @@ def resolve_shard(flag: str | None, env: Mapping[str, str] | None = None) -> Sha
     return WHOLE
 
 
+def announce_shard(shard: Shard, job: str) -> Shard:
+    """Say on stderr which shard a job runs (a shard may come from the environment)."""
+    if not shard.whole:
+        import sys
+
+        print(f"paced {job}: shard {shard} (a stable hash of the problem ids)", file=sys.stderr)
+    return shard
+
+
 def add_shard_argument(parser) -> None:
     parser.add_argument("--shard", default=None, metavar="RANK/WORLD",
                         help="roll out only this shard of the problems (a stable hash of their ids); "
