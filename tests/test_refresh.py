@@ -180,7 +180,7 @@ def test_fast_aggregate_equals_the_deduplicating_one_and_a_sample_committed_twic
     from paced.store.sql import connect, query_arrow, statement
 
     home = open_home(tmp_path / "h")
-    a = rollout_rows([f"p{i:02d}" for i in range(30)], 70, seed=3)  # sample indices past 64
+    a = rollout_rows([f"p{i:02d}" for i in range(30)], 40, seed=3)
     commit(home, a.slice(0, 1000)), commit(home, a.slice(1000))
     files = [str(f) for f in batch_files(home.rollouts_dir("s1", "h1", "d"))]
     params = {"files": files, "student_id": "s1", "sampling_hash": "h1", "snapshot_id": "x"}
@@ -195,3 +195,20 @@ def test_fast_aggregate_equals_the_deduplicating_one_and_a_sample_committed_twic
     deduplicated = aggregate_passrates(con, params)
     assert deduplicated.equals(query_arrow(con, statement("passrates.aggregate"), params))
     assert deduplicated.equals(exact)
+    wide = rollout_rows(["w"], 70, seed=4)  # sample indices past 64: the exact query, same rows
+    commit(home, wide)
+    params["files"] = [str(f) for f in batch_files(home.rollouts_dir("s1", "h1", "d"))]
+    rows = aggregate_passrates(con, params)
+    assert rows.equals(query_arrow(con, statement("passrates.aggregate"), params)) and rows.num_rows == 31
+
+
+def test_write_snapshot_sorts_rows_unless_they_already_are(tmp_path):
+    from paced.store.snapshots import write_snapshot
+
+    home = open_home(tmp_path / "h")
+    rows = [{"problem_id": p, "dataset": d, "student_id": "s", "sampling_hash": "h", "n": 1, "correct": 1, "wrong": 0,
+             "unparseable": 0, "timeout": 0, "error": 0, "pass_rate": 1.0, "stale_age": 0, "snapshot_id": "x"}
+            for d, p in (("b", "a"), ("a", "z"), ("a", "b"))]
+    write_snapshot(home, "s", pa.Table.from_pylist(rows, schema=SNAPSHOT_SCHEMA), "x")
+    got = read_snapshot(home, "s", "x")
+    assert list(zip(got["dataset"].to_pylist(), got["problem_id"].to_pylist())) == [("a", "b"), ("a", "z"), ("b", "a")]

@@ -25,20 +25,16 @@ FROM samples
 GROUP BY dataset, problem_id
 ORDER BY dataset, problem_id;
 
--- name: max_sample
--- The greatest sample index in the files (the width of `aggregate_distinct`'s bit sets).
-SELECT coalesce(max(sample_idx), 0) AS max_sample FROM read_parquet($files);
-
--- name: aggregate_distinct
+-- name: aggregate_fast
 -- `aggregate` without the per-sample deduplication (one hash aggregate, no window), plus per
--- problem `rows` (committed rows) and `n` (distinct sample indices, from a bit set of width
--- $max_sample + 1). Equal to `aggregate` exactly when every problem has rows = n, i.e. no
--- sample was committed twice; the caller checks that and falls back to `aggregate` otherwise.
+-- problem `rows` (committed rows), `n` (distinct sample indices, from a 64-bit mask) and `top`
+-- (the greatest index). Equal to `aggregate` exactly when every `top` < 64 and every problem has
+-- rows = n, i.e. no sample was committed twice; the caller checks that and falls back otherwise.
 SELECT problem_id,
        dataset,
        $student_id AS student_id,
        $sampling_hash AS sampling_hash,
-       bit_count(bitstring_agg(sample_idx, 0, $max_sample)) AS n,
+       CAST(bit_count(bit_or(CAST(1 AS UBIGINT) << CAST(least(sample_idx, 63) AS UBIGINT))) AS BIGINT) AS n,
        count(*) FILTER (WHERE outcome = 'correct') AS correct,
        count(*) FILTER (WHERE outcome = 'wrong') AS wrong,
        count(*) FILTER (WHERE outcome = 'unparseable') AS unparseable,
@@ -47,7 +43,8 @@ SELECT problem_id,
        count(*) FILTER (WHERE outcome = 'correct') / count(*) AS pass_rate,
        CAST(0 AS INTEGER) AS stale_age,
        $snapshot_id AS snapshot_id,
-       count(*) AS rows
+       count(*) AS rows,
+       max(sample_idx) AS top
 FROM read_parquet($files)
 GROUP BY dataset, problem_id
 ORDER BY dataset, problem_id;
