@@ -11,7 +11,7 @@ results come back in prompt order. Every sample is still its own request with it
 the output equals a single-process run's; grading and the atomic commits stay in the job's
 process. Actors: `actors`, else one per `tensor_parallel_size` GPUs of the cluster, else one
 per alive node (each takes one CPU). Every node needs paced installed and the model directory
-at the same path (a shared filesystem).
+(or the Hugging Face cache holding a Hub id) at the same path (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from paced.backends.base import Backend, Completion, SamplingConfig, resolve_seeds
+from paced.backends.base import Backend, Completion, SamplingConfig, check_model_dir, resolve_seeds
 from paced.errors import InputError, PacedError
 
 
@@ -78,7 +78,8 @@ class RayBackend(Backend):
                 raise InputError(f"cannot reach the Ray cluster at {target}: {err}") from err
         count, gpus = count_actors(ray, int(kwargs.get("tensor_parallel_size") or 1))
         remote = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus)(_GenerationActor)
-        self.actors = [remote.remote(backend_name, str(Path(model_dir).resolve()), kwargs)
+        path = str(check_model_dir(model_dir))  # an absolute path (a Hub id: its snapshot in the HF cache)
+        self.actors = [remote.remote(backend_name, path, kwargs)
                        for _ in range(actors or count)]
         self._gather([a.ready.remote() for a in self.actors])  # surfaces load errors here, not at generate
 
