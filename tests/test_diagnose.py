@@ -80,6 +80,20 @@ def test_diagnose_runs_on_tiny_models_in_both_regimes(tmp_path, capsys):
     assert "held-out cos" in captured.err
 
 
+def test_diagnose_shows_na_for_a_bin_without_enough_references(tmp_path, capsys):
+    home, _ = make_service_home(tmp_path, n=27)  # 3 problems per p̂ value; references for even i only
+    student, teacher = build_models(tmp_path / "models")
+    code = main(["diagnose", "--home", str(home.root), "--student", str(student), "--teacher", str(teacher),
+                 "--student-id", "s1", "--dataset", "arith", "--heldout", "arith", "--per-bin", "8",
+                 "--dim", "64", "--regime", "off-policy"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    bins = json.loads(captured.out.strip().splitlines()[-1])["regimes"]["off-policy"]["bins"]
+    zero, one = bins[0], bins[-1]  # p̂ = 0 and p̂ = 1: 3 problems each, 1–2 with a reference
+    assert zero["snr"] is None and one["snr"] is None and zero["problems"] < 4
+    assert bins[2]["snr"] is not None  # ⅓ < p̂ < ⅔ holds 9 problems, about half with a reference
+
+
 def test_diagnose_bad_input_is_one_clear_line(tmp_path, capsys):
     home, _ = make_service_home(tmp_path, n=18)
     code = main(["diagnose", "--home", str(home.root), "--student", str(tmp_path / "nope"), "--teacher",

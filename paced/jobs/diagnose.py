@@ -121,14 +121,17 @@ def measure(config: DiagnoseConfig, home) -> dict:
         rows = {b: [r for r in chosen[b] if regime == "on-policy" or r["reference"] is not None] for b in BINS}
         signals = []
         for name in BINS:
-            picked = rows[name][:config.per_bin] if len(rows[name]) >= MIN_PROBLEMS else []
+            picked = rows[name][:config.per_bin]
+            if len(picked) < MIN_PROBLEMS:  # too few to estimate: n/a in the table
+                signals.append(compute_bin_signal(name, np.zeros((len(picked), config.dim)), None))
+                continue
             prompts = [r["prompt"] for r in picked]
             if regime == "on-policy":
                 targets = sample_completions(student, tokenizer, prompts, config.max_new_tokens, config.seed)
             else:
                 targets = completion_ids(tokenizer, [r["reference"] for r in picked])
             grads = problem_gradients(student, teacher, tokenizer, prompts, targets, REGIMES[regime], sketch,
-                                      config.max_length) if picked else np.zeros((0, config.dim))
+                                      config.max_length)
             signals.append(compute_bin_signal(name, grads, held_grad))
         result["regimes"][regime] = {"bins": [asdict(s) for s in signals],
                                      "verdict": verdict(signals)}
