@@ -47,6 +47,7 @@ def test_a_file_that_is_not_gguf_is_a_clear_error_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.slow
 def test_a_truncated_gguf_is_a_clear_error_and_leaves_nothing(tmp_path):
     """Right magic, then the file stops: transformers' reader fails, paced says which file."""
     with packaged_gguf().open("rb") as f:
