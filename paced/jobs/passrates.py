@@ -16,10 +16,12 @@ import json
 import sys
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from paced.curriculum.summary import passrate_summary, text_histogram
+from paced.errors import NotFoundError
 from paced.store.home import Home, open_home, validate_name
 from paced.store.problems import read_problems
 from paced.store.snapshots import read_snapshot_rows
@@ -34,14 +36,19 @@ def _summary(table: pa.Table) -> dict:
 
 def compute_group_summary(pass_rate: list[float]) -> dict:
     """Problems, mean and the shares at 0, in (0, 1) and at 1 of one group's pass rates."""
-    summary = passrate_summary(pass_rate, [1] * len(pass_rate))
-    frontier = None if summary["share_zero"] is None else 1 - summary["share_zero"] - summary["share_one"]
+    p = np.asarray(pass_rate, dtype=np.float64)
+    summary = passrate_summary(p, np.ones(len(p), dtype=np.int64))
+    frontier = float(((p > 0) & (p < 1)).mean()) if len(p) else None
     return {k: summary.get(k) for k in GROUP_KEYS} | {"share_frontier": frontier}
 
 
 def _problem_groups(home: Home, dataset: str) -> dict[str, tuple[str | None, str]]:
-    """problem id -> (module or None, level as text; "none" without a difficulty)."""
-    problems = read_problems(home, dataset)
+    """problem id -> (module or None, level as text; "none" without a difficulty); empty when the
+    data set's problems are not in this home."""
+    try:
+        problems = read_problems(home, dataset)
+    except NotFoundError:
+        return {}
     out = {}
     for pid, difficulty, meta in zip(problems["id"].to_pylist(), problems["difficulty"].to_pylist(),
                                      problems["metadata"].to_pylist()):
@@ -51,8 +58,11 @@ def _problem_groups(home: Home, dataset: str) -> dict[str, tuple[str | None, str
 
 
 def group_summaries(home: Home, dataset: str, table: pa.Table) -> dict:
-    """`by_level` and (when problems name a module) `by_module` of one data set's snapshot rows."""
+    """`by_level` and (when problems name a module) `by_module` of one data set's snapshot rows;
+    nothing when its problems are not in this home."""
     groups = _problem_groups(home, dataset)
+    if not groups:
+        return {}
     by_level, by_module = defaultdict(list), defaultdict(lambda: defaultdict(list))
     for pid, p, n in zip(table["problem_id"].to_pylist(), table["pass_rate"].to_pylist(), table["n"].to_pylist()):
         if n == 0 or pid not in groups:
