@@ -149,6 +149,16 @@ def test_math(completion, answer, outcome):
         ("The final answer is 12. It is right.", "12", "correct"),
         ("The final answer is 1.5.", "1.5", "correct"),  # a decimal point stays one
         ("The final answer is 15.", "1.5", "wrong"),
+        # restating the question is not an answer, though math-verify would evaluate it (seen in
+        # SmolLM2-135M's rollouts on builtin:mathematics)
+        ("The wedding in question is 19886.723 + 2.0499 = abc", "19888.7729", "wrong"),
+        ("To find 0.4*-12 you take a negative.", "-4.8", "wrong"),
+        ("\\boxed{2 + 3}", "5", "wrong"),
+        ("It is (1/4)/((-13)/(-8)).", "2/13", "wrong"),
+        ("1.5759 - -19.1 is a new value", "20.6759", "wrong"),
+        ("So 1.5759 - -19.1 = 20.6759.", "20.6759", "correct"),
+        ("\\boxed{-\\frac{11}{18}}", "-11/18", "correct"),
+        ("The answer is -11/18", "-11/18", "correct"),
     ],
 )
 def test_math_parses_references_as_latex_first(completion, answer, outcome):

@@ -9,8 +9,10 @@ verdict records `name@version`, so a pass rate says which grader produced it.
   compare exactly (a tolerance would accept off-by-one answers of 10+ digits); anything else
   compares as floats within `abs 1e-6` or `rel 1e-9`. The built-in arithmetic task uses it.
 - `math`: math-verify (`\\boxed{}` / final-answer extraction, numeric and symbolic equivalence).
-  A reference is parsed as LaTeX first (see `_parse_reference`). Version 2: version 1 parsed
-  bare references with plain extraction, which kept only their last number.
+  A reference is parsed as LaTeX first (see `_parse_reference`); an answer that only restates
+  arithmetic (`19886.723 + 2.0499 = …`) is wrong (`is_unevaluated`). Version 2: version 1 parsed
+  bare references with plain extraction, which kept only their last number, and graded such
+  restatements correct, since math-verify evaluates them.
 
 `exact` and `numeric` run in-process (`in_process=True`): each is a few linear-time passes
 over its strings (regexes without nested quantifiers, `str.split`, `float`, `int` capped at
@@ -173,14 +175,33 @@ def normalise_completion(completion: str) -> str:
     return _SENTENCE_DOT.sub("", completion)
 
 
+# Plain numbers joined by operators: what is left of a question restated, not an answer.
+_PLAIN_ARITHMETIC = re.compile(r"[\d\s.,()+\-*/^×·]+")
+_BINARY_OPERATOR = re.compile(r"[+*^×·]|[\d)]\s*-")
+
+
+def is_unevaluated(extracted: str) -> bool:
+    """True for an arithmetic expression of plain numbers such as `19886.723 + 2.0499` or
+    `(1/4)/(13/8)`: math-verify would evaluate it and grade a completion that merely restates
+    the question as correct. One fraction (`-3/4`) is an answer, not an expression."""
+    text = extracted.strip()
+    if not _PLAIN_ARITHMETIC.fullmatch(text):
+        return False
+    return bool(_BINARY_OPERATOR.search(text)) or text.count("/") > 1
+
+
 def verify_math(completion: str, answer: str) -> Outcome:
-    """math-verify's extraction and equivalence, with its signal timeouts off (see module doc)."""
+    """math-verify's extraction and equivalence, with its signal timeouts off (see module doc);
+    an extracted answer that is an unevaluated sum, difference, product or power of plain
+    numbers is wrong (`is_unevaluated`)."""
     from math_verify import parse, verify
 
     gold = _parse_reference(answer)
     got = parse(normalise_completion(completion), parsing_timeout=None)
     if not got:
         return Outcome.UNPARSEABLE
+    if isinstance(got[-1], str) and is_unevaluated(got[-1]):
+        return Outcome.WRONG
     return Outcome.CORRECT if verify(gold, got, timeout_seconds=None) else Outcome.WRONG
 
 
