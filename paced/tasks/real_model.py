@@ -136,7 +136,7 @@ def convert_gguf(gguf_path: Path, out: Path, *, force: bool = False) -> RealMode
     source = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": file_sha256(gguf_path)}
     if not force and (record := _matching_build(out, source)):
         return RealModel(out, True, record)
-    print(f"paced: converting {gguf_path.name} to an HF folder (a minute or two on 2 cores) ...",
+    print(f"paced: converting {gguf_path.name} to an HF folder (a few minutes on 2 cores) ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
