@@ -18,7 +18,7 @@ from paced.errors import PacedError, storage_error
 
 # name -> (module, one-line help). The dict is the registry.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "import": ("paced.jobs.import_problems", "import problems (JSONL, Parquet, CSV, a datasets folder, builtin:arithmetic)"),
+    "import": ("paced.jobs.import_problems", "import problems (JSONL, Parquet, CSV, a datasets folder, builtin:arithmetic, builtin:mathematics)"),
     "rollout": ("paced.jobs.rollout", "roll out a student K times per problem and grade the answers"),
     "teacher": ("paced.jobs.teacher", "collect verified teacher reference responses"),
     "refresh": ("paced.jobs.refresh", "aggregate committed rollouts into pass-rate snapshots (cron job)"),
@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("paced.api.serve", "run the curriculum service (FastAPI under uvicorn)"),
     "train": ("paced.jobs.train", "distil a teacher into a student on weighted shards"),
     "evaluate": ("paced.jobs.evaluate", "held-out accuracy by difficulty, and forgetting vs a base model"),
-    "tasks": ("paced.tasks.cli", "the built-in task: build its tokenizer and tiny models"),
+    "tasks": ("paced.tasks.cli", "built-in models: the tiny task models, the real SmolLM2-135M-Instruct"),
     "diagnose": ("paced.jobs.diagnose", "gradient signal by pass-rate bin: will frontier weighting pay here?"),
     "demo": ("paced.jobs.demo", "run the whole loop on the built-in task"),
 }

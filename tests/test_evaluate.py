@@ -17,6 +17,14 @@ def test_compute_accuracy_by_difficulty():
 
     got = compute_accuracy(np.array([1.0, 0.0, 0.5, 1.0]), [1, 1, 2, None])
     assert got["accuracy"] == 0.625 and got["by_difficulty"] == {"1": 0.5, "2": 0.5, "all": 1.0}
+    assert "by_module" not in got
+
+
+def test_compute_accuracy_by_module_and_difficulty():
+    import numpy as np
+
+    got = compute_accuracy(np.array([1.0, 0.0, 0.5, 1.0]), [1, 2, 1, 1], ["add", "add", "mul", None])
+    assert got["by_module"] == {"None": {"1": 1.0}, "add": {"1": 1.0, "2": 0.0}, "mul": {"1": 0.5}}
 
 
 def test_evaluate_reports_greedy_sampled_and_forgetting(tmp_path, tiny_model_dir, capsys):

@@ -117,10 +117,58 @@ def test_math(completion, answer, outcome):
     assert verify("math", completion, answer) == outcome
 
 
+# References written without LaTeX delimiters, against answers in the forms a model writes them.
+# Version 1 of the grader read such a reference with plain extraction: `(1, 2)` became `2`.
+@pytest.mark.parametrize(
+    ("completion", "answer", "outcome"),
+    [
+        ("\\boxed{(1,2)}", "(1, 2)", "correct"),  # tuple / open interval
+        ("The answer is $(1, 2)$.", "(1, 2)", "correct"),
+        ("\\boxed{2}", "(1, 2)", "wrong"),
+        ("\\boxed{(2, 1)}", "(1, 2)", "wrong"),
+        ("\\boxed{[1, 3)}", "[1, 3)", "correct"),  # interval
+        ("\\boxed{(1, 3)}", "[1, 3)", "wrong"),
+        ("\\boxed{\\{3, 1, 2\\}}", "\\{1, 2, 3\\}", "correct"),  # set, any order
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2, 3\\}", "wrong"),
+        ("\\boxed{7, 3, 2}", "2, 3, 7", "correct"),  # a list of values read as a set
+        ("\\boxed{\\frac{3}{4}}", "3/4", "correct"),  # fractions
+        ("The answer is 3/4.", "3/4", "correct"),  # the full stop is not a decimal point
+        ("The answer is -5/53.", "-5/53", "correct"),
+        ("The answer is 0.75", "3/4", "correct"),
+        ("\\boxed{-\\frac{3}{4}}", "-3/4", "correct"),  # negatives
+        ("\\boxed{\\frac{3}{4}}", "-3/4", "wrong"),
+        ("The answer is -17.", "-17", "correct"),
+        ("\\boxed{50\\%}", "50\\%", "correct"),  # percentages
+        ("The answer is $50\\%$.", "0.5", "correct"),
+        ("\\boxed{x = 3}", "x = 3", "correct"),  # equations
+        ("\\boxed{3}", "x = 3", "correct"),
+        ("\\boxed{x = 4}", "x = 3", "wrong"),
+        ("\\boxed{y = 1 + 2x}", "y=2x+1", "correct"),
+        ("\\boxed{y = 2x}", "y=2x+1", "wrong"),
+        ("\\boxed{3 + 2\\sqrt{5}}", "3 + 2*sqrt(5)", "correct"),  # expressions
+        ("The final answer is 12. It is right.", "12", "correct"),
+        ("The final answer is 1.5.", "1.5", "correct"),  # a decimal point stays one
+        ("The final answer is 15.", "1.5", "wrong"),
+        # restating the question is not an answer, though math-verify would evaluate it (seen in
+        # SmolLM2-135M's rollouts on builtin:mathematics)
+        ("The wedding in question is 19886.723 + 2.0499 = abc", "19888.7729", "wrong"),
+        ("To find 0.4*-12 you take a negative.", "-4.8", "wrong"),
+        ("\\boxed{2 + 3}", "5", "wrong"),
+        ("It is (1/4)/((-13)/(-8)).", "2/13", "wrong"),
+        ("1.5759 - -19.1 is a new value", "20.6759", "wrong"),
+        ("So 1.5759 - -19.1 = 20.6759.", "20.6759", "correct"),
+        ("\\boxed{-\\frac{11}{18}}", "-11/18", "correct"),
+        ("The answer is -11/18", "-11/18", "correct"),
+    ],
+)
+def test_math_parses_references_as_latex_first(completion, answer, outcome):
+    assert verify("math", completion, answer) == outcome
+
+
 def test_grader_versions_name_the_library():
     import importlib.metadata
 
-    assert grader_version("math") == f"math@math-verify-{importlib.metadata.version('math-verify')}"
+    assert grader_version("math") == f"math@2-math-verify-{importlib.metadata.version('math-verify')}"
     assert grader_version("numeric") == "numeric@1"
     with pytest.raises(InputError, match="unknown grader"):
         grader_version("nope")

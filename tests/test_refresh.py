@@ -149,6 +149,33 @@ def test_passrates_show_json_and_text(tmp_path, capsys):
     assert main(["passrates", "show", "--student", "s1", "--snapshot", "nope", "--home", str(tmp_path / "h")]) == 1
 
 
+def test_passrates_show_by_module_and_level(tmp_path, capsys):
+    """Problems whose metadata names a module (as builtin:mathematics rows do) are summarised by
+    module and level; others by level alone."""
+    src = tmp_path / "p.jsonl"
+    specs = [("add", 1, "p0"), ("add", 1, "p1"), ("add", 2, "p2"), ("mul", 1, "p3")]
+    src.write_text("".join(json.dumps({"id": pid, "prompt": f"q{pid}", "answer": "1", "difficulty": lv,
+                                       "module": m}) + "\n" for m, lv, pid in specs))
+    assert main(["import", str(src), "--dataset", "d", "--home", str(tmp_path / "h")]) == 0
+    home = open_home(tmp_path / "h")
+    rows = rollout_rows(["p0", "p1", "p2", "p3"], 4).to_pylist()
+    solved = {"p0": 4, "p1": 2, "p2": 0, "p3": 1}  # correct samples of each
+    for r in rows:
+        r["outcome"] = "correct" if r["sample_idx"] < solved[r["problem_id"]] else "wrong"
+    commit(home, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
+    refresh(tmp_path / "h", capsys)
+    assert main(["passrates", "show", "--student", "s1", "--json", "--home", str(tmp_path / "h")]) == 0
+    d = json.loads(capsys.readouterr().out)["by_dataset"]["d"]
+    assert d["by_level"]["1"] == {"problems": 3, "mean_pass_rate": (1 + 0.5 + 0.25) / 3, "share_zero": 0.0,
+                                  "share_frontier": 2 / 3, "share_one": 1 / 3}
+    add1 = d["by_module"]["add"]["1"]
+    assert add1["problems"] == 2 and add1["mean_pass_rate"] == 0.75 and add1["share_one"] == 0.5
+    assert d["by_module"]["add"]["2"]["share_zero"] == 1.0 and d["by_module"]["mul"]["1"]["share_frontier"] == 1.0
+    assert main(["passrates", "show", "--student", "s1", "--home", str(tmp_path / "h")]) == 0
+    text = capsys.readouterr().out
+    assert "module" in text and "0<p<1" in text and "mul" in text
+
+
 @given(st.lists(st.tuples(st.integers(0, 16), st.integers(0, 16)), max_size=60))
 def test_passrate_summary_bins_every_measured_problem_once(pairs):
     n = np.array([max(a, b) for a, b in pairs], dtype=np.int64)

@@ -9,6 +9,10 @@ verdict records `name@version`, so a pass rate says which grader produced it.
   compare exactly (a tolerance would accept off-by-one answers of 10+ digits); anything else
   compares as floats within `abs 1e-6` or `rel 1e-9`. The built-in arithmetic task uses it.
 - `math`: math-verify (`\\boxed{}` / final-answer extraction, numeric and symbolic equivalence).
+  A reference is parsed as LaTeX first (see `_parse_reference`); an answer that only restates
+  arithmetic (`19886.723 + 2.0499 = …`) is wrong (`is_unevaluated`). Version 2: version 1 parsed
+  bare references with plain extraction, which kept only their last number, and graded such
+  restatements correct, since math-verify evaluates them.
 
 `exact` and `numeric` run in-process (`in_process=True`): each is a few linear-time passes
 over its strings (regexes without nested quantifiers, `str.split`, `float`, `int` capped at
@@ -141,27 +145,63 @@ def setup_math() -> None:
     verify_math("\\boxed{\\frac{1}{2}}", "0.5")
 
 
+# A reference already in LaTeX or math mode: `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}`.
+_DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed")
+# A number ending a sentence: "The answer is 3/5." (the dot after the last digit, then space or end).
+_SENTENCE_DOT = re.compile(r"(?<=\d)\.(?=\s*$|\s+[A-Z])")
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_reference(answer: str) -> list:
-    """Parse a reference answer; bare LaTeX such as `\\sqrt{2}` is retried inside `$...$`."""
+    """Parse a reference answer as LaTeX first, then with plain extraction.
+
+    A reference is the whole answer, not a text to extract an answer from: written without
+    delimiters it is parsed inside `$…$`, so `(1, 2)` is a tuple or interval, `\\{1, 2\\}` a set,
+    `50\\%` a percentage, `x = 3` an equation (plain extraction would take its last number).
+    Only when that finds nothing is it parsed as plain text."""
     from math_verify import parse
 
-    gold = parse(answer, parsing_timeout=None)
+    gold = [] if _DELIMITED.search(answer) else parse(f"${answer}$", parsing_timeout=None)
     if not gold:
-        gold = parse(f"${answer}$", parsing_timeout=None)
+        gold = parse(answer, parsing_timeout=None)
     if not gold:
         raise InputError(f"math grader: cannot parse the reference answer {answer[:80]!r}")
     return gold
 
 
+def normalise_completion(completion: str) -> str:
+    """A number that ends a sentence loses the full stop, which math-verify would read as a
+    decimal point (`The answer is 3/5.` is 3/5, not 3/5.0)."""
+    return _SENTENCE_DOT.sub("", completion)
+
+
+# Plain numbers joined by operators: what is left of a question restated, not an answer.
+_PLAIN_ARITHMETIC = re.compile(r"[\d\s.,()+\-*/^×·]+")
+_BINARY_OPERATOR = re.compile(r"[+*^×·]|[\d)]\s*-")
+
+
+def is_unevaluated(extracted: str) -> bool:
+    """True for an arithmetic expression of plain numbers such as `19886.723 + 2.0499` or
+    `(1/4)/(13/8)`: math-verify would evaluate it and grade a completion that merely restates
+    the question as correct. One fraction (`-3/4`) is an answer, not an expression."""
+    text = extracted.strip()
+    if not _PLAIN_ARITHMETIC.fullmatch(text):
+        return False
+    return bool(_BINARY_OPERATOR.search(text)) or text.count("/") > 1
+
+
 def verify_math(completion: str, answer: str) -> Outcome:
-    """math-verify's extraction and equivalence, with its signal timeouts off (see module doc)."""
+    """math-verify's extraction and equivalence, with its signal timeouts off (see module doc);
+    an extracted answer that is an unevaluated sum, difference, product or power of plain
+    numbers is wrong (`is_unevaluated`)."""
     from math_verify import parse, verify
 
     gold = _parse_reference(answer)
-    got = parse(completion, parsing_timeout=None)
+    got = parse(normalise_completion(completion), parsing_timeout=None)
     if not got:
         return Outcome.UNPARSEABLE
+    if isinstance(got[-1], str) and is_unevaluated(got[-1]):
+        return Outcome.WRONG
     return Outcome.CORRECT if verify(gold, got, timeout_seconds=None) else Outcome.WRONG
 
 
@@ -175,7 +215,7 @@ def _library_version(distribution: str) -> str:
 VERIFIERS: dict[str, Verifier] = {
     "exact": Verifier("exact", "1", verify_exact, in_process=True),
     "numeric": Verifier("numeric", "1", verify_numeric, in_process=True),
-    "math": Verifier("math", f"math-verify-{_library_version('math-verify')}", verify_math, setup=setup_math),
+    "math": Verifier("math", f"2-math-verify-{_library_version('math-verify')}", verify_math, setup=setup_math),
 }
 
 

