@@ -63,7 +63,7 @@ from paced.curriculum import SCHEMES
 from paced.errors import InputError, PacedError
 from paced.jobs.manifest import parse_prior
 from paced.jobs.remeasure import REFRESH_BACKENDS, HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
-from paced.trainer.config import TrainConfig, parse_stages
+from paced.trainer.config import LOSS_PATHS, TrainConfig, parse_stages
 
 # The configs `paced train` builds from its flags, in --help order. A field of a later one that
 # an earlier one already has (seed, --home...) is one flag, given to both.
@@ -86,6 +86,9 @@ SPECIAL = {
     "token": {"metavar": "TOKEN"},
     "teacher_prompt_template": {"metavar": "TEMPLATE"},
     "loss_chunk_size": {"type": int},
+    "loss_path": {"choices": list(LOSS_PATHS)},
+    "loss_in_place": {"action": "store_true"},
+    "fsdp": {"action": "store_true"},
     "lease_ttl_seconds": {"type": float},
     "refresh_backend": {"choices": list(REFRESH_BACKENDS)},
     "scheme": {"choices": sorted(SCHEMES)},

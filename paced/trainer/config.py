@@ -17,12 +17,14 @@ from paced.errors import InputError
 LOSS_NAMES = ("forward", "reverse", "jsd", "akl")
 ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
 DEVICES = ("auto", "cpu", "cuda")
+LOSS_PATHS = ("fused", "logits")
 # The settings of --group-size (recorded in trainer_state.json only when it is on).
 GROUP_FIELDS = ("group_size", "group_scheme", "group_alpha", "group_beta", "group_prior", "grader_workers",
                 "grading_timeout_seconds")
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
-                     "http_timeout_seconds", "device", "grader_workers"}
+                     "http_timeout_seconds", "device", "grader_workers", "loss_path", "loss_in_place",
+                     "loss_chunk_size"}
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,15 @@ class TrainConfig:
     grading_timeout_seconds: float = _help("--group-size: seconds per graded answer (past it: wrong, counted)", 10.0)
     jsd_beta: float = _help("beta of the generalised JSD", 0.5)
     akl_head_mass: float = _help("AKL: head = top teacher tokens up to this mass", 0.5)
-    loss_chunk_size: int | None = _help("tokens per loss chunk (default: automatic)", None)
+    loss_chunk_size: int | None = _help("tokens per loss chunk (default: from the vocabulary and the device's "
+                                        "free memory)", None)
+    loss_path: str = _help("fused: the loss from the last hidden states and the LM head, chunk by chunk, never "
+                           "building the [tokens, vocab] logits (used where both models expose their head, as "
+                           "transformers' causal LMs do); logits: from both models' full logits", "fused")
+    loss_in_place: bool = _help("logits path: write the loss gradient over the student logits (one [tokens, vocab] "
+                                "buffer less)", False)
+    fsdp: bool = _help("under torchrun: shard the student (and the teacher) with torch's fully_shard (FSDP2) "
+                       "instead of DDP; checkpoints hold the gathered weights", False)
     seed: int = _help("seed of the student's sampling and of torch", 0)
     save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
     resume: bool = _help("continue from the newest checkpoint in --out", False)
@@ -157,6 +167,8 @@ class TrainConfig:
             raise InputError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}")
         if self.lease_ttl_seconds is not None and not self.lease_ttl_seconds > 0:
             raise InputError(f"`lease_ttl_seconds` must be > 0, got {self.lease_ttl_seconds}")
+        if self.loss_path not in LOSS_PATHS:
+            raise InputError(f"`loss_path` must be one of {', '.join(LOSS_PATHS)}, got {self.loss_path!r}")
         if self.device not in DEVICES:
             raise InputError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_template()

@@ -202,12 +202,8 @@ def aligned_logits(model, side, vocab: int):
     return out.logits[..., :vocab].gather(1, index)
 
 
-def forward_pair(t: Trainee, rows: list[dict], targets: list[list[int]]):
-    """(student logits, teacher logits, mask) over the completion tokens `targets` of `rows`: the
-    student sees each row's prompt, the teacher the same or `--teacher-prompt-template` (which
-    may show the row's `answer`); the teacher's forward runs without gradient."""
-    import torch
-
+def encode_pair(t: Trainee, rows: list[dict], targets: list[list[int]]) -> list:
+    """The student's side, then (with --teacher-prompt-template) the teacher's, on the device."""
     c, device = t.config, t.runtime.device
     prompts = [r["prompt"] for r in rows]
     sides = [prompt_ids(t.tokenizer, prompts, chat_template=c.chat_template)]
@@ -217,8 +213,16 @@ def forward_pair(t: Trainee, rows: list[dict], targets: list[list[int]]):
     sides, targets = fit_lengths(sides, targets, c.max_length)
     pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
     encoded = [encode_side(p, targets, pad) for p in sides]
-    encoded = [type(e)(*(x.to(device) for x in (e.input_ids, e.attention_mask, e.index, e.mask)))
-               for e in encoded]
+    return [type(e)(*(x.to(device) for x in (e.input_ids, e.attention_mask, e.index, e.mask))) for e in encoded]
+
+
+def forward_pair(t: Trainee, rows: list[dict], targets: list[list[int]]):
+    """(student logits, teacher logits, mask) over the completion tokens `targets` of `rows`: the
+    student sees each row's prompt, the teacher the same or `--teacher-prompt-template` (which
+    may show the row's `answer`); the teacher's forward runs without gradient."""
+    import torch
+
+    encoded = encode_pair(t, rows, targets)
     vocab = min(t.raw_student.config.vocab_size, t.teacher.config.vocab_size)
     with t.runtime.autocast():
         with torch.no_grad():
@@ -231,19 +235,25 @@ def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool
     """(BatchLoss or None, completion tokens, the tensor to backpropagate) of one micro-batch.
 
     A batch without weight (another process has some) gives a zero loss over the student's
-    logits, so DDP's gradient all-reduce still happens on this process."""
+    logits, so DDP's gradient all-reduce still happens on this process. The default --loss-path
+    fused computes the loss from hidden states and heads instead (`paced.trainer.fused`)."""
+    from paced.trainer import fused
     from paced.trainer.losses import weighted_batch_loss
 
     c = t.config
     weights = [float(r.get("weight") or 0.0) for r in rows]
     targets = sample_targets(t, [r["prompt"] for r in rows], seed_key) if on_policy else \
         completion_ids(t.tokenizer, [r["completion"] for r in rows])
+    if c.loss_path == "fused" and fused.head_of(t.raw_student) is not None and fused.head_of(t.teacher) is not None:
+        vocab = min(t.raw_student.config.vocab_size, t.teacher.config.vocab_size)
+        return fused.fused_micro_batch(t, encode_pair(t, rows, targets), weights, stage.loss, vocab)
     student_logits, teacher_logits, mask = forward_pair(t, rows, targets)
     if not any(w > 0 for w in weights):  # another process has weight: join its all-reduce
         return None, 0, student_logits.sum() * 0.0
     with t.runtime.autocast():
         result = weighted_batch_loss(student_logits, teacher_logits, mask, weights,
-                                     loss=stage.loss, chunk_size=c.loss_chunk_size, **c.loss_kwargs(stage.loss))
+                                     loss=stage.loss, chunk_size=c.loss_chunk_size, in_place=c.loss_in_place,
+                                     **c.loss_kwargs(stage.loss))
     return result, int(mask.sum()), result.loss
 
 

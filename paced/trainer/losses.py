@@ -53,13 +53,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from paced.errors import InputError
+from paced.trainer.chunks import BYTES_PER_ENTRY_LOGITS, auto_chunk_tokens
 
-# Auto chunk size: as many tokens as make about this many vocabulary entries per chunk. On the
-# CPU, 2^21 float32 entries (8 MiB per [chunk, vocab] tensor, a chunk holds a few) measured
-# near the fastest (smaller chunks cost time, larger ones memory: bench/kl_loss.py
-# --chunk-size); accelerators get larger chunks (fewer kernel launches).
-CHUNK_ENTRIES_CPU = 2**21
-CHUNK_ENTRIES_ACCELERATOR = 2**24
 # AKL looks for the head among the teacher's top tokens first (see `_head_threshold`).
 HEAD_TOPK = 32
 
@@ -217,8 +212,7 @@ def _sweep_float32(student, teacher, mask, rows, chunk_size, want_grad, in_place
         grad = student if in_place else torch.empty_like(student) if everything else torch.zeros_like(student)
         if in_place and not everything:
             grad[~mask] = 0
-    entries = CHUNK_ENTRIES_CPU if student.device.type == "cpu" else CHUNK_ENTRIES_ACCELERATOR
-    step = chunk_size or max(1, entries // student.shape[-1])
+    step = chunk_size or auto_chunk_tokens(student.shape[-1], student.device, BYTES_PER_ENTRY_LOGITS)
     for idx, span in _chunks(mask, step):
         t_logits = _read_rows(teacher, idx, span).float()
         s_logits = _read_rows(student, idx, span).float()
@@ -314,8 +308,8 @@ def forward_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None =
                in_place: bool = False) -> torch.Tensor:
     """KL(teacher || student) per token, mean over each row's masked tokens: [B] float32.
 
-    Every loss takes `chunk_size` (tokens per chunk; None: about CHUNK_ENTRIES_CPU, or
-    CHUNK_ENTRIES_ACCELERATOR, vocabulary entries per chunk) and `in_place`: when a gradient is computed, write it over the student
+    Every loss takes `chunk_size` (tokens per chunk; None: `paced.trainer.chunks` picks it from the
+    vocabulary and the device's free memory) and `in_place`: when a gradient is computed, write it over the student
     logits instead of a new buffer, saving one [B,T,V] tensor (as Liger's fused cross-entropy
     does). The logits are then gone after this call: read what you need from them first.
     """
@@ -357,6 +351,21 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def row_function(loss: str, *, beta: float = 0.5, head_mass: float = 0.5) -> RowFn:
+    """The per-token divergence of LOSSES[loss] as a `RowFn` (for `paced.trainer.fused`)."""
+    if loss not in LOSSES:
+        raise InputError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+    if loss == "jsd":
+        if not 0.0 <= float(beta) <= 1.0:
+            raise InputError(f"jsd beta must be in [0, 1], got {beta}")
+        return functools.partial(_jsd_rows, beta=float(beta))
+    if loss == "akl":
+        if not 0.0 <= float(head_mass) <= 1.0:
+            raise InputError(f"akl head_mass must be in [0, 1], got {head_mass}")
+        return functools.partial(_akl_rows, head_mass=float(head_mass))
+    return _forward_rows if loss == "forward" else _reverse_rows
+
+
 @dataclass(frozen=True)
 class BatchLoss:
     """A weighted batch loss.
@@ -373,6 +382,16 @@ class BatchLoss:
     skipped: bool
 
 
+def batch_weights(weights, batch: int, device) -> torch.Tensor:
+    """The per-problem weights as a float32 [batch] tensor, or InputError (shape, sign, NaN)."""
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=device).detach()
+    if weights.dim() != 1 or weights.shape[0] != batch:
+        raise InputError(f"weights must be [batch] = [{batch}], got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise InputError(f"weights must be finite and >= 0, got {weights.tolist()}")
+    return weights
+
+
 def weighted_batch_loss(
     student_logits, teacher_logits, mask, weights, loss: str = "forward",
     chunk_size: int | None = None, in_place: bool = False, **loss_kwargs,
@@ -384,13 +403,7 @@ def weighted_batch_loss(
     """
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=student_logits.device).detach()
-    if weights.dim() != 1 or weights.shape[0] != student_logits.shape[0]:
-        raise InputError(
-            f"weights must be [batch] = [{student_logits.shape[0]}], got {tuple(weights.shape)}"
-        )
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise InputError(f"weights must be finite and >= 0, got {weights.tolist()}")
+    weights = batch_weights(weights, student_logits.shape[0], student_logits.device)
     weight_sum = float(weights.sum())
     if weight_sum == 0.0:
         return BatchLoss(loss=None, per_sequence=None, weight_sum=0.0, skipped=True)
