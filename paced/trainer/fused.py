@@ -258,7 +258,7 @@ def _check_head(last_hidden, head, last_logits) -> None:
                         None if head[1] is None else head[1].to(last_hidden.dtype)).float()
         theirs = last_logits.float()
         scale = theirs.abs().max().clamp_min(1.0)
-        if not bool(((mine - theirs).abs().max() <= 0.02 * scale)):
+        if not bool((mine - theirs).abs().max() <= 0.02 * scale):
             raise InputError("the model's logits are not its LM head applied to its last hidden state "
                              "(scaled or soft-capped logits?): the fused loss cannot reproduce them; "
                              "use --loss-path logits")
