@@ -120,8 +120,9 @@ def load_models(config, student_path: Path, device: str):
 
 
 def save_checkpoint(out_dir: Path, name: str, model, tokenizer, state: dict,
-                    optimizer_state: dict | None = None) -> Path:
-    """Write model, tokenizer, optimizer state and trainer_state.json into OUT/name atomically."""
+                    optimizer_state: dict | None = None, weights: dict | None = None) -> Path:
+    """Write model, tokenizer, optimizer state and trainer_state.json into OUT/name atomically
+    (`weights`: the model's full state dict when the model itself holds only shards)."""
     import torch
 
     out_dir = Path(out_dir)
@@ -129,7 +130,7 @@ def save_checkpoint(out_dir: Path, name: str, model, tokenizer, state: dict,
     final = out_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=out_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
@@ -253,11 +254,15 @@ class Progress:
 def save(t, progress: Progress, name: str, stream, optimizer=None, schedule=None,
          extra: dict | None = None) -> Path:
     """Rank 0 writes OUT/name from trainee `t`; every process takes part in the reductions."""
+    from paced.trainer import sharding
+
     state = {"config": t.settings(), **progress.record(t.runtime, stream), **(extra or {})}
+    weights = sharding.model_state(t)  # gathered from every process under --fsdp, else None
+    opt = {"optimizer": sharding.optimizer_state(t, optimizer), "scheduler": schedule.state_dict()} \
+        if optimizer else None
     if t.runtime.rank == 0:
         state["rng"] = capture_rng_state()
-        opt = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict()} if optimizer else None
-        save_checkpoint(Path(t.config.out), name, t.raw_student, t.tokenizer, state, opt)
+        save_checkpoint(Path(t.config.out), name, t.raw_student, t.tokenizer, state, opt, weights)
     if t.runtime.distributed:
         import torch.distributed as dist
 

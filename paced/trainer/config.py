@@ -173,6 +173,7 @@ class TrainConfig:
             raise InputError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_template()
         self._check_group()
+        self._check_fsdp()
         if self.refresh_between_stages and len(self.schedule) < 2:
             raise InputError("--refresh-between-stages needs at least two --stages")
 
@@ -192,6 +193,16 @@ class TrainConfig:
         if not any(s.resolved_on_policy(self.on_policy) for s in self.schedule):
             raise InputError("--group-size samples from the student: it needs an on-policy stage (--loss reverse, "
                              "--on-policy, or a stage like reverse:100 in --stages)")
+
+    def _check_fsdp(self) -> None:
+        if not self.fsdp:
+            return
+        if any(stage.resolved_on_policy(self.on_policy) for stage in self.schedule):
+            raise InputError("--fsdp trains off-policy stages only (sampling from a sharded student is not "
+                             "supported yet): give every stage ':off' or train on-policy with DDP")
+        if self.refresh_every or self.refresh_between_stages or self.eval_every:
+            raise InputError("--fsdp does not run refreshes or evals yet (they roll out the in-memory "
+                             "student): drop --refresh-every/--refresh-between-stages/--eval-every, or use DDP")
 
     def _check_template(self) -> None:
         template = self.teacher_prompt_template

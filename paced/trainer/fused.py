@@ -239,12 +239,12 @@ def head_of(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 def aligned_head_input(model, side) -> HeadInput:
     """The last hidden states predicting each completion token, lined up like `side.mask`, and
     the model's head; the model computes logits for its last position only (a check, below)."""
-    head = head_of(model)
+    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    head = head_of(model)  # after the forward: a sharded (FSDP) model holds its whole weights now
     if head is None:
         raise InputError(f"{type(getattr(model, 'module', model)).__name__} exposes no LM head the fused loss "
                          "can use (get_output_embeddings() and logits_to_keep): use --loss-path logits")
-    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]
     _check_head(hidden[:, -1], head, out.logits[:, -1])
     index = side.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from paced.errors import InputError
 from paced.trainer import checkpoint as ckpt
+from paced.trainer import sharding
 from paced.trainer.checkpoint import Progress, save
 from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
 from paced.trainer.data import BatchStream, open_stream
@@ -354,7 +355,7 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
     on_policy = stage.resolved_on_policy(c.on_policy)
     optimizer, schedule = make_optimizer(t.student, c, stage.steps)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
+        sharding.load_optimizer_state(t, optimizer, optimizer_state["optimizer"])
         schedule.load_state_dict(optimizer_state["scheduler"])
     meter, acks = Meter(), []
     while progress.stage_step < stage.steps:
@@ -424,11 +425,7 @@ def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | Non
         return state["summary"]
     torch.manual_seed(config.seed)
     tokenizer, student, teacher = ckpt.load_models(config, resume_from or Path(config.student), runtime.device)
-    model = student
-    if runtime.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(student, device_ids=[runtime.device] if runtime.device != "cpu" else None)
+    model = sharding.wrap_models(student, teacher, config, runtime)
     t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io)
     progress = Progress.from_state(state, len(config.schedule), config.source)
     optimizer_state = None
@@ -467,7 +464,7 @@ def parameter_checksums(t: Trainee) -> list[list[float]]:
     import torch.distributed as dist
 
     with torch.no_grad():
-        flat = [p.detach().double() for p in t.raw_student.parameters()]
+        flat = [p.detach().double() for p in sharding.full_parameters(t.raw_student)]
         mine = torch.tensor([sum(float(p.sum()) for p in flat), sum(float((p * p).sum()) for p in flat)],
                             dtype=torch.float64, device=t.runtime.device)
     gathered = [torch.zeros_like(mine) for _ in range(t.runtime.world_size)]
