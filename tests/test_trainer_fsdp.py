@@ -27,11 +27,10 @@ def torchrun(args: list[str]) -> dict:
 
 
 @pytest.mark.slow  # three torchrun launches of two fresh interpreters each
-@pytest.mark.parametrize("loss_path", ["fused"])
-def test_fsdp_trains_in_step_saves_gathered_weights_and_resumes(tmp_path, loss_path):
+def test_fsdp_trains_in_step_saves_gathered_weights_and_resumes(tmp_path):
     models = build_models(tmp_path / "models")
     shards = write_shards(tmp_path / "m", make_rows(24), shard_size=8)
-    args = ["--loss", "forward", "--steps", "4", "--save-every", "2", "--fsdp", "--loss-path", loss_path]
+    args = ["--loss", "forward", "--steps", "4", "--save-every", "2", "--fsdp"]  # the fused loss path
     full = torchrun(train_args(models, shards, tmp_path / "a", *args))
     assert full["world_size"] == 2 and full["steps"] == 4
     first, second = full["parameter_checksums"]

@@ -57,7 +57,11 @@ def model_state(t) -> dict | None:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(t.raw_student, options=_fsdp_options())
+    state = get_model_state_dict(t.raw_student, options=_fsdp_options())
+    # a tied parameter (e.g. lm_head.weight = embed_tokens.weight) once, as save_pretrained writes it
+    kept = {name for name, _ in t.raw_student.named_parameters()}
+    tied = {name for name, _ in t.raw_student.named_parameters(remove_duplicate=False)} - kept
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def optimizer_state(t, optimizer) -> dict:
