@@ -3,7 +3,8 @@
 # files come back. Before: bench/gpu/fetch_wheels.sh here (the wheels the GPU machine lacks), then
 # the device run with carry=["bench/gpu/whl"] and command "bash bench/gpu/run.sh" (timeout_s ~540).
 # Each stage has its own timeout so one hang cannot take the rest; everything goes to $OUT.
-# A dry run on the CPU: GPU_CHECK_DEVICE=cpu OUT=/tmp/gpu_out SIZE=tiny bash bench/gpu/run.sh
+# A dry run on the CPU: GPU_CHECK_DEVICE=cpu OUT=/tmp/gpu_out SIZE=tiny SITE=/nonexistent PY=.venv/bin/python \
+#   bash bench/gpu/run.sh        (SITE: where the carried wheels go; a missing folder skips them)
 set -x
 export PYTHONUNBUFFERED=1
 ROOT=$PWD
@@ -13,17 +14,19 @@ SIZE=${SIZE:-full}                      # full: issue 17's sizes; tiny: a quick 
 PY=${PY:-python3}
 export PACED_TEST_DEVICE=$DEV
 mkdir -p "$OUT"
-if ls bench/gpu/whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site bench/gpu/whl/*.whl \
+SITE=${SITE:-/tmp/site}
+if [ "$SITE" != /nonexistent ] && ls bench/gpu/whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" bench/gpu/whl/*.whl \
     >"$OUT/env.log" 2>&1 || echo "wheel install failed" >>"$OUT/env.log"
 fi
-export PYTHONPATH=/tmp/site:$ROOT:$ROOT/tests:$ROOT/bench/gpu
+export PYTHONPATH=$SITE:$ROOT:$ROOT/tests:$ROOT/bench/gpu
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 if [ "$SIZE" = full ]; then
   BENCH="--batch 4 --seq 2048 --vocab 151936 --hidden 1024"; REPS=5
 else
   BENCH="--batch 2 --seq 64 --vocab 3001 --hidden 32"; REPS=2
+  export G2_WARMUP=1 G2_STEPS=2          # train_bench steps (a CPU is slow at 8 x 512 tokens)
 fi
 
 # 1. the machine
@@ -31,7 +34,9 @@ fi
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   $PY -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-  $PY -c "from importlib.metadata import version as v; print('liger-kernel', v('liger-kernel'), 'trl', v('trl'), 'duckdb', v('duckdb'))" 2>&1
+  for pkg in liger-kernel trl datasets duckdb; do
+    $PY -c "from importlib.metadata import version; print('$pkg', version('$pkg'))" 2>/dev/null || echo "$pkg: not installed"
+  done
   git log -1 --format='commit %H %s' 2>/dev/null
 } >>"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
