@@ -13,25 +13,29 @@ from __future__ import annotations
 # CPU: 2^21 float32 entries per [chunk, vocab] tensor (8 MiB; a chunk holds a few) measured near
 # the fastest: smaller chunks cost time, larger ones memory.
 CHUNK_ENTRIES_CPU = 2**21
-# Accelerators: this share of the free memory, at most CHUNK_BYTES_CAP, goes to one chunk's
-# temporaries. The cap keeps the fused path's peak near its goal (about 1 GiB above the inputs
-# at 8192 x 151,936, bf16): beyond a few hundred tokens a chunk stops getting faster on a GPU
-# (the matmuls are already large; issue 17's table: 512 -> 2048 tokens saved 8 %).
+# Accelerators: this share of the free memory, at most a cap, goes to one chunk's temporaries.
+# Beyond a few hundred tokens a chunk stops getting faster on a GPU (the matmuls are already
+# large; issue 17's table: 512 -> 2048 tokens saved 8 % on the logits path). The fused path's
+# cap is lower: its point is memory (goal: 1 GiB above the inputs at 8192 x 151,936, bf16,
+# grad_W included), and Liger-Kernel's fused linear JSD uses ~64-token chunks there.
+# bench/gpu/run.sh sweeps chunk sizes on a GPU to check these.
 FREE_SHARE = 0.25
 CHUNK_BYTES_CAP = 2**30
+CHUNK_BYTES_CAP_FUSED = 2**29
 # Bytes of temporaries per [token, vocab] entry, counted from the code: the logits path holds
 # about six float32 [n, V] tensors at once (two logits, two log-softmaxes, p, log-ratio/grad);
 # the fused path adds the two head outputs in the compute dtype and the gradient's cast.
 BYTES_PER_ENTRY_LOGITS = 24
-BYTES_PER_ENTRY_FUSED = 36
+BYTES_PER_ENTRY_FUSED = 32
 
 
-def compute_chunk_tokens(vocab: int, free_bytes: int | None, bytes_per_entry: int) -> int:
+def compute_chunk_tokens(vocab: int, free_bytes: int | None, bytes_per_entry: int,
+                         cap: int = CHUNK_BYTES_CAP) -> int:
     """Tokens per chunk: CHUNK_ENTRIES_CPU entries without a free-memory figure (the CPU), else
-    FREE_SHARE of `free_bytes` (at most CHUNK_BYTES_CAP) over `vocab * bytes_per_entry`; >= 1."""
+    FREE_SHARE of `free_bytes` (at most `cap` bytes) over `vocab * bytes_per_entry`; >= 1."""
     if free_bytes is None:
         return max(1, CHUNK_ENTRIES_CPU // vocab)
-    budget = min(int(free_bytes * FREE_SHARE), CHUNK_BYTES_CAP)
+    budget = min(int(free_bytes * FREE_SHARE), cap)
     return max(1, budget // (vocab * bytes_per_entry))
 
 
@@ -46,6 +50,6 @@ def free_device_bytes(device) -> int | None:
     return int(free)
 
 
-def auto_chunk_tokens(vocab: int, device, bytes_per_entry: int) -> int:
+def auto_chunk_tokens(vocab: int, device, bytes_per_entry: int, cap: int = CHUNK_BYTES_CAP) -> int:
     """The chunk for `vocab` on `device` now (see the module docstring)."""
-    return compute_chunk_tokens(vocab, free_device_bytes(device), bytes_per_entry)
+    return compute_chunk_tokens(vocab, free_device_bytes(device), bytes_per_entry, cap)

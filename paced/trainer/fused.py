@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from paced.errors import InputError
-from paced.trainer.chunks import BYTES_PER_ENTRY_FUSED, auto_chunk_tokens
+from paced.trainer.chunks import BYTES_PER_ENTRY_FUSED, CHUNK_BYTES_CAP_FUSED, auto_chunk_tokens
 from paced.trainer.losses import LOSSES, BatchLoss, RowFn, batch_weights, row_function
 
 
@@ -102,8 +102,12 @@ def _sweep_chunks(hidden, weight, bias, token_w, plan, want):
         t_logits = plan.teacher_rows(lo, hi)
         if t_logits.amin(-1).isneginf().any():  # teacher -inf entries: outside the support
             s_logits = s_logits.masked_fill(t_logits.isneginf(), float("-inf"))
-        loss, g = plan.rows(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), any_grad)
-        del s_logits, t_logits
+        s_lp = F.log_softmax(s_logits, -1)
+        del s_logits  # each [n, V] temporary freed as soon as it is used: the chunk's peak is lower
+        t_lp = F.log_softmax(t_logits, -1)
+        del t_logits
+        loss, g = plan.rows(s_lp, t_lp, any_grad)
+        del s_lp, t_lp
         per_token[lo:hi] = loss
         if not any_grad:
             continue
@@ -205,7 +209,7 @@ def fused_batch_loss(student: HeadInput, teacher: HeadInput | torch.Tensor, mask
     counts = mask.sum(-1)
     token_w = (weights / counts.clamp_min(1) / weight_sum)[row_of]
     dtype = _compute_dtype(student)
-    step = chunk_size or auto_chunk_tokens(vocab, hidden.device, BYTES_PER_ENTRY_FUSED)
+    step = chunk_size or auto_chunk_tokens(vocab, hidden.device, BYTES_PER_ENTRY_FUSED, CHUNK_BYTES_CAP_FUSED)
     plan = _Plan(_teacher_rows(teacher, flat, vocab, dtype), rows, step, vocab, dtype)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
     tracked = torch.is_grad_enabled() and any(

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from paced.errors import InputError
-from paced.trainer.chunks import CHUNK_BYTES_CAP, compute_chunk_tokens
+from paced.trainer.chunks import CHUNK_BYTES_CAP, CHUNK_BYTES_CAP_FUSED, compute_chunk_tokens
 from paced.trainer.fused import HeadInput, fused_batch_loss
 from paced.trainer.losses import LOSSES, weighted_batch_loss
 
@@ -156,7 +156,8 @@ def test_bfloat16_under_autocast_stays_close_to_float64():
 
 
 def test_chunk_tokens_from_free_memory():
-    assert compute_chunk_tokens(32768, None, 36) == 64  # the CPU: 2^21 entries
-    assert compute_chunk_tokens(151_936, 100 * 2**30, 36) == CHUNK_BYTES_CAP // (151_936 * 36)
-    assert compute_chunk_tokens(151_936, 2**30, 36) == 2**28 // (151_936 * 36)  # a quarter of what is free
-    assert compute_chunk_tokens(10**9, 2**20, 36) == 1
+    assert compute_chunk_tokens(32768, None, 32) == 64  # the CPU: 2^21 entries
+    assert compute_chunk_tokens(151_936, 100 * 2**30, 24) == CHUNK_BYTES_CAP // (151_936 * 24) == 294
+    assert compute_chunk_tokens(151_936, 100 * 2**30, 32, CHUNK_BYTES_CAP_FUSED) == 110
+    assert compute_chunk_tokens(151_936, 2**30, 24) == 2**28 // (151_936 * 24)  # a quarter of what is free
+    assert compute_chunk_tokens(10**9, 2**20, 32) == 1
