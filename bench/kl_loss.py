@@ -18,8 +18,10 @@ Memory above the inputs (h_s, W_s, h_t, W_t, mask): on CUDA `max_memory_allocate
 first timed run minus what was allocated before it; on the CPU every method runs in a fresh
 process and the figure is its peak RSS minus its RSS with the inputs allocated. Both count the
 logits, the loss's own buffers and the gradients of W_s and h_s. Agreement: against a float64
-reference from the same (upcast) inputs, computed 512 tokens at a time: `loss rel` = |loss /
-ref - 1|, `gW err` = ||gW - gW_ref|| / ||gW_ref||, `gh err` the same for h_s.
+reference from the same (upcast) inputs, computed 512 tokens at a time (paced's row functions
+evaluated in float64, with their analytic gradient; tests/trainer/test_losses.py checks those
+against float64 autograd): `loss rel` = |loss / ref - 1|, `gW err` = ||gW - gW_ref|| /
+||gW_ref||, `gh err` the same for h_s.
 
     .venv/bin/python bench/kl_loss.py                                   # CPU, 1024 x 32768, fp32
     python bench/kl_loss.py --device cuda --batch 4 --seq 2048 --vocab 151936 --hidden 1024 \\

@@ -7,6 +7,10 @@
 #   bash bench/gpu/run.sh        (SITE: where the carried wheels go; a missing folder skips them)
 set -x
 export PYTHONUNBUFFERED=1
+BUDGET=${BUDGET:-540}                   # seconds for the whole run: the device command's limit is 600
+tmo() {                                 # a stage's timeout: its own, or what is left of BUDGET (>= 1)
+  local left=$((BUDGET - SECONDS - 5)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"
+}
 ROOT=$PWD
 OUT=${OUT:-/tmp/gpu_check_out}
 DEV=${GPU_CHECK_DEVICE:-cuda}
@@ -42,29 +46,29 @@ fi
 cat "$OUT/env.log"
 
 # 2. the losses and the fused path vs float64 on device tensors (the project's own tests, moved by cuda_plugin)
-timeout 120 $PY -m pytest -q -p no:cacheprovider -p cuda_plugin -rfE tests/trainer/test_losses.py \
+timeout $(tmo 75) $PY -m pytest -q -p no:cacheprovider -p cuda_plugin -rfE tests/trainer/test_losses.py \
   tests/trainer/test_fused.py >"$OUT/checks.log" 2>&1
 echo "pytest losses+fused on $DEV exit $?" | tee -a "$OUT/checks.log"; tail -n 3 "$OUT/checks.log"
 
 # 3. the loss benchmark, bf16 (the goals of point 3) then fp32 for the fused path and TRL only
-timeout 200 $PY bench/kl_loss.py --device "$DEV" $BENCH --dtype bfloat16 --reps $REPS --chunk-sizes 128,512,2048 \
+timeout $(tmo 150) $PY bench/kl_loss.py --device "$DEV" $BENCH --dtype bfloat16 --reps $REPS --chunk-sizes 128,512,2048 \
   --json "$OUT/kl_bf16.json" >"$OUT/kl_loss.md" 2>&1
 echo "kl_loss bf16 exit $?" | tee -a "$OUT/kl_loss.md"
-timeout 90 $PY bench/kl_loss.py --device "$DEV" $BENCH --dtype float32 --reps $REPS --only "paced fused,trl,liger fused" \
+timeout $(tmo 45) $PY bench/kl_loss.py --device "$DEV" $BENCH --dtype float32 --reps $REPS --only "paced fused,trl,liger fused" \
   --json "$OUT/kl_fp32.json" >>"$OUT/kl_loss.md" 2>&1
 echo "kl_loss fp32 exit $?" | tee -a "$OUT/kl_loss.md"; cat "$OUT/kl_loss.md"
 
 # 4. the trainer on the device: fused vs logits path, then the trainer tests (device auto -> cuda)
-timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests/test_trainer_fused.py tests/test_trainer.py \
+timeout $(tmo 90) $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests/test_trainer_fused.py tests/test_trainer.py \
   >"$OUT/trainer.log" 2>&1
 echo "pytest trainer (auto -> $DEV) exit $?" | tee -a "$OUT/trainer.log"; tail -n 3 "$OUT/trainer.log"
 
 # 5. the whole trainer: plain lower bound, paced fused, paced logits, TRL GKDTrainer (Qwen2-0.5B/1.5B shapes)
 W=/tmp/train_bench; TB="$PY bench/gpu/train_bench.py"
 {
-  timeout 90 $TB setup --work $W --size $SIZE --device "$DEV"
-  for what in plain "paced --loss-path fused" "paced --loss-path logits" trl; do
-    timeout 75 $TB $what --work $W --out "$OUT/train.jsonl" --device "$DEV" || echo "train_bench $what failed: $?"
+  timeout $(tmo 60) $TB setup --work $W --size $SIZE --device "$DEV"
+  for what in "paced --loss-path fused" trl plain "paced --loss-path logits"; do  # most wanted first
+    timeout $(tmo 60) $TB $what --work $W --out "$OUT/train.jsonl" --device "$DEV" || echo "train_bench $what failed: $?"
   done
   $TB report --out "$OUT/train.jsonl" --table "$OUT/train_table.md"
 } >"$OUT/train_bench.log" 2>&1
