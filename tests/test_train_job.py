@@ -16,7 +16,7 @@ RECORDED = {
     "student", "teacher", "source", "out", "loss", "steps", "stages", "on_policy", "lr", "min_lr_ratio",
     "warmup_steps", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "max_length",
     "sample_temperature", "sample_top_p", "max_new_tokens", "teacher_prompt_template", "jsd_beta",
-    "akl_head_mass", "loss_chunk_size", "loss_path", "loss_in_place", "fsdp", "seed", "save_every", "resume",
+    "akl_head_mass", "loss_chunk_size", "loss_path", "loss_in_place", "seed", "save_every", "resume",
     "token", "consumer", "lease_ttl_seconds",
     "http_retries", "http_timeout_seconds", "refresh_every", "refresh_between_stages", "reprobe_fraction",
     "refresh_backend", "home", "rollout_k", "rollout_temperature", "rollout_max_new_tokens", "rollout_batch_size",

@@ -245,6 +245,8 @@ class TrainConfig:
         else:  # without group mode its settings are not recorded, so older checkpoints still resume
             for name in GROUP_FIELDS:
                 data.pop(name)
+        if not self.fsdp:  # recorded only when on, for the same reason
+            data.pop("fsdp")
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
                           for s in self.schedule]
         return data
