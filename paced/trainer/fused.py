@@ -207,7 +207,7 @@ def fused_batch_loss(student: HeadInput, teacher: HeadInput | torch.Tensor, mask
     flat = mask.reshape(-1).nonzero().squeeze(-1)
     row_of = flat // mask.shape[1]
     counts = mask.sum(-1)
-    token_w = (weights / counts.clamp_min(1) / weight_sum)[row_of]
+    token_w = (weights / weight_sum / counts.clamp_min(1))[row_of]  # normalised first (subnormal weights)
     dtype = _compute_dtype(student)
     step = chunk_size or auto_chunk_tokens(vocab, hidden.device, BYTES_PER_ENTRY_FUSED, CHUNK_BYTES_CAP_FUSED)
     plan = _Plan(_teacher_rows(teacher, flat, vocab, dtype), rows, step, vocab, dtype)

@@ -410,5 +410,5 @@ def weighted_batch_loss(
     per_seq = LOSSES[loss](
         student_logits, teacher_logits, mask, chunk_size=chunk_size, in_place=in_place, **loss_kwargs
     )
-    value = (weights * per_seq).sum() / weight_sum
+    value = (weights / weight_sum * per_seq).sum()  # normalised first: a subnormal sum cannot overflow 1/sum
     return BatchLoss(loss=value, per_sequence=per_seq.detach(), weight_sum=weight_sum, skipped=False)

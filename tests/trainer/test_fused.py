@@ -145,6 +145,17 @@ def test_no_grad_all_zero_weights_and_bad_inputs():
         fused_batch_loss(student, teacher, mask, [1.0, -1.0, 1.0])
 
 
+def test_a_subnormal_weight_sum_gives_finite_gradients():
+    student, teacher, mask, _ = make_inputs(seed=7)
+    tiny = [0.0, 2.9e-39, 0.0]  # a float32 subnormal: 1 / sum would overflow
+    got, grads = fused_value_and_grads("akl", student, teacher, mask, tiny)
+    one_hot, want = fused_value_and_grads("akl", student, teacher, mask, [0.0, 1.0, 0.0])
+    assert_close(got.loss, one_hot.loss)
+    for g, w in zip(grads, want, strict=True):
+        assert torch.isfinite(g).all()
+        assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_bfloat16_under_autocast_stays_close_to_float64():
     student, teacher, mask, weights = make_inputs(seed=6)
     want, _, want_grads = ref_value_and_grads("forward", student, teacher, mask, weights)
