@@ -45,10 +45,16 @@ def test_pure_noise_is_weak_and_unaligned_and_the_verdict_says_so():
                 for b in ("low", "mid", "high")]
     noise = [compute_bin_signal(b, rng.standard_normal((40, 32)), direction) for b in ("zero", "one")]
     assert all(n.snr < 0.2 * c.snr for n in noise for c in coherent)
-    assert "little coherent signal" in verdict(coherent + noise)
+    assert "frontier weighting (paced, hard-filter) fits" in verdict(coherent + noise)
     ends_like_middle = [compute_bin_signal(b, 3 * direction + rng.standard_normal((40, 32)), direction)
                         for b in ("zero", "one")]
-    assert verdict(coherent + ends_like_middle).startswith("never-solved problems carry a coherent signal")
+    assert "prefer paced-posterior or uniform" in verdict(coherent + ends_like_middle)
+    # a frontier whose mean points away from the held-out set, a p̂ = 0 bin noisy but pointing at it
+    frontier = [compute_bin_signal(b, m * direction + rng.standard_normal((200, 32)), direction)
+                for b, m in (("low", -1.0), ("mid", 0.2), ("high", 0.2))]
+    zero = compute_bin_signal("zero", 0.5 * direction + rng.standard_normal((200, 32)), direction)
+    assert zero.snr < np.mean([f.snr for f in frontier])
+    assert "point toward the held-out set" in verdict([*frontier, zero])  # alignment decides before the SNR
     assert compute_bin_signal("zero", np.zeros((3, 4)), None).snr is None  # too few problems: no SNR
     pure = [compute_bin_signal("zero", np.random.default_rng(s).standard_normal((n, 16)), None).snr
             for s in range(200) for n in (4, 40)]

@@ -68,28 +68,32 @@ def compute_bin_signal(name: str, grads: np.ndarray, heldout: np.ndarray | None)
 
 
 def verdict(signals: list[BinSignal]) -> str:
-    """One line: do the ends of the pass-rate range carry a coherent signal, compared with the middle?"""
+    """One line: do never-solved problems carry a signal worth keeping, compared with the frontier?
+
+    With a held-out direction the alignment decides first (a bin whose mean gradient points
+    toward the held-out set at least as well as the frontier's is worth training on, however
+    noisy each of its problems is); the SNR decides otherwise."""
     by = {s.bin: s for s in signals if s.snr is not None}
     middle = [by[b] for b in ("low", "mid", "high") if b in by]
     if not middle:
         return "too few frontier problems (0 < p̂ < 1) to compare: measure more problems or a larger K"
+    zero = by.get("zero")
+    if zero is None:
+        return "too few problems at p̂ = 0 to judge them: the schemes differ little for this pool"
     ref_snr = float(np.mean([s.snr for s in middle]))
-    ref_align = np.mean([s.alignment for s in middle if s.alignment is not None] or [np.nan])
-    parts = []
-    for end, name in (("zero", "never-solved"), ("one", "always-solved")):
-        s = by.get(end)
-        if s is None:
-            continue
-        coherent = s.snr >= 0.5 * ref_snr and s.snr > 0 and (s.alignment is None or np.isnan(ref_align)
-                                               or s.alignment >= 0.5 * ref_align)
-        parts.append((name, coherent))
-    if not parts:
-        return "no problems at p̂ = 0 or p̂ = 1: every scheme weights the same problems here"
-    if parts[0][0] == "never-solved" and parts[0][1]:
-        return ("never-solved problems carry a coherent signal here (SNR and held-out alignment close to the "
-                "frontier's): prefer paced-posterior or uniform over an exact zero at p̂ = 0")
-    if all(not c for _, c in parts):
-        return ("the ends carry little coherent signal next to the frontier: frontier weighting "
-                "(paced, hard-filter) fits this student")
-    return "; ".join(f"{n} problems: {'coherent' if c else 'weak'} signal" for n, c in parts) + \
-        " (compared with 0 < p̂ < 1)"
+    aligned = [s.alignment for s in middle if s.alignment is not None]
+    if zero.alignment is not None and aligned:
+        ref_align = float(np.mean(aligned))
+        if zero.alignment > 0 and zero.alignment >= ref_align:
+            return (f"never-solved problems point toward the held-out set at least as well as the frontier "
+                    f"(cos {zero.alignment:+.2f} vs {ref_align:+.2f}; SNR {zero.snr:.3f} vs {ref_snr:.3f}): an exact "
+                    "zero at p̂ = 0 throws that away — prefer paced-posterior or uniform")
+        if zero.alignment <= 0 < ref_align or (zero.snr < 0.5 * ref_snr and zero.alignment < ref_align):
+            return (f"never-solved problems carry less useful signal than the frontier (cos {zero.alignment:+.2f} "
+                    f"vs {ref_align:+.2f}; SNR {zero.snr:.3f} vs {ref_snr:.3f}): frontier weighting (paced, "
+                    "hard-filter) fits this student")
+    if zero.snr >= 0.5 * ref_snr and zero.snr > 0:
+        return (f"never-solved problems carry a coherent signal here (SNR {zero.snr:.3f} vs the frontier's "
+                f"{ref_snr:.3f}): prefer paced-posterior or uniform over an exact zero at p̂ = 0")
+    return (f"never-solved problems carry little coherent signal next to the frontier (SNR {zero.snr:.3f} vs "
+            f"{ref_snr:.3f}): frontier weighting (paced, hard-filter) fits this student")
