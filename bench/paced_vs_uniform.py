@@ -236,11 +236,18 @@ def compute_of(entry: dict) -> float:
 
 
 def at_compute(run: dict, budget: float, value=lambda e: e["accuracy"]) -> float | None:
-    """`value` (held-out accuracy) of a run at `budget` FLOPs, linear between its evals (None past its end)."""
+    """`value` (held-out accuracy) of a run at `budget` FLOPs, linear between its evals (None past its
+    end, and before its first eval: an arm whose base rollouts alone cost more has not started)."""
     xs = [compute_of(e) for e in run["curve"]]
-    if budget > xs[-1] * (1 + 1e-9):
+    if budget > xs[-1] * (1 + 1e-9) or budget < xs[0]:
         return None
     return float(np.interp(budget, xs, [value(e) for e in run["curve"]]))
+
+
+def level_at(runs: list[dict], budget: float, level: int) -> str:
+    """Mean accuracy (%) on one level at `budget` FLOPs; n/a when a run has not reached it."""
+    values = [at_compute(r, budget, lambda e: e["by_difficulty"].get(str(level), np.nan)) for r in runs]
+    return "n/a" if any(v is None for v in values) else f"{100 * np.mean(values):.0f}"
 
 
 def zero_shares(runs: list[dict]) -> str:
@@ -252,11 +259,12 @@ def zero_shares(runs: list[dict]) -> str:
             f"{100 * np.mean([g['zero_weight_sample_share'] for g in groups]):.0f}")
 
 
-def aggregate(results: list[dict]) -> str:
+def aggregate(results: list[dict], budget: float | None = None) -> str:
     """The Markdown table: final accuracy (equal steps), by level, forgetting, accuracy at equal FLOPs
-    (the smallest final compute of any run, so that every run reaches it), weight-0 shares."""
+    (`budget`; default the smallest final compute of any run, so that every run reaches it), weight-0
+    shares."""
     by_arm = group_by_arm(results)
-    budget = min(compute_of(r["curve"][-1]) for r in results)
+    budget = budget or min(compute_of(r["curve"][-1]) for r in results)
     levels = sorted({int(d) for r in results for d in r["curve"][-1]["by_difficulty"]})
     header = (f"| arm | held-out acc (%) | {' / '.join(map(str, levels))} digits (%) | mastered (%) | "
               f"subtraction (%) | acc at {budget:.2e} FLOPs (%) | weight-0 steps / samples (%) | "
@@ -267,9 +275,7 @@ def aggregate(results: list[dict]) -> str:
         finals = [r["curve"][-1] for r in runs]
         digits = " / ".join(f"{100 * np.mean([f['by_difficulty'].get(str(d), np.nan) for f in finals]):.0f}"
                             for d in levels)
-        digits += " | " + " / ".join(
-            f"{100 * np.mean([at_compute(r, budget, lambda e, d=d: e['by_difficulty'].get(str(d), np.nan)) for r in runs]):.0f}"
-            for d in levels)
+        digits += " | " + " / ".join(level_at(runs, budget, d) for d in levels)
         seconds = np.mean([f.get("train_seconds", r["summary"].get("train_seconds") or 0)
                            for f, r in zip(finals, runs, strict=True)])
         lines.append(f"| {arm} | {mean_sd(f['accuracy'] for f in finals)} | {digits} | "
@@ -307,6 +313,8 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
         style = {"linewidth": 2.5, "color": "black"} if arm in ("uniform", "uniform-group") else {"linewidth": 1.2}
         if arm.endswith("-self"):
             style["linestyle"] = "--"
+        if arm == "uniform" and "uniform-group" in by_arm:  # off-policy reference beside the group baseline
+            style["linestyle"] = ":"
         by_step.plot(steps, acc, label=arm, **style)
         by_flops.plot(flops, acc, label=arm, **style)
     by_step.set(xlabel="training steps", ylabel="held-out accuracy (%)", title=title)
@@ -341,6 +349,8 @@ def main() -> None:
     p.add_argument("--home", help="the base data home (default: OUT/home; models are built there when missing)")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
+    p.add_argument("--budget", type=float, help="--report: compare at this many FLOPs (default: the smallest "
+                   "final compute of any run)")
     p.add_argument("--plot", metavar="PNG", help="where to draw the accuracy curves (default: OUT/curves.png)")
     args = p.parse_args()
     if "group" in args.arms:
@@ -350,7 +360,7 @@ def main() -> None:
         saved = json.loads(Path(args.report).read_text())
         a = saved["args"]
         print(f"pool {a['pool']} problems, K={a['k']}, {a['steps']} steps × batch {a['batch_size']}, seeds {a['seeds']}")
-        print(aggregate(saved["results"]))
+        print(aggregate(saved["results"], args.budget))
         print()
         print(curve_table(saved["results"]))
         if args.plot:
