@@ -69,10 +69,12 @@ def _percent(value: float | None) -> str:
 
 # What each built-in model's role needs. The teacher must carry (it verifies references on
 # every level); the student must know one-digit sums yet leave most 3-4-digit ones unsolved,
-# so its pass rates spread across 0..1. The quick models only exercise the loop.
+# so its pass rates spread across 0..1. The quick models only exercise the loop: the quick
+# teacher must verify most one-digit sums, the quick student must have learned something
+# (one layer, 150 steps: 17-24 % of one-digit sums with seeds 1-3 on a Xeon).
 GATES: dict[str, AccuracyGate] = {
     "teacher": AccuracyGate(minimum={"1": 0.95, "2": 0.80, "3": 0.70, "4": 0.60}),
     "student": AccuracyGate(minimum={"1": 0.90}, maximum={"3": 0.50, "4": 0.50}),
     "quick-teacher": AccuracyGate(minimum={"1": 0.80}),
-    "quick-student": AccuracyGate(minimum={"1": 0.50}),
+    "quick-student": AccuracyGate(minimum={"1": 0.10}),
 }
