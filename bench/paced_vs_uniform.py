@@ -346,7 +346,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the quick models (a smoke test, not a result)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--out", default=str(OUT), help="where runs/ and results.json go")
-    p.add_argument("--home", help="the base data home (default: OUT/home; models are built there when missing)")
+    p.add_argument("--home", help="the base data home (default: OUT/home; the shipped models are installed there when missing)")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
     p.add_argument("--budget", type=float, help="--report: compare at this many FLOPs (default: the smallest "

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("paced.api.serve", "run the curriculum service (FastAPI under uvicorn)"),
     "train": ("paced.jobs.train", "distil a teacher into a student on weighted shards"),
     "evaluate": ("paced.jobs.evaluate", "held-out accuracy by difficulty, and forgetting vs a base model"),
-    "tasks": ("paced.tasks.cli", "built-in models: the tiny task models, the real SmolLM2-135M-Instruct"),
+    "tasks": ("paced.tasks.cli", "built-in models: the tiny task models (shipped, or trained), the real SmolLM2-135M-Instruct"),
     "diagnose": ("paced.jobs.diagnose", "gradient signal by pass-rate bin: will frontier weighting pay here?"),
     "demo": ("paced.jobs.demo", "run the whole loop on the built-in task"),
 }

@@ -8,6 +8,8 @@ import psutil
 import pytest
 
 from paced.jobs.demo import DemoConfig, run_demo
+from paced.tasks.builds import compute_file_hashes, read_shipped_record
+from paced.tasks.pretrain import RECIPES
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +48,9 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(demo_home):
     assert list((home / "snapshots" / "base").glob("*.parquet"))
     assert list((home / "snapshots" / "paced-round2").glob("*.parquet"))
     assert not servers_for(home)
+    for name in ("quick-teacher", "quick-student"):  # the shipped weights, the same on every machine
+        shipped = read_shipped_record(RECIPES[name])["files"]
+        assert compute_file_hashes(home / "models" / name) == shipped
 
 
 def test_a_failed_stage_stops_the_server_and_exits_nonzero(demo_home, capsys):

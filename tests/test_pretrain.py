@@ -1,15 +1,14 @@
-"""Pre-training the built-in task's models: data, loop, evaluation, cached builds, the CLI."""
+"""Pre-training the built-in task's models: data, loop, evaluation, students from teacher layers."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from pretrain_helpers import TINY, tiny_recipe
 
-from paced.cli import main
 from paced.errors import InputError
 from paced.tasks import pretrain
 from paced.tasks.arithmetic import generate_problems
@@ -18,7 +17,6 @@ from paced.tasks.pretrain import (
     ModelRecipe,
     PretrainConfig,
     accuracy_by_difficulty,
-    build_model,
     compute_spread,
     encode_examples,
     init_from_layers,
@@ -28,16 +26,6 @@ from paced.tasks.pretrain import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TINY = ModelSize(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, max_positions=32)
-
-
-def tiny_recipe(name: str = "tiny", steps: int = 20, init_from: ModelRecipe | None = None) -> ModelRecipe:
-    size, keep = (TINY, ()) if init_from is None else (replace(TINY, num_layers=1), (1,))
-    return ModelRecipe(
-        name, size, PretrainConfig(steps=steps, batch_size=32, warmup_steps=5), init_from=init_from,
-        keep_layers=keep, eval_problems_per_operation=24, passrate_problems=12, passrate_samples=4,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -122,42 +110,6 @@ def test_spread_counts_never_partly_always():
     assert spread == {"never": 0.25, "partly": 0.25, "always": 0.5, "mean": 0.625}
 
 
-def test_build_writes_a_loadable_model_and_reuses_the_cache(tmp_path, torch_threads):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    recipe = tiny_recipe()
-    built = build_model(recipe, tmp_path, threads=1, progress=False)
-    assert not built.reused and built.path == tmp_path / "tiny"
-    record = json.loads((built.path / "build.json").read_text())
-    assert record["config"] == recipe.to_json() and record["steps"] == 20
-    assert set(record["accuracy"]) == {"+", "-"} and set(record["accuracy"]["+"]) >= {"1", "4", "all"}
-    assert {"seconds", "seed", "paced_version", "pass_rate_spread"} <= set(record)
-    model = AutoModelForCausalLM.from_pretrained(built.path)
-    tokenizer = AutoTokenizer.from_pretrained(built.path)
-    ids = tokenizer("12+34=")["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id and len(ids) == 7
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "12+34="
-    assert model.config.head_dim == 32 and model.config.eos_token_id == tokenizer.eos_token_id
-    weights = built.path / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-
-    again = build_model(recipe, tmp_path, threads=1, progress=False)
-    assert again.reused and again.record == record and weights.stat().st_mtime_ns == stamp
-
-    changed = build_model(tiny_recipe(steps=12), tmp_path, threads=1, progress=False)
-    assert not changed.reused and changed.record["steps"] == 12
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temp folders left behind
-
-
-def test_building_a_student_builds_its_teacher_first(tmp_path, torch_threads):
-    teacher = tiny_recipe("teacher", steps=6)
-    student = build_model(tiny_recipe("student", 6, init_from=teacher), tmp_path, threads=1, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "teacher"]
-    assert student.record["init_from"] == {"name": "teacher", "keep_layers": [1]}
-    assert student.record["config"]["init_from"] == teacher.to_json()
-    assert build_model(teacher, tmp_path, threads=1, progress=False).reused
-
-
 def test_student_starts_from_the_chosen_teacher_layers(torch_threads):
     import torch
 
@@ -172,28 +124,3 @@ def test_student_starts_from_the_chosen_teacher_layers(torch_threads):
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     with pytest.raises(InputError, match="keep_layers"):
         ModelRecipe("bad", replace(TINY, num_layers=1), PretrainConfig(), init_from=tiny_recipe(), keep_layers=(2,))
-
-
-def test_cli_help_lists_the_build_options(capsys):
-    assert main(["tasks", "build-models", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--quick" in out and "--home" in out and "--force" in out
-    assert main(["tasks"]) == 2
-
-
-def test_cli_builds_then_reuses_and_prints_a_json_summary(tmp_path, capsys, monkeypatch, torch_threads):
-    # The real command on recipes small enough for a test (the registry is a plain dict).
-    teacher = tiny_recipe("quick-teacher", steps=8)
-    monkeypatch.setitem(pretrain.RECIPES, "quick-teacher", teacher)
-    monkeypatch.setitem(pretrain.RECIPES, "quick-student", tiny_recipe("quick-student", 8, init_from=teacher))
-    argv = ["tasks", "build-models", "--home", str(tmp_path), "--quick", "--threads", "1", "--no-progress"]
-    assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert set(summary) == {"teacher", "student"}
-    assert summary["teacher"]["path"] == str(tmp_path.resolve() / "models" / "quick-teacher")
-    assert not summary["student"]["reused"] and "all" in summary["student"]["accuracy"]["+"]
-    assert main(argv + ["--only", "student"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert set(again) == {"student"} and again["student"]["reused"]
-    record = json.loads((tmp_path / "models" / "quick-student" / "build.json").read_text())
-    assert record["init_from"] == {"name": "quick-teacher", "keep_layers": [1]}

@@ -128,4 +128,4 @@ def starvation_warning(manifest: Manifest, share: float = 0.5) -> str | None:
     return (f"{manifest.zero_weight:,} of {manifest.measured:,} measured problems "
             f"({manifest.zero_weight / manifest.measured:.0%}) get weight 0 and will not be trained on. "
             "With teacher references those problems still teach, and a refreshing loop can stall on "
-            "them (README, Results); consider the paced-posterior scheme or a uniform mix.")
+            "them (docs/results.md); consider the paced-posterior scheme or a uniform mix.")

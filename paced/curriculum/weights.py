@@ -8,7 +8,7 @@ the registry):
 - `uniform`:          w = 1
 - `hard-filter`:      w = 1 if 0 < p̂ < 1 else 0 (DAPO-style dynamic sampling)
 
-Guards against starving mastered problems (all off by default; our choice, see the README):
+Guards against starving mastered problems (all off by default; our choice, see docs/method.md):
 `floor` ε: every measured problem gets at least ε; `mix` λ: w' = (1−λ)·w/mean(w) + λ. Both act
 on weights normalised to mean 1 over the measured problems.
 """

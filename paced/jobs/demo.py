@@ -1,9 +1,10 @@
 """The whole loop on the built-in task, on the CPU, in one command.
 
-    paced demo [--quick] [--home DIR]
+    paced demo [--quick] [--home DIR] [--rebuild-models]
 
 import problems (train, held-out, and a held-out skill: subtraction, never in the training
-pool) → build the tiny teacher and student (cached) → teacher references → student rollouts
+pool) → install the tiny teacher and student shipped with paced (--rebuild-models: train them
+here, cached) → teacher references → student rollouts
 → refresh → `paced serve` on a free loopback port → two runs, `paced` and `uniform`, same seed
 and step budget → train a copy of the student on each over HTTP → evaluate both against the
 base student → round 2: roll out the PACED-trained student, refresh, compare histograms → stop
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from paced.errors import PacedError
@@ -45,6 +46,7 @@ class DemoConfig:
     max_new_tokens: int = 8
     rollout_backend: str = "vllm"
     eval_backend: str = "transformers"
+    rebuild_models: bool = False  # train the models here instead of installing the shipped builds
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoConfig:
@@ -162,7 +164,8 @@ def prepare(demo: Demo) -> None:
                "--holdout", str(cfg.heldout_problems), "--seed", "11")
     demo.paced("import-skill", "import", "builtin:arithmetic", "--dataset", "arith-sub", "--operations", "-",
                "--n", str(cfg.skill_problems), "--seed", "12")
-    demo.paced("build-models", "tasks", "build-models", *(["--quick"] if cfg.quick else []))
+    demo.paced("build-models", "tasks", "build-models", *(["--quick"] if cfg.quick else []),
+               *(["--rebuild"] if cfg.rebuild_models else []))
     models = demo.home / "models"
     demo.paced("teacher", "teacher", "--teacher", str(models / teacher), "--teacher-id", "teacher",
                "--dataset", "arith", "--max-new-tokens", str(cfg.max_new_tokens), "--backend", cfg.rollout_backend)
@@ -241,6 +244,10 @@ def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
     parser.add_argument("--quick", action="store_true", help="smaller everything (a few minutes; CI runs it)")
+    parser.add_argument(
+        "--rebuild-models", action="store_true",
+        help="train the tiny teacher and student on this CPU (minutes) instead of installing the shipped ones",
+    )
     add_home_argument(parser)
 
 
@@ -251,7 +258,7 @@ def _terminate(signum, frame):
 def run(args) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     home = open_home(args.home)
-    cfg = DemoConfig.for_mode(args.quick)
+    cfg = replace(DemoConfig.for_mode(args.quick), rebuild_models=args.rebuild_models)
     print(f"paced demo ({'quick' if cfg.quick else 'full'}) in {home.root}: {json.dumps(asdict(cfg))}",
           file=sys.stderr)
     return run_demo(home.root, cfg)

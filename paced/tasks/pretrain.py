@@ -1,4 +1,4 @@
-"""Pre-training the built-in task's tiny teacher and student on the CPU, cached in the data home.
+"""Recipes and pre-training for the built-in task's tiny teacher and student, on the CPU.
 
 Two recipes per build: a **teacher** (larger, trained longer) that solves nearly every held-out
 problem, and a **student** (smaller, trained briefly) whose pass rates spread across 0..1. The
@@ -12,38 +12,27 @@ few variants (1-digit ones) can appear in both. The mix is mostly `+` with some 
 models also know subtraction, the held-out skill the experiment measures forgetting on.
 Held-out evaluation uses `generate_problems(seed=EVAL_SEED)`.
 
-A build trains into `models/.tmp-{name}.*`, writes the model, tokenizer and `build.json` (the
-recipe, seed, steps, seconds, accuracy by difficulty, pass-rate spread, paced version) and
-renames the folder into place. A folder whose `build.json` records the same recipe is reused.
+Builds (the shipped ones installed into a data home, or trained there with an accuracy gate)
+are `paced.tasks.builds`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from paced import __version__
 from paced.errors import InputError
-from paced.store.files import read_json, write_json_atomic
 from paced.store.home import validate_name
 from paced.tasks.arithmetic import OPERATIONS, generate_problems
-from paced.tasks.models import ModelSize, build_tokenizer, init_model, save_model
+from paced.tasks.models import ModelSize, init_model
 
 PRETRAIN_DATA_SEED = 1_000_003  # pre-training batches: rng([PRETRAIN_DATA_SEED, recipe.seed])
 EVAL_SEED = 1_000_033  # held-out problems a build reports its accuracy on
-BUILD_FILE = "build.json"
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,16 +136,6 @@ def _recipes() -> dict[str, ModelRecipe]:
 
 
 RECIPES: dict[str, ModelRecipe] = _recipes()
-
-
-@dataclass
-class BuildResult:
-    """One model folder: where it is, whether a cached build was reused, its build record."""
-
-    name: str
-    path: Path
-    reused: bool
-    record: dict = field(default_factory=dict)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -334,16 +313,7 @@ def evaluate_model(model, tokenizer, recipe: ModelRecipe) -> dict:
     return {"accuracy": accuracy, "pass_rate_spread": spread}
 
 
-# --- builds and the cache ---------------------------------------------------------------------
-
-
-def read_build_record(model_dir: Path) -> dict | None:
-    """The `build.json` of a finished build in `model_dir`, or None."""
-    path = Path(model_dir) / BUILD_FILE
-    try:
-        return read_json(path) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
+# --- students that start from a teacher ------------------------------------------------------
 
 
 def init_from_layers(source_model, tokenizer, size: ModelSize, keep_layers: tuple[int, ...]):
@@ -360,83 +330,3 @@ def init_from_layers(source_model, tokenizer, size: ModelSize, keep_layers: tupl
         state[key] = value
     model.load_state_dict(state)
     return model
-
-
-def _train_into(recipe: ModelRecipe, out_dir: Path, source: BuildResult | None, *, threads: int, progress: bool) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    tokenizer = build_tokenizer()
-    if source is None:
-        model = init_model(tokenizer, recipe.size, seed=recipe.pretrain.seed)
-    else:
-        source_model = AutoModelForCausalLM.from_pretrained(source.path)
-        model = init_from_layers(source_model, tokenizer, recipe.size, recipe.keep_layers)
-    started = time.perf_counter()
-    losses = pretrain(model, tokenizer, recipe.pretrain, progress=progress)
-    train_seconds = time.perf_counter() - started
-    evaluation = evaluate_model(model, tokenizer, recipe)
-    save_model(model, tokenizer, out_dir)
-    record = {
-        "name": recipe.name, "config": recipe.to_json(), "seed": recipe.pretrain.seed,
-        "steps": recipe.pretrain.steps, "seconds": round(train_seconds, 1),
-        "eval_seconds": round(time.perf_counter() - started - train_seconds, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
-        "data": {"pretrain_seed": [PRETRAIN_DATA_SEED, recipe.pretrain.seed], "eval_seed": EVAL_SEED},
-        "init_from": source and {"name": source.name, "keep_layers": list(recipe.keep_layers)},
-        "threads": threads, "torch_version": torch.__version__, "paced_version": __version__,
-        **evaluation,
-    }
-    write_json_atomic(out_dir / BUILD_FILE, record)  # last: marks the folder complete
-    return record
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}.", dir=final.parent))
-    os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def build_model(
-    recipe: ModelRecipe, models_dir: Path, *, force: bool = False, threads: int = 2, progress: bool = True
-) -> BuildResult:
-    """Train `recipe` into `models_dir/{name}`, or reuse a build there made from the same recipe."""
-    models_dir = Path(models_dir)
-    final = models_dir / recipe.name
-    record = read_build_record(final)
-    if record is not None and record.get("config") == recipe.to_json() and not force:
-        log.info("reusing cached %s at %s (build.json matches its recipe)", recipe.name, final)
-        return BuildResult(recipe.name, final, reused=True, record=record)
-    source = None
-    if recipe.init_from is not None:  # the model it starts from: reused, or built first
-        source = build_model(recipe.init_from, models_dir, threads=threads, progress=progress)
-    log.info("building %s into %s (%d steps)", recipe.name, final, recipe.pretrain.steps)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}.", dir=models_dir))
-    try:
-        record = _train_into(recipe, tmp, source, threads=threads, progress=progress)
-        _move_into_place(tmp, final)
-        log.info("built %s at %s in %.0f s", recipe.name, final, record["seconds"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return BuildResult(recipe.name, final, reused=False, record=record)
-
-
-def build_models(
-    models_dir: Path, *, quick: bool = False, roles: tuple[str, ...] = ("teacher", "student"),
-    force: bool = False, threads: int = 2, progress: bool = True,
-) -> dict[str, BuildResult]:
-    """The built-in teacher and student (or their `quick-` variants), keyed by role."""
-    return {
-        role: build_model(
-            RECIPES[f"quick-{role}" if quick else role], models_dir, force=force, threads=threads,
-            progress=progress,
-        )
-        for role in roles
-    }
