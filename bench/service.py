@@ -39,7 +39,7 @@ def make_home(n: int) -> Path:
     from paced.store.home import open_home
     from paced.store.problems import write_problem_part
     from paced.store.shards import REFERENCE_SCHEMA
-    from paced.store.snapshots import SNAPSHOT_SCHEMA, list_snapshots, new_snapshot_id, write_snapshot
+    from paced.store.snapshots import COUNTS_SCHEMA, list_snapshots, new_snapshot_id, write_snapshot
 
     root = OUT / f"service-home-{n}"
     home = open_home(root)
@@ -61,7 +61,7 @@ def make_home(n: int) -> Path:
         "problem_id": ids, "dataset": ["arith"] * n, "student_id": ["bench"] * n, "sampling_hash": ["h"] * n,
         "n": np.full(n, k), "correct": correct, "wrong": k - correct, "unparseable": np.zeros(n, np.int64),
         "timeout": np.zeros(n, np.int64), "error": np.zeros(n, np.int64), "pass_rate": correct / k,
-        "stale_age": np.zeros(n, np.int32), "snapshot_id": [sid] * n}, schema=SNAPSHOT_SCHEMA), sid)
+        "stale_age": np.zeros(n, np.int32), "snapshot_id": [sid] * n}, schema=COUNTS_SCHEMA), sid)
     return root
 
 

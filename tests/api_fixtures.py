@@ -14,7 +14,7 @@ from paced.store.files import write_parquet_atomic
 from paced.store.home import open_home
 from paced.store.problems import write_problem_part
 from paced.store.shards import REFERENCE_SCHEMA
-from paced.store.snapshots import SNAPSHOT_SCHEMA, new_snapshot_id, write_snapshot
+from paced.store.snapshots import COUNTS_SCHEMA, new_snapshot_id, write_snapshot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,7 +36,7 @@ def add_snapshot(home, student: str, correct: list[int], dataset: str = "arith",
         "wrong": [n - c for c in correct], "unparseable": [0] * rows, "timeout": [0] * rows,
         "error": [0] * rows, "pass_rate": [c / n for c in correct], "stale_age": [0] * rows,
         "snapshot_id": [sid] * rows,
-    }, schema=SNAPSHOT_SCHEMA)
+    }, schema=COUNTS_SCHEMA)
     write_snapshot(home, student, table, sid)
     return sid
 

@@ -14,7 +14,7 @@ from paced.cli import main
 from paced.curriculum.summary import passrate_summary
 from paced.store.home import open_home
 from paced.store.rollouts import ROLLOUT_SCHEMA, write_rollout_batch
-from paced.store.snapshots import SNAPSHOT_SCHEMA, list_snapshots, read_snapshot
+from paced.store.snapshots import COUNTS_SCHEMA, SNAPSHOT_SCHEMA, list_snapshots, read_snapshot
 
 OUTCOMES = ["correct", "wrong", "unparseable", "timeout", "error"]
 
@@ -236,6 +236,6 @@ def test_write_snapshot_sorts_rows_unless_they_already_are(tmp_path):
     rows = [{"problem_id": p, "dataset": d, "student_id": "s", "sampling_hash": "h", "n": 1, "correct": 1, "wrong": 0,
              "unparseable": 0, "timeout": 0, "error": 0, "pass_rate": 1.0, "stale_age": 0, "snapshot_id": "x"}
             for d, p in (("b", "a"), ("a", "z"), ("a", "b"))]
-    write_snapshot(home, "s", pa.Table.from_pylist(rows, schema=SNAPSHOT_SCHEMA), "x")
+    write_snapshot(home, "s", pa.Table.from_pylist(rows, schema=COUNTS_SCHEMA), "x")
     got = read_snapshot(home, "s", "x")
     assert list(zip(got["dataset"].to_pylist(), got["problem_id"].to_pylist())) == [("a", "b"), ("a", "z"), ("b", "a")]

@@ -2,7 +2,8 @@
 
 Per student: the newest snapshot's pass-rate histogram under the weight curve of a chosen scheme
 (`?scheme=paced&alpha=1&beta=1&k=8`), and the frontier over its lineage (shares at p̂ = 0,
-0 < p̂ < 1, p̂ = 1 per snapshot, with carried rows and snapshot age). Per run: progress by epoch
+0 < p̂ < 1, p̂ = 1 per snapshot, with carried rows, the mean share of each estimate carried from
+earlier refreshes, and snapshot age). Per run: progress by epoch
 (shards acked / leased / expired / pending), effective sample size and the snapshot switches of
 its plan. The same figures as the JSON API (`/v1/students/{id}/passrates`, `/v1/runs/{id}`).
 """
@@ -38,8 +39,8 @@ def _snapshot_figures(root: str, student_id: str, snapshot_id: str, mtime_ns: in
     from paced.store.home import open_home
 
     table = read_snapshot(open_home(Path(root), create=False), student_id, snapshot_id)
-    p, n, age = (table[c].to_numpy() for c in ("pass_rate", "n", "stale_age"))
-    return {"summary": passrate_summary(p, n), "frontier": compute_frontier(p, n, age)}
+    p, n, age, share = (table[c].to_numpy() for c in ("pass_rate", "n", "stale_age", "carried_share"))
+    return {"summary": passrate_summary(p, n), "frontier": compute_frontier(p, n, age, share)}
 
 
 def snapshot_figures(home, student_id: str, snapshot_id: str) -> dict:
@@ -65,7 +66,8 @@ def student_view(home, student_id: str, scheme: WeightScheme, k: int, now: float
     for sid in ids[-LINEAGE_SNAPSHOTS:]:
         f = snapshot_figures(home, student_id, sid)["frontier"]
         lineage.append({"snapshot_id": sid, "problems": f.problems, "zero": f.zero, "mid": f.mid, "one": f.one,
-                        "carried": f.carried, "max_stale_age": f.max_stale_age, "age": age_text(sid, now)})
+                        "carried": f.carried, "carried_share": f.carried_share, "max_stale_age": f.max_stale_age,
+                        "age": age_text(sid, now)})
     return {"student_id": student_id, "snapshot_id": ids[-1], "summary": newest["summary"],
             "curve": weight_curve(scheme, k), "lineage": lineage}
 
@@ -82,11 +84,16 @@ def run_view(service, run: dict) -> dict:
             "history": described["history"], "switches": len(switches)}
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def _student_html(v: dict) -> str:
     s = v["summary"]
     rows = "".join(
         f"<tr><td>{escape(r['snapshot_id'])}</td><td data-field='problems'>{r['problems']}</td>"
         f"<td>{r['zero']}</td><td>{r['mid']}</td><td>{r['one']}</td><td>{r['carried']}</td>"
+        f"<td data-field='carried_share'>{_pct(r['carried_share'])}</td>"
         f"<td>{r['max_stale_age']}</td><td>{r['age']}</td></tr>" for r in reversed(v["lineage"]))
     mean = "n/a" if s["mean_pass_rate"] is None else f"{s['mean_pass_rate']:.3f}"
     return (f'<section class="student" data-student="{escape(v["student_id"])}">'
@@ -98,7 +105,7 @@ def _student_html(v: dict) -> str:
             f'<div class="charts">{histogram_svg(s["histogram"], s["bin_edges"], v["curve"])}'
             f"{frontier_svg(v['lineage'])}</div>"
             "<table><tr><th>snapshot</th><th>problems</th><th>p̂=0</th><th>0&lt;p̂&lt;1</th><th>p̂=1</th>"
-            f"<th>carried</th><th>max stale age</th><th>age</th></tr>{rows}</table></section>")
+            f"<th>carried</th><th>carried share</th><th>max stale age</th><th>age</th></tr>{rows}</table></section>")
 
 
 def _run_html(v: dict) -> str:

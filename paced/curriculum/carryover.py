@@ -17,7 +17,9 @@ samples): 1 − (1 − r)^(a+1) for a base rate r, so a problem just seen settle
 re-probed and one settled long ago almost surely. Draws are seeded per (seed, problem, round),
 so a refresh's choice is reproducible and independent of the pool's order.
 
-Pure numpy: arrays in, arrays out.
+Pure numpy and Arrow: arrays in, arrays out. In a snapshot the evidence is three columns beside
+the integer counts of the fresh samples (`fill_evidence`, `carry_evidence`): `evidence_n`,
+`evidence_correct` (float64) and `carried_share`; `pass_rate` = evidence_correct / evidence_n.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from paced.errors import InputError
 
@@ -118,3 +121,44 @@ def step_evidence(previous: Evidence, chosen: np.ndarray, fresh_correct, fresh_n
     return Evidence(correct=np.where(chosen, c, previous.correct), n=np.where(chosen, n, previous.n),
                     age=np.where(chosen, 0, previous.age + 1),
                     carried=np.where(chosen, carried, np.where(previous.n > 0, 1.0, 0.0)))
+
+
+# ---------------------------------------------------------------- the evidence columns of a snapshot
+
+EVIDENCE_FIELDS = (("evidence_n", pa.float64()), ("evidence_correct", pa.float64()), ("carried_share", pa.float64()))
+
+
+def fill_evidence(table: pa.Table) -> pa.Table:
+    """The snapshot rows with their evidence columns; a table without them (written before
+    carry-over, or by `paced refresh`) gets evidence = its counts and a carried share of 1 for
+    rows carried from an earlier checkpoint (stale_age > 0), else 0."""
+    missing = [(name, t) for name, t in EVIDENCE_FIELDS if name not in table.column_names]
+    if not missing:
+        return table
+    n = table["n"].to_numpy(zero_copy_only=False).astype(np.float64)
+    stale = table["stale_age"].to_numpy(zero_copy_only=False) > 0 if "stale_age" in table.column_names \
+        else np.zeros(len(n), dtype=bool)
+    values = {"evidence_n": n, "evidence_correct": table["correct"].to_numpy(zero_copy_only=False).astype(np.float64),
+              "carried_share": np.where(stale & (n > 0), 1.0, 0.0)}
+    for name, t in missing:
+        table = table.append_column(pa.field(name, t), pa.array(values[name], t))
+    return table
+
+
+def carry_evidence(previous: pa.Table, fresh: pa.Table, decay: float | None) -> pa.Table:
+    """The evidence of fresh rows (stale_age 0, their counts) given a previous snapshot's rows:
+    with a decay λ, old evidence × λ + the fresh counts (`combine_counts`), `pass_rate` the
+    combined estimate; without (None), the fresh counts alone. Both tables have evidence columns."""
+    if decay is None or fresh.num_rows == 0:
+        return fresh
+    old = {pid: (c, n) for pid, c, n in zip(previous["problem_id"].to_pylist(), previous["evidence_correct"].to_pylist(),
+                                            previous["evidence_n"].to_pylist(), strict=True)}
+    ids = fresh["problem_id"].to_pylist()
+    oc = np.array([old.get(pid, (0.0, 0.0))[0] for pid in ids], dtype=np.float64)
+    on = np.array([old.get(pid, (0.0, 0.0))[1] for pid in ids], dtype=np.float64)
+    c, n, carried = combine_counts(oc, on, fresh["correct"].to_numpy(zero_copy_only=False),
+                                   fresh["n"].to_numpy(zero_copy_only=False), decay)
+    p = np.divide(c, n, out=np.zeros_like(n), where=n > 0)
+    for name, values in (("evidence_correct", c), ("evidence_n", n), ("carried_share", carried), ("pass_rate", p)):
+        fresh = fresh.set_column(fresh.schema.get_field_index(name), name, pa.array(values, pa.float64()))
+    return fresh

@@ -24,20 +24,24 @@ class Frontier:
     mean_pass_rate: float | None
     carried: int  # rows with stale_age > 0
     max_stale_age: int
+    carried_share: float | None = None  # mean share of the estimates carried (carry-over evidence)
 
     def share(self, part: str) -> float | None:
         return getattr(self, part) / self.problems if self.problems else None
 
 
-def compute_frontier(pass_rate, n, stale_age=None) -> Frontier:
-    """The frontier of measured rows (n > 0); unmeasured rows are left out."""
+def compute_frontier(pass_rate, n, stale_age=None, carried_share=None) -> Frontier:
+    """The frontier of measured rows (n > 0); unmeasured rows are left out. `carried_share`
+    (per row, default: 1 for a stale row, else 0) is averaged."""
     p = np.asarray(pass_rate, dtype=np.float64)
     measured = np.asarray(n) > 0
     p = p[measured]
     age = np.zeros_like(p, dtype=np.int64) if stale_age is None else np.asarray(stale_age, np.int64)[measured]
+    share = (age > 0).astype(np.float64) if carried_share is None else np.asarray(carried_share, np.float64)[measured]
     return Frontier(problems=int(p.size), zero=int((p == 0).sum()), mid=int(((p > 0) & (p < 1)).sum()),
                     one=int((p == 1).sum()), mean_pass_rate=float(p.mean()) if p.size else None,
-                    carried=int((age > 0).sum()), max_stale_age=int(age.max()) if age.size else 0)
+                    carried=int((age > 0).sum()), max_stale_age=int(age.max()) if age.size else 0,
+                    carried_share=float(share.mean()) if share.size else None)
 
 
 def weight_curve(scheme: WeightScheme, k: int = 8) -> list[tuple[float, float]]:

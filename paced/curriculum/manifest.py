@@ -58,27 +58,32 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
 
 
 def _sorted_counts(pass_rates: pa.Table):
+    """(ids, correct, total, n) sorted by id: the counts the weights use (the evidence columns
+    `evidence_correct`/`evidence_n` of a carry-over snapshot when present, else `correct`/`n`)
+    and the integer sample counts `n`."""
     for col in ("problem_id", "correct", "n"):
         if col not in pass_rates.column_names:
             raise InputError(f"pass-rate table lacks column {col!r}", detail={"field": col})
+    evidence = "evidence_n" in pass_rates.column_names and "evidence_correct" in pass_rates.column_names
+    counts = ["evidence_correct", "evidence_n"] if evidence else ["correct", "n"]
     order = pc.sort_indices(pass_rates.column("problem_id"))
-    table = pass_rates.select(["problem_id", "correct", "n"]).take(order)
+    table = pass_rates.select(["problem_id", *counts, "n"] if evidence else ["problem_id", "correct", "n"]).take(order)
     ids = table.column("problem_id").combine_chunks()
     if len(ids) > 1 and pc.any(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))).as_py():
         raise InputError("pass-rate table has duplicate problem ids")
-    return (
-        ids,
-        table.column("correct").to_numpy().astype(np.int64),
-        table.column("n").to_numpy().astype(np.int64),
-    )
+    n = table.column("n").to_numpy().astype(np.int64)
+    if not evidence:
+        return ids, table.column("correct").to_numpy().astype(np.int64), n, n
+    return ids, table.column(1).to_numpy().astype(np.float64), table.column(2).to_numpy().astype(np.float64), n
 
 
 def build_manifest(pass_rates: pa.Table, scheme: WeightScheme, seed: int, epoch: int = 0,
                    mode: str = "weighted-loss", num_samples: int | None = None) -> Manifest:
-    """The epoch's manifest for a pass-rate table with columns problem_id, correct, n."""
+    """The epoch's manifest for a pass-rate table with columns problem_id, correct, n (and, in a
+    carry-over snapshot, evidence_correct, evidence_n: the weights and `pass_rate` use those)."""
     if mode not in MODES:
         raise InputError(f"`mode` must be one of {list(MODES)}, got {mode!r}", detail={"field": "mode"})
-    ids, correct, total = _sorted_counts(pass_rates)
+    ids, correct, total, samples = _sorted_counts(pass_rates)
     measured = total > 0
     m_idx = np.flatnonzero(measured)
     weights = compute_weights(correct[m_idx], total[m_idx], scheme)
@@ -103,7 +108,7 @@ def build_manifest(pass_rates: pa.Table, scheme: WeightScheme, seed: int, epoch:
         "problem_id": ids.take(pa.array(chosen, pa.int64())),
         "weight": pa.array(w, pa.float64()),
         "pass_rate": pa.array(correct[chosen] / total[chosen], pa.float64()),
-        "n": pa.array(total[chosen], pa.int64()),
+        "n": pa.array(samples[chosen], pa.int64()),
     }, schema=MANIFEST_SCHEMA)
     return Manifest(
         items=items, epoch=epoch, seed=seed, mode=mode, scheme=scheme,

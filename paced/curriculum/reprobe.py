@@ -41,11 +41,15 @@ def carry_forward(previous: pa.Table, fresh: pa.Table) -> pa.Table:
     """Merge fresh measurements over a previous snapshot's rows.
 
     Rows of `fresh` (stale_age 0) replace the previous rows of the same problem; the other
-    previous rows are kept with `stale_age + 1`. Both tables share the snapshot schema.
+    previous rows are kept with `stale_age + 1` (and, with evidence columns, a carried share of
+    1: none of it fresh). Both tables share the snapshot schema.
     """
     fresh_ids = fresh["problem_id"]
     keep = previous.filter(pc.invert(pc.is_in(previous["problem_id"], value_set=fresh_ids)))
     aged = keep.set_column(keep.schema.get_field_index("stale_age"), "stale_age",
                            pc.add(keep["stale_age"], pa.scalar(1, pa.int32())).cast(pa.int32()))
+    if "carried_share" in aged.column_names:  # nothing fresh in a carried row: all of it is carried
+        carried = pc.if_else(pc.greater(aged["evidence_n"], 0), 1.0, 0.0).cast(pa.float64())
+        aged = aged.set_column(aged.schema.get_field_index("carried_share"), "carried_share", carried)
     merged = pa.concat_tables([fresh.cast(previous.schema), aged])
     return merged.sort_by([("dataset", "ascending"), ("problem_id", "ascending")])

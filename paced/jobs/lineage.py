@@ -8,7 +8,11 @@ run on L that follows snapshots takes it as "the newest snapshot of its student"
 - rows of the problems just rolled out: counts of the checkpoint's rollouts (`student_id` =
   the checkpoint, `stale_age` 0), aggregated by the same SQL as `paced refresh`;
 - every other row of L's previous snapshot, carried forward (`student_id` = the checkpoint
-  that measured it, `stale_age` + 1).
+  that measured it, `stale_age` + 1, `carried_share` 1).
+
+With carry-over (a decay λ), a fresh row's estimate also keeps λ × the previous row's evidence
+(`evidence_n`, `evidence_correct`: discounted Beta counts; `n`/`correct` stay the fresh samples'
+integer counts) and `carried_share` says how much of it is carried (paced/curriculum/carryover.py).
 
 Beside it, `snapshots/L/{snapshot_id}.json` (written first, atomically) records the lineage:
 which checkpoint and step produced the snapshot, from which previous snapshot, how many rows
@@ -35,13 +39,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from paced import __version__
+from paced.curriculum.carryover import CarryOver, carry_evidence, fill_evidence
 from paced.curriculum.reprobe import carry_forward
 from paced.errors import InputError
 from paced.jobs.refresh import choose_sampling_hash, fingerprint, input_files
 from paced.store.files import read_json, write_json_atomic
 from paced.store.home import Home, open_home, validate_name
 from paced.store.rollouts import batch_files, rollout_sets
-from paced.store.snapshots import SNAPSHOT_SCHEMA, new_snapshot_id, read_snapshot, write_snapshot
+from paced.store.snapshots import (
+    COUNTS_SCHEMA,
+    SNAPSHOT_SCHEMA,
+    new_snapshot_id,
+    read_snapshot,
+    write_snapshot,
+)
 from paced.store.sql import connect, query_arrow, statement
 
 
@@ -76,7 +87,7 @@ def _fresh_rows(home: Home, files: list[Path], checkpoint_id: str, sampling_hash
         return SNAPSHOT_SCHEMA.empty_table(), 0
     params = {"files": [str(f) for f in files], "student_id": checkpoint_id, "sampling_hash": sampling_hash,
               "snapshot_id": snapshot_id}
-    table = query_arrow(connect(), statement("passrates.aggregate"), params).cast(SNAPSHOT_SCHEMA)
+    table = fill_evidence(query_arrow(connect(), statement("passrates.aggregate"), params).cast(COUNTS_SCHEMA))
     wanted = pa.array(problem_ids, pa.string())
     table = table.filter(pc.is_in(table["problem_id"], value_set=wanted))
     missing = set(problem_ids) - set(table["problem_id"].to_pylist())
@@ -88,12 +99,15 @@ def _fresh_rows(home: Home, files: list[Path], checkpoint_id: str, sampling_hash
     return table, int(pc.sum(tokens["tokens"]).as_py() or 0)
 
 
-def _merge(previous: pa.Table | None, fresh: pa.Table, dataset: str, snapshot_id: str) -> pa.Table:
-    """Fresh rows over the previous snapshot's (its other data sets are carried too)."""
+def _merge(previous: pa.Table | None, fresh: pa.Table, dataset: str, snapshot_id: str,
+           decay: float | None = None) -> pa.Table:
+    """Fresh rows over the previous snapshot's (its other data sets are carried too); with a
+    decay λ the fresh rows' evidence adds λ × the previous row's (`carry_evidence`)."""
     if previous is None:
         merged = fresh
     else:
         same = pc.equal(previous["dataset"], dataset)
+        fresh = carry_evidence(previous.filter(same), fresh, decay)
         merged = pa.concat_tables([carry_forward(previous.filter(same), fresh),
                                    carry_forward(previous.filter(pc.invert(same)), fresh.slice(0, 0))])
     index = merged.schema.get_field_index("snapshot_id")
@@ -117,16 +131,26 @@ def stale_stats(table: pa.Table) -> dict:
             "rows_by_age": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}}
 
 
+def carried_stats(table: pa.Table) -> dict:
+    """How much of the estimates is carried: the mean carried share over measured rows, and the
+    evidence samples (Σ evidence_n, discounted) against the fresh ones of this refresh."""
+    measured = table.filter(pc.greater(table["evidence_n"], 0))
+    share = pc.mean(measured["carried_share"]).as_py() if measured.num_rows else None
+    return {"mean": None if share is None else round(share, 6),
+            "evidence_samples": round(float(pc.sum(table["evidence_n"]).as_py() or 0.0), 6)}
+
+
 def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str, dataset: str, sampling_hash: str,
                     previous_snapshot_id: str | None, *, problem_ids=None, previous_student_id: str | None = None,
-                    step: int | None = None, sampling: dict | None = None) -> str:
+                    step: int | None = None, sampling: dict | None = None, decay: float | None = None) -> str:
     """Write (or find) the snapshot of lineage L measured on `checkpoint_id`; its snapshot id.
 
     `problem_ids`: the problems just rolled out (None: every problem of the checkpoint's
     rollouts in `dataset`); each must have committed rollouts. `previous_snapshot_id` (of
     `previous_student_id`, default L): the snapshot whose other rows are carried forward
     (None: no carried rows). `step` and `sampling` (the rollout config's record) are written
-    into the lineage record."""
+    into the lineage record. `decay` λ (None: off): carry-over, each fresh row's evidence is
+    λ × its previous evidence + its fresh counts (paced/curriculum/carryover.py)."""
     home = home if isinstance(home, Home) else open_home(home, create=False)
     for name, value in (("lineage_id", lineage_id), ("checkpoint_id", checkpoint_id), ("dataset", dataset)):
         validate_name(value, name)
@@ -135,10 +159,13 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
     if problem_ids is None:
         problem_ids = sorted(set(pq.read_table(files, columns=["problem_id"])["problem_id"].to_pylist())) if files else []
     problem_ids = sorted(set(problem_ids))
+    if decay is not None:
+        CarryOver(decay=decay)  # validates λ
     key = hashlib.sha256(json.dumps({
         "lineage_id": lineage_id, "checkpoint_id": checkpoint_id, "dataset": dataset, "sampling_hash": sampling_hash,
         "previous": [previous_student_id, previous_snapshot_id], "problem_ids": problem_ids,
         "inputs": [{"path": str(f.relative_to(home.root)), "bytes": f.stat().st_size} for f in files],
+        **({"decay": decay} if decay is not None else {}),
     }, sort_keys=True).encode()).hexdigest()
     found = _find(home, lineage_id, key)
     snapshot_id = found or new_snapshot_id(key)
@@ -146,7 +173,7 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
         return found
     previous = read_snapshot(home, previous_student_id, previous_snapshot_id) if previous_snapshot_id else None
     fresh, tokens = _fresh_rows(home, files, checkpoint_id, sampling_hash, dataset, problem_ids, snapshot_id)
-    table = _merge(previous, fresh, dataset, snapshot_id)
+    table = _merge(previous, fresh, dataset, snapshot_id, decay)
     if not found:
         _write_side(home, lineage_id, snapshot_id, table, {
             "key": key, "snapshot_id": snapshot_id, "student_id": lineage_id, "checkpoint_id": checkpoint_id,
@@ -154,7 +181,8 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
             "previous_student_id": previous_student_id if previous_snapshot_id else None,
             "previous_snapshot_id": previous_snapshot_id, "rerolled": len(problem_ids),
             "carried": table.num_rows - fresh.num_rows, "samples": int(pc.sum(fresh["n"]).as_py() or 0),
-            "tokens": tokens, "stale_age": stale_stats(table),
+            "tokens": tokens, "stale_age": stale_stats(table), "carry_over_decay": decay,
+            "carried_share": carried_stats(table),
         }, sampling)
     write_snapshot(home, lineage_id, table, snapshot_id)
     return snapshot_id

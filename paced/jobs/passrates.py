@@ -4,9 +4,13 @@
 
 `--json` prints one JSON object: snapshot_id, student_id, sampling_hash, problems, rollouts,
 mean_pass_rate, share_zero, share_one, histogram (10 bins over [0, 1], p = 1.0 in the last),
-bin_edges, and by_dataset (the same figures per data set). Each data set's entry also has
-`by_level` (per difficulty level) and, when its problems name a `module` in their metadata (as
-`builtin:mathematics` rows do), `by_module` (per module, then per level): problems, mean pass
+bin_edges, carried_rows (rows measured on an earlier checkpoint), carried_share (mean share of
+each estimate's evidence carried from earlier refreshes: paced/curriculum/carryover.py),
+evidence_samples (Σ evidence_n, discounted), and by_dataset (the same figures per data set).
+`rollouts` counts the rows' own samples; `pass_rate` is the estimate (evidence_correct/evidence_n).
+Each data set's entry also has `by_level` (per difficulty level) and, when its problems name a
+`module` in their metadata (as `builtin:mathematics` rows do), `by_module` (per module, then per
+level): problems, mean pass
 rate, and the shares at 0, strictly between 0 and 1 (the frontier), and at 1.
 """
 
@@ -30,8 +34,12 @@ GROUP_KEYS = ("problems", "mean_pass_rate", "share_zero", "share_frontier", "sha
 
 
 def _summary(table: pa.Table) -> dict:
-    return passrate_summary(table["pass_rate"].to_numpy(zero_copy_only=False),
-                            table["n"].to_numpy(zero_copy_only=False))
+    summary = passrate_summary(table["pass_rate"].to_numpy(zero_copy_only=False),
+                               table["n"].to_numpy(zero_copy_only=False))
+    measured = table.filter(pc.greater(table["n"], 0))
+    share = pc.mean(measured["carried_share"]).as_py() if measured.num_rows else None
+    return {**summary, "carried_rows": int(pc.sum(pc.greater(measured["stale_age"], 0)).as_py() or 0),
+            "carried_share": share, "evidence_samples": float(pc.sum(measured["evidence_n"]).as_py() or 0.0)}
 
 
 def compute_group_summary(pass_rate: list[float]) -> dict:
@@ -87,7 +95,7 @@ def snapshot_summary(home: Home, student_id: str, snapshot_id: str | None = None
     for name in sorted(set(table["dataset"].to_pylist())):
         part = _summary(table.filter(pc.equal(table["dataset"], name)))
         by_dataset[name] = {k: part[k] for k in ("problems", "rollouts", "mean_pass_rate", "share_zero",
-                                                 "share_one", "histogram")}
+                                                 "share_one", "carried_share", "histogram")}
         by_dataset[name] |= group_summaries(home, name, table.filter(pc.equal(table["dataset"], name)))
     hashes = sorted(set(table["sampling_hash"].to_pylist()))
     return {"snapshot_id": snapshot_id, "student_id": student_id,
@@ -105,6 +113,8 @@ def format_summary(summary: dict) -> str:
         f"problems {summary['problems']}  rollouts {summary['rollouts']}  "
         f"mean pass rate {'n/a' if mean is None else f'{mean:.4f}'}  "
         f"never solved {pct(summary['share_zero'])}  always solved {pct(summary['share_one'])}",
+        f"carried from earlier checkpoints: {summary['carried_rows']} rows, "
+        f"{pct(summary['carried_share'])} of the evidence (evidence samples {summary['evidence_samples']:g})",
     ]
     for name, part in summary["by_dataset"].items():
         m = part["mean_pass_rate"]

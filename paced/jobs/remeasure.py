@@ -5,11 +5,14 @@ expects of them and does the collective part: save, call on rank 0, restore RNG,
 A re-measurement at step N, given the saved OUT/checkpoint-N:
 
 1. choose the problems: `select_reprobe(current snapshot, --reprobe-fraction, seed, round)`: every
-   0 < p < 1 and a rotating share of p in {0, 1}. Between stages: all of them (a full refresh);
+   0 < p < 1 and a rotating share of p in {0, 1}. With --carry-over-decay λ: `select_fresh` on the
+   carried evidence, settled problems re-probed with a chance growing with their stale age, each
+   chosen one rolled out --fresh-samples times. Between stages: all of them (a full refresh);
 2. roll the checkpoint out on them with the base snapshot's sampling (round r: fresh draws):
    transformers on the in-memory student, or vLLM on the saved folder in a subprocess
    (`python -m paced.jobs.remeasure`);
-3. `refresh_lineage` writes the next snapshot of the lineage L (fresh rows + carried rows). Every
+3. `refresh_lineage` writes the next snapshot of the lineage L (fresh rows + carried rows; with
+   carry-over the fresh rows' evidence is λ × the previous + the fresh counts). Every
    N steps L stays the run's student; between stages the new stage starts a lineage named by the
    checkpoint (its first snapshot fully measured on it);
 4. point the data at it. Files: OUT/manifest-step{N} (between stages: manifest-stage{k}), built
@@ -36,6 +39,7 @@ from typing import Any
 
 from paced.backends.engine import EngineOptions
 from paced.curriculum import SCHEMES, WeightScheme
+from paced.curriculum.carryover import CarryOver
 from paced.errors import InputError, PacedError
 from paced.store.files import read_json
 from paced.store.home import Home, open_home
@@ -65,7 +69,14 @@ class RemeasureConfig:
 
     home: str | None = _flag("data home for refreshes and evals (default: $PACED_HOME)", None)
     reprobe_fraction: float = _flag("--refresh-every: share of the p=0/p=1 problems re-rolled each refresh, in "
-                                    "rotation (every 0<p<1 one always is; 1.0: a full refresh)", 0.1)
+                                    "rotation (every 0<p<1 one always is; 1.0: a full refresh); with "
+                                    "--carry-over-decay: the base rate r of re-probing a settled problem of age a "
+                                    "with probability 1-(1-r)^(a+1)", 0.1)
+    carry_over_decay: float | None = _flag("--refresh-every: carry each problem's evidence across refreshes as "
+                                           "discounted counts, old x λ + fresh, for this λ in [0, 1] (default: off, "
+                                           "fresh counts replace the old)", None)
+    fresh_samples: int | None = _flag("--carry-over-decay: fresh samples per re-probed problem (default 4; "
+                                      "--rollout-k stays the samples of a full refresh between stages)", None)
     refresh_backend: str = _flag("refresh rollouts: transformers on the in-memory student, or vllm on the saved "
                                  "checkpoint in a subprocess (auto: vllm on a GPU when installed, else "
                                  "transformers)", "auto")
@@ -103,6 +114,9 @@ class RemeasureConfig:
                 raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.reprobe_fraction <= 1:
             raise InputError(f"`reprobe_fraction` must be in [0, 1], got {self.reprobe_fraction}")
+        if self.fresh_samples is not None and self.carry_over_decay is None:
+            raise InputError("--fresh-samples needs --carry-over-decay (without it a refresh rolls out --rollout-k)")
+        self.carry_over()  # validates λ and the fresh samples
         if self.refresh_backend not in REFRESH_BACKENDS:
             raise InputError(f"`refresh_backend` must be one of {', '.join(REFRESH_BACKENDS)}, "
                              f"got {self.refresh_backend!r}")
@@ -117,6 +131,13 @@ class RemeasureConfig:
         engine = self.engine()  # validates the vLLM options
         if self.refresh_backend == "transformers":
             engine.backend_kwargs("transformers")  # vLLM options for a transformers refresh: an error
+
+    def carry_over(self) -> CarryOver | None:
+        """The carry-over settings of --refresh-every refreshes (None: off)."""
+        if self.carry_over_decay is None:
+            return None
+        return CarryOver(decay=self.carry_over_decay, fresh=4 if self.fresh_samples is None else self.fresh_samples,
+                         reprobe_rate=self.reprobe_fraction)
 
     def engine(self) -> EngineOptions:
         """The vLLM engine options of the refresh rollouts (validated)."""
@@ -267,7 +288,6 @@ class RemeasureJob:
                  previous: dict | None, student, tokenizer, runtime) -> dict:
         """Steps 1–4 of the module doc (rank 0): the re-measurement's record, with the new `source`."""
         from paced.backends.base import model_id
-        from paced.curriculum.reprobe import select_reprobe
         from paced.jobs.lineage import read_lineage, refresh_lineage
         from paced.store.snapshots import read_snapshot
 
@@ -276,15 +296,17 @@ class RemeasureJob:
         cursor = current_cursor(config, source, previous)
         checkpoint_id = model_id(checkpoint_dir)
         current = read_snapshot(home, cursor.student_id, cursor.snapshot_id, dataset=cursor.dataset)
-        ids = select_reprobe(current, 1.0 if kind == STAGE else config.reprobe_fraction, config.seed,
-                             round_).to_pylist()
+        carry = config.carry_over() if kind == EVERY else None
+        ids = choose_problems(current, config, carry, kind, round_)
         rollout = rollout_config(config, home, cursor, round_)
+        if carry is not None:
+            rollout = dataclasses.replace(rollout, k=carry.fresh)
         rolled = roll(config, runtime, home, checkpoint_dir, checkpoint_id, cursor.dataset, rollout, ids, student,
                       tokenizer)
         lineage = checkpoint_id if kind == STAGE else cursor.student_id
         snapshot_id = refresh_lineage(home, lineage, checkpoint_id, cursor.dataset, rollout.sampling_hash,
                                       cursor.snapshot_id, problem_ids=ids, previous_student_id=cursor.student_id,
-                                      step=step, sampling=rollout.record())
+                                      step=step, sampling=rollout.record(), decay=carry.decay if carry else None)
         entry = read_lineage(home, lineage, snapshot_id)
         record = {"kind": kind, "step": step, "round": round_, "checkpoint": checkpoint_dir.name,
                   "checkpoint_id": checkpoint_id, "student_id": lineage, "snapshot_id": snapshot_id,
@@ -293,6 +315,8 @@ class RemeasureJob:
                   "stale_age_max": entry["stale_age"]["max"], "stale_age_mean": entry["stale_age"]["mean"],
                   "rollout_samples": entry["samples"], "rollout_tokens": entry["tokens"],
                   "rollout_seconds": rolled["seconds"], "backend": rolled["backend"]}
+        if carry is not None:
+            record |= {"carry_over_decay": carry.decay, "carried_share_mean": entry["carried_share"]["mean"]}
         if kind == STAGE:
             record["after_stage"] = stage
         record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, stage)
@@ -307,6 +331,23 @@ class RemeasureJob:
         epoch = manifest_inputs(source)["inputs"].get("epoch", 0) + 1
         return rebuild_manifest(home, source, record["student_id"], out / name, snapshot_id=record["snapshot_id"],
                                 epoch=epoch, overrides=self.config.scheme_overrides())
+
+
+def choose_problems(current, config: RemeasureConfig, carry: CarryOver | None, kind: str, round_: int) -> list[str]:
+    """Step 1: the problems to roll out. Between stages all of them; every N steps every
+    0 < p < 1 and, of p in {0, 1}, a rotating share (`select_reprobe`) or, with carry-over, each
+    with a probability growing with its stale age (`select_fresh`, on the carried evidence)."""
+    from paced.curriculum.carryover import select_fresh
+    from paced.curriculum.reprobe import select_reprobe
+
+    if carry is None:
+        return select_reprobe(current, 1.0 if kind == STAGE else config.reprobe_fraction, config.seed,
+                              round_).to_pylist()
+    table = current.sort_by("problem_id")
+    ids = table["problem_id"].to_pylist()
+    chosen = select_fresh(ids, table["evidence_correct"].to_numpy(), table["evidence_n"].to_numpy(),
+                          table["stale_age"].to_numpy(), carry.reprobe_rate, config.seed, round_)
+    return [pid for pid, keep in zip(ids, chosen, strict=True) if keep]
 
 
 def rollout_config(config: RemeasureConfig, home: Home, cursor: Cursor, round_: int):

@@ -30,6 +30,10 @@ the same with all problems after each stage but the last; the next stage trains 
 lineage named by the checkpoint (OUT/manifest-stageK, or a new run like the old one). Rollouts
 use the base snapshot's sampling (--rollout-k, --rollout-temperature, --rollout-max-new-tokens
 override it) on --refresh-backend. A kill during a refresh resumes into it (--resume).
+--carry-over-decay λ (with --refresh-every): keep each problem's evidence across refreshes as
+discounted counts (old × λ + --fresh-samples fresh ones, default 4), re-probing settled problems
+(p in {0, 1}) with a chance 1−(1−r)^(age+1) growing with their stale age (r: --reprobe-fraction);
+the snapshot records the evidence and its carried share (docs/scale.md).
 --eval-every N --eval-dataset NAME: greedy held-out accuracy at step 0 and every N steps, with
 cumulative training, generated and rollout tokens and FLOPs (the summary's eval_curve).
 
@@ -97,6 +101,8 @@ SPECIAL = {
     "group_scheme": {"choices": sorted(SCHEMES)},
     "group_prior": {"type": parse_prior, "metavar": "A,B"},
     "rollout_temperature": {"type": float},
+    "carry_over_decay": {"type": float, "metavar": "λ"},
+    "fresh_samples": {"type": int},
     "rollout_max_new_tokens": {"type": int},
     "eval_limit": {"type": int},
     "eval_dataset": {"metavar": "NAME"},
@@ -153,6 +159,8 @@ def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
         flags = "/--".join(k.replace("_", "-") for k in remeasure.scheme_overrides())
         raise InputError(f"--{flags}: over the service the weights belong to the run; set them in POST /v1/runs "
                          "(scheme, alpha, beta, prior, weight_floor, uniform_mix)")
+    if remeasure.carry_over_decay is not None and not config.refresh_every:
+        raise InputError("--carry-over-decay applies to --refresh-every refreshes; add --refresh-every N")
     held_out = dataclasses.replace(config_from_args(HeldOutConfig, args), home=remeasure.home, seed=config.seed)
     return config, RemeasureJob(remeasure), HeldOutEval(held_out)
 

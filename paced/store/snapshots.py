@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from paced.curriculum.carryover import EVIDENCE_FIELDS, fill_evidence
 from paced.errors import ConflictError, NotFoundError
 from paced.store.files import FILE_MODE, make_dirs, read_json, read_parquet_checked, write_parquet_atomic
 from paced.store.home import Home, validate_name
 
-SNAPSHOT_SCHEMA = pa.schema([
+COUNTS_SCHEMA = pa.schema([
     ("problem_id", pa.string()),
     ("dataset", pa.string()),
     ("student_id", pa.string()),  # the checkpoint whose rollouts measured this row
@@ -38,6 +39,12 @@ SNAPSHOT_SCHEMA = pa.schema([
     ("stale_age", pa.int32()),  # 0: measured on this snapshot's checkpoint; k: carried k refreshes
     ("snapshot_id", pa.string()),
 ])
+# Counts carried across a lineage's refreshes (paced/curriculum/carryover.py): `n`/`correct` stay
+# the integer counts of the row's fresh samples; `evidence_n`/`evidence_correct` are the
+# discounted counts the estimate (`pass_rate`) rests on and `carried_share` how much of them is
+# carried. Written by lineage refreshes; a file without them (`paced refresh`, older snapshots)
+# reads with evidence = the counts (`fill_evidence`).
+SNAPSHOT_SCHEMA = pa.schema([*COUNTS_SCHEMA, *(pa.field(name, t) for name, t in EVIDENCE_FIELDS)])
 
 
 LOCK_FILE = ".lock"
@@ -105,8 +112,9 @@ def snapshot_path(home: Home, student_id: str, snapshot_id: str | None = None) -
 
 def read_snapshot(home: Home, student_id: str, snapshot_id: str | None = None,
                   dataset: str | None = None) -> pa.Table:
-    """A snapshot's rows (SNAPSHOT_SCHEMA), optionally only one data set's."""
-    table = read_parquet_checked(snapshot_path(home, student_id, snapshot_id), snapshot_hint(student_id))
+    """A snapshot's rows (SNAPSHOT_SCHEMA, evidence columns filled in for files without
+    them), optionally only one data set's."""
+    table = fill_evidence(read_parquet_checked(snapshot_path(home, student_id, snapshot_id), snapshot_hint(student_id)))
     if dataset is not None:
         import pyarrow.compute as pc
 
@@ -129,11 +137,12 @@ def read_snapshot_rows(home: Home, student_id: str, snapshot_id: str | None = No
 def write_snapshot(home: Home, student_id: str, table: pa.Table, snapshot_id: str, *,
                    repair: bool = False) -> Path:
     """Commit a snapshot (rows sorted by dataset, problem id) under its id. Never overwrites,
-    except with `repair`: a damaged file is replaced by the rows recomputed from its inputs."""
+    except with `repair`: a damaged file is replaced by the rows recomputed from its inputs.
+    Rows without evidence columns are written without them (COUNTS_SCHEMA)."""
     path = home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.parquet"
     if path.exists() and not repair:
         raise FileExistsError(path)
-    table = table.cast(SNAPSHOT_SCHEMA)
+    table = table.cast(SNAPSHOT_SCHEMA if "evidence_n" in table.column_names else COUNTS_SCHEMA)
     if not _sorted(table):
         table = table.sort_by([("dataset", "ascending"), ("problem_id", "ascending")])
     return write_parquet_atomic(path, table)
