@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,10 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
                                             "snapshot_id": second, "scheme": "paced"})
         assert run.status_code == 201, run.text
         shard = client.get(f"/v1/runs/{run.json()['run_id']}/epochs/0/shards/0").json()
+        page = client.get("/").text  # the dashboard's lineage table, newest snapshot first
+    shares = [np.mean(read_snapshot(home, "s1", sid)["carried_share"].to_numpy()) for sid in list_snapshots(home, "s1")]
+    assert re.findall(r"data-field='carried_share'>([^<]+)<", page) == [f"{100 * x:.1f}%" for x in reversed(shares)]
+    assert shares[0] == 0 and shares[2] > 0
     served = {it["problem_id"]: it["weight"] for it in shard["items"]}
     assert_same_weights(served, evidence_weights(snapshot, WeightScheme("paced")))
     capsys.readouterr()
@@ -199,6 +204,7 @@ def test_kill_during_a_carry_over_refresh_then_resume_gives_the_same_snapshots(m
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["pending_refresh"]["step"] == 2
+    assert list((home_b.root / "rollouts").glob("m-*/*/arith/batch-*.parquet")), "the kill came before the rollout"
     assert len(list_snapshots(home_b, "s1")) == 1, "the kill came after the refresh's snapshot"
     assert main(args("b", "--resume")) == 0
     resumed = summary_of(capsys)

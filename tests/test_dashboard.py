@@ -61,6 +61,7 @@ def test_dashboard_numbers_match_the_api(served):
     newest = summary["histogram"]
     assert zero[-1] == round(summary["share_zero"] * 90) and one[-1] == round(summary["share_one"] * 90)
     assert sum(newest) == 90
+    assert re.findall(r"data-field='carried_share'>([^<]+)<", html) == ["0.0%", "0.0%"]  # nothing carried
     view = client.get(f"/v1/runs/{rid}").json()
     epoch0 = view["progress"][0]
     assert data(html, "progress-acked") == [epoch0["acked"]] == [1]
@@ -109,6 +110,9 @@ def test_metrics_carry_the_frontier_and_run_gauges(served):
 def test_frontier_and_curve_core():
     f = compute_frontier([0, 0.5, 1, 1, 0.25], [8, 8, 8, 8, 0], [0, 1, 0, 2, 0])
     assert (f.problems, f.zero, f.mid, f.one, f.carried, f.max_stale_age) == (4, 1, 1, 2, 2, 2)
+    assert f.carried_share == 0.5  # without evidence columns: a stale row is all carried
+    shared = compute_frontier([0, 0.5, 1, 1, 0.25], [8, 8, 8, 8, 0], [0, 1, 0, 2, 0], [0, 0.4, 0, 1, 0.9])
+    assert shared.carried_share == pytest.approx(0.35)  # measured rows only
     curve = weight_curve(WeightScheme(name="paced"), k=4)
     assert [w for _, w in curve] == pytest.approx([0, 0.75, 1, 0.75, 0])
     assert weight_curve(WeightScheme(name="uniform"), k=2) == [(0, 1), (0.5, 1), (1, 1)]
