@@ -114,7 +114,7 @@ def format_summary(summary: dict) -> str:
         f"mean pass rate {'n/a' if mean is None else f'{mean:.4f}'}  "
         f"never solved {pct(summary['share_zero'])}  always solved {pct(summary['share_one'])}",
         f"carried from earlier checkpoints: {summary['carried_rows']} rows, "
-        f"{pct(summary['carried_share'])} of the evidence (evidence samples {summary['evidence_samples']:g})",
+        f"mean carried share {pct(summary['carried_share'])} (evidence samples {summary['evidence_samples']:g})",
     ]
     for name, part in summary["by_dataset"].items():
         m = part["mean_pass_rate"]
