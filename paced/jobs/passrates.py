@@ -10,8 +10,8 @@ evidence_samples (Σ evidence_n, discounted), and by_dataset (the same figures p
 `rollouts` counts the rows' own samples; `pass_rate` is the estimate (evidence_correct/evidence_n).
 Each data set's entry also has `by_level` (per difficulty level) and, when its problems name a
 `module` in their metadata (as `builtin:mathematics` rows do), `by_module` (per module, then per
-level): problems, mean pass
-rate, and the shares at 0, strictly between 0 and 1 (the frontier), and at 1.
+level): problems, mean pass rate, and the shares at 0, strictly between 0 and 1 (the frontier),
+and at 1.
 """
 
 from __future__ import annotations
