@@ -19,6 +19,7 @@ RECORDED = {
     "akl_head_mass", "loss_chunk_size", "loss_path", "loss_in_place", "seed", "save_every", "resume",
     "token", "consumer", "lease_ttl_seconds",
     "http_retries", "http_timeout_seconds", "refresh_every", "refresh_between_stages", "reprobe_fraction",
+    "carry_over_decay", "fresh_samples",
     "refresh_backend", "home", "rollout_k", "rollout_temperature", "rollout_max_new_tokens", "rollout_batch_size",
     "scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix", "eval_every", "eval_dataset", "eval_limit",
     "eval_max_new_tokens", "device", "progress",
@@ -57,6 +58,10 @@ def test_weights_over_the_service_are_refused_with_the_place_to_set_them():
 def test_a_bad_remeasure_setting_is_an_input_error_naming_it():
     with pytest.raises(InputError, match="reprobe_fraction"):
         jobs_from_args(parse("--reprobe-fraction", "2"))
+    with pytest.raises(InputError, match=r"carry_over_decay` must be in \[0, 1\]"):
+        jobs_from_args(parse("--refresh-every", "2", "--carry-over-decay", "1.5"))
+    with pytest.raises(InputError, match="fresh_samples` must be >= 1"):
+        jobs_from_args(parse("--refresh-every", "2", "--carry-over-decay", "0.5", "--fresh-samples", "0"))
     with pytest.raises(InputError, match=r"--gpu-memory-utilization must be in \(0, 1\]"):
         jobs_from_args(parse("--gpu-memory-utilization", "1.2"))
     with pytest.raises(InputError, match="--max-model-len only apply to the vllm backend"):

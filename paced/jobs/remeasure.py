@@ -116,7 +116,10 @@ class RemeasureConfig:
             raise InputError(f"`reprobe_fraction` must be in [0, 1], got {self.reprobe_fraction}")
         if self.fresh_samples is not None and self.carry_over_decay is None:
             raise InputError("--fresh-samples needs --carry-over-decay (without it a refresh rolls out --rollout-k)")
-        self.carry_over()  # validates λ and the fresh samples
+        if self.carry_over_decay is not None and not 0 <= self.carry_over_decay <= 1:
+            raise InputError(f"`carry_over_decay` must be in [0, 1], got {self.carry_over_decay}")
+        if self.fresh_samples is not None and self.fresh_samples < 1:
+            raise InputError(f"`fresh_samples` must be >= 1, got {self.fresh_samples}")
         if self.refresh_backend not in REFRESH_BACKENDS:
             raise InputError(f"`refresh_backend` must be one of {', '.join(REFRESH_BACKENDS)}, "
                              f"got {self.refresh_backend!r}")
