@@ -51,3 +51,22 @@ def test_step_evidence_ages_what_it_does_not_refresh_and_records_the_carried_sha
     nxt = step_evidence(start, np.array([False, True, True]), [0, 1, 2], [4, 4, 4], 0.5)
     assert nxt.n.tolist() == [8.0, 8.0, 8.0] and nxt.correct.tolist() == [8.0, 1.0, 4.0]
     assert nxt.age.tolist() == [1, 0, 0] and nxt.carried.tolist() == [1.0, 0.5, 0.5]
+
+
+def test_carry_evidence_discounts_the_previous_row_and_a_new_problem_keeps_its_fresh_counts():
+    import pyarrow as pa
+
+    from paced.curriculum.carryover import carry_evidence, fill_evidence
+
+    def table(ids, correct, n, stale):
+        return fill_evidence(pa.table({"problem_id": ids, "correct": correct, "n": n, "stale_age": stale,
+                                       "pass_rate": [c / k for c, k in zip(correct, n, strict=True)]}))
+
+    previous = table(["a", "b", "c"], [8, 3, 0], [8, 8, 8], [0, 2, 1])
+    assert previous["carried_share"].to_pylist() == [0.0, 1.0, 1.0]
+    fresh = carry_evidence(previous, table(["b", "z"], [1, 2], [4, 4], [0, 0]), 0.5)
+    assert fresh["evidence_n"].to_pylist() == [8.0, 4.0] and fresh["evidence_correct"].to_pylist() == [2.5, 2.0]
+    assert fresh["carried_share"].to_pylist() == [0.5, 0.0] and fresh["pass_rate"].to_pylist() == [2.5 / 8, 0.5]
+    assert fresh["n"].to_pylist() == [4, 4]  # the integer counts stay the fresh samples'
+    untouched = table(["b"], [1], [4], [0])
+    assert carry_evidence(previous, untouched, None).equals(untouched)

@@ -151,11 +151,13 @@ def carry_evidence(previous: pa.Table, fresh: pa.Table, decay: float | None) -> 
     combined estimate; without (None), the fresh counts alone. Both tables have evidence columns."""
     if decay is None or fresh.num_rows == 0:
         return fresh
-    old = {pid: (c, n) for pid, c, n in zip(previous["problem_id"].to_pylist(), previous["evidence_correct"].to_pylist(),
-                                            previous["evidence_n"].to_pylist(), strict=True)}
-    ids = fresh["problem_id"].to_pylist()
-    oc = np.array([old.get(pid, (0.0, 0.0))[0] for pid in ids], dtype=np.float64)
-    on = np.array([old.get(pid, (0.0, 0.0))[1] for pid in ids], dtype=np.float64)
+    import pyarrow.compute as pc
+
+    at = pc.index_in(fresh["problem_id"], value_set=previous["problem_id"].combine_chunks())  # null: new problem
+    found = pc.is_valid(at).to_numpy(zero_copy_only=False)
+    rows = pc.fill_null(at, 0).to_numpy(zero_copy_only=False)
+    oc, on = (np.where(found, previous[c].to_numpy()[rows] if previous.num_rows else 0.0, 0.0)
+              for c in ("evidence_correct", "evidence_n"))
     c, n, carried = combine_counts(oc, on, fresh["correct"].to_numpy(zero_copy_only=False),
                                    fresh["n"].to_numpy(zero_copy_only=False), decay)
     p = np.divide(c, n, out=np.zeros_like(n), where=n > 0)
