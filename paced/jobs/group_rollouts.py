@@ -14,7 +14,8 @@ the outside world, both wired here by `paced train`'s composition root:
   those of `paced rollout --seed step_seed(seed, s)`, whose sample i of problem P is the same
   draw. A sample already committed (a resumed run replaying a step) is not committed again,
   so a kill at any point and a resume commit every sample exactly once. `paced refresh` turns
-  each step's rollouts into that checkpoint's snapshot.
+  each step's rollouts into that checkpoint's snapshot; `--group-snapshot-every` turns them into
+  snapshots of the lineage itself (paced/jobs/sample_lineage.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def rollout_config(sampling: SamplingConfig) -> RolloutConfig:
                          chat_template=sampling.chat_template)
 
 
+def sample_set(lineage: str, step: int, sampling: SamplingConfig) -> tuple[str, str]:
+    """(student id, sampling hash) that step `step`'s samples are committed under."""
+    return f"{lineage}-step{step}", rollout_config(sampling).sampling_hash
+
+
 def records_table(records: list, student_id: str, sampling_hash: str) -> pa.Table:
     """ROLLOUT_SCHEMA rows of the trainer's `SampleRecord`s (paced/trainer/group.py)."""
     return pa.table({
@@ -89,7 +95,7 @@ class RolloutSink:
 
     def commit(self, step: int, sampling: SamplingConfig, records: list) -> None:
         config = rollout_config(sampling)
-        student = self.student_id(step)
+        student, _ = sample_set(self.lineage, step, sampling)
         for dataset in sorted({r.dataset for r in records}):
             folder = self.home.rollouts_dir(student, config.sampling_hash, dataset)
             with folder_lock(folder, "trainer's sample commit"):

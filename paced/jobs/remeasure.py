@@ -254,10 +254,14 @@ def current_cursor(config: RemeasureConfig, source: str, previous: dict | None) 
 
 
 class RemeasureJob:
-    """The trainer's `Remeasure` hook: re-measure a checkpoint's pass rates, say where data goes next."""
+    """The trainer's `Remeasure` hook: re-measure a checkpoint's pass rates, say where data goes next.
 
-    def __init__(self, config: RemeasureConfig):
+    `sample_lineage`: the lineage the --group-size samples are committed under (`{lineage}-step{s}`;
+    `paced train` sets it from the sample sink), for `from_samples`."""
+
+    def __init__(self, config: RemeasureConfig, sample_lineage: str | None = None):
         self.config = config
+        self.sample_lineage = sample_lineage
 
     def to_json(self) -> dict:
         return own_fields(self.config) | {"prior": self.scheme_prior()}
@@ -323,6 +327,39 @@ class RemeasureJob:
         if kind == STAGE:
             record["after_stage"] = stage
         record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, stage)
+        return record
+
+    def from_samples(self, checkpoint_dir: Path, step: int, source: str, *, samples: list, round_: int,
+                     previous: dict | None) -> dict:
+        """--group-snapshot-every (rank 0): the lineage's next snapshot from the training samples of
+        `samples` ([(step, SamplingConfig)], paced/jobs/sample_lineage.py), then step 4. No sample
+        in the data set (nothing was trained since the last one): no snapshot, the same source."""
+        from paced.jobs.group_rollouts import rollout_config as sample_config
+        from paced.jobs.group_rollouts import sample_set
+        from paced.jobs.lineage import read_lineage
+        from paced.jobs.sample_lineage import refresh_lineage_from_samples
+
+        if self.sample_lineage is None:
+            raise InputError("--group-snapshot-every needs the lineage the samples are committed under "
+                             "(RemeasureJob(..., sample_lineage=...); `paced train` sets it)")
+        home = open_home(self.config.home, create=False)
+        cursor = current_cursor(self.config, source, previous)
+        sets = [sample_set(self.sample_lineage, s, sampling) for s, sampling in samples]
+        sampling = sample_config(samples[-1][1]).record() if samples else None
+        snapshot_id = refresh_lineage_from_samples(home, cursor.student_id, cursor.dataset, sets, cursor.snapshot_id,
+                                                   step=step, sampling=sampling)
+        entry = read_lineage(home, cursor.student_id, snapshot_id) if snapshot_id else None
+        record = {"kind": "samples", "step": step, "round": round_, "checkpoint": checkpoint_dir.name,
+                  "checkpoint_id": entry["checkpoint_id"] if entry else None, "student_id": cursor.student_id,
+                  "snapshot_id": snapshot_id or cursor.snapshot_id, "previous_snapshot_id": cursor.snapshot_id,
+                  "dataset": cursor.dataset, "sampling_hash": entry["sampling_hash"] if entry else None,
+                  "sample_steps": [samples[0][0], samples[-1][0]] if samples else [],
+                  "rerolled": entry["rerolled"] if entry else 0, "carried": entry["carried"] if entry else 0,
+                  "stale_age_max": entry["stale_age"]["max"] if entry else None,
+                  "stale_age_mean": entry["stale_age"]["mean"] if entry else None,
+                  "samples": entry["samples"] if entry else 0, "sample_tokens": entry["tokens"] if entry else 0,
+                  "rollout_samples": 0, "rollout_tokens": 0, "rollout_seconds": 0.0, "backend": None}
+        record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, 0) if entry else source
         return record
 
     def next_source(self, home: Home, out: Path, source: str, record: dict, stage: int) -> str:

@@ -44,7 +44,11 @@ loss by w(p̂ = c/K) of its prompt under --group-scheme (paced, hard-filter, uni
 paced-posterior; --group-alpha/--group-beta/--group-prior); the step's loss is Σ w·L / Σ w over
 all its samples, and a step where every weight is 0 is skipped (counted). The samples are
 committed as rollouts of student `{lineage}-step{s}` in --home, so `paced refresh` makes
-snapshots of them. Self-distillation: --teacher set to the student's own starting folder with
+snapshots of them. --group-snapshot-every N: every N steps, write the lineage's next snapshot
+from them (each problem trained since the last one: its newest group's counts, stale age 0; the
+rest carried) and go on with weights from it as --refresh-every does (files: OUT/manifest-stepN;
+service: a run with follow_snapshots: true re-plans at its next lease), with no extra generation.
+Self-distillation: --teacher set to the student's own starting folder with
 --teacher-prompt-template showing the reference answer, e.g. 'Answer: {answer}\\n{prompt}'.
 
 stdout: the summary as one JSON object (steps, losses, train_tokens/train_seconds, the refreshes,
@@ -189,6 +193,8 @@ def run(args) -> int:
     if warning and int(os.environ.get("RANK", "0")) == 0:
         print(f"paced train: warning: {warning}", file=sys.stderr, flush=True)
     io = group_io(config, remeasure.config.home)
+    if io is not None and io.sink is not None:  # --group-snapshot-every reads the samples it commits
+        remeasure.sample_lineage = io.sink.lineage
     try:
         summary = train(config, remeasure=remeasure, evaluate=evaluate, group_io=io)
     finally:

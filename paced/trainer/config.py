@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOSS_PATHS = ("fused", "logits")
 # The settings of --group-size (recorded in trainer_state.json only when it is on).
 GROUP_FIELDS = ("group_size", "group_scheme", "group_alpha", "group_beta", "group_prior", "grader_workers",
-                "grading_timeout_seconds")
+                "grading_timeout_seconds", "group_snapshot_every")
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
                      "http_timeout_seconds", "device", "grader_workers", "loss_path", "loss_in_place",
@@ -117,6 +117,10 @@ class TrainConfig:
                                              "snapshot counts when it has them)", (1.0, 1.0))
     grader_workers: int = _help("--group-size: grading worker processes (killable; in-process graders need none)", 2)
     grading_timeout_seconds: float = _help("--group-size: seconds per graded answer (past it: wrong, counted)", 10.0)
+    group_snapshot_every: int = _help("--group-size: every N steps, write the next snapshot of the student's lineage "
+                                      "from the training samples (the newest group of each problem trained since "
+                                      "the last one; the rest carried) and go on with weights from it, with no "
+                                      "extra generation (0: never)", 0)
     jsd_beta: float = _help("beta of the generalised JSD", 0.5)
     akl_head_mass: float = _help("AKL: head = top teacher tokens up to this mass", 0.5)
     loss_chunk_size: int | None = _help("tokens per loss chunk (default: from the vocabulary and the device's "
@@ -152,7 +156,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "http_retries", "refresh_every",
-                     "eval_every", "group_size"):
+                     "eval_every", "group_size", "group_snapshot_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -178,6 +182,11 @@ class TrainConfig:
             raise InputError("--refresh-between-stages needs at least two --stages")
 
     def _check_group(self) -> None:
+        if self.group_snapshot_every and not self.group_size:
+            raise InputError("--group-snapshot-every snapshots the training samples of --group-size: add --group-size")
+        if self.group_snapshot_every and self.refresh_every:
+            raise InputError("--group-snapshot-every and --refresh-every both write the lineage's next snapshot: "
+                             "choose one (training samples, no extra generation; or rollouts of a checkpoint)")
         if not self.group_size:
             return
         if self.group_scheme not in SCHEMES:
@@ -245,6 +254,8 @@ class TrainConfig:
         else:  # without group mode its settings are not recorded, so older checkpoints still resume
             for name in GROUP_FIELDS:
                 data.pop(name)
+        if not self.group_snapshot_every:  # recorded only when on: earlier --group-size checkpoints still resume
+            data.pop("group_snapshot_every", None)
         if not self.fsdp:  # recorded only when on, for the same reason
             data.pop("fsdp")
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}

@@ -101,6 +101,13 @@ def step_seed(seed: int, step: int) -> int:
     return derive_seed(seed, f"group-step-{step}")
 
 
+def step_sampling(config, step: int) -> SamplingConfig:
+    """The sampling of step `step`'s groups (what the `SampleSink` is handed with them)."""
+    return SamplingConfig(n=1, temperature=config.sample_temperature, top_p=config.sample_top_p,
+                          max_new_tokens=config.max_new_tokens, seed=step_seed(config.seed, step),
+                          chat_template=config.chat_template)
+
+
 def scheme_of(config) -> WeightScheme:
     return WeightScheme(config.group_scheme, config.group_alpha, config.group_beta, config.group_prior)
 
@@ -207,10 +214,7 @@ class GroupStep:
 
     @property
     def params(self) -> SamplingConfig:
-        c = self.trainee.config
-        return SamplingConfig(n=1, temperature=c.sample_temperature, top_p=c.sample_top_p,
-                              max_new_tokens=c.max_new_tokens, seed=step_seed(c.seed, self.step),
-                              chat_template=c.chat_template)
+        return step_sampling(self.trainee.config, self.step)
 
     def add(self, rows: list[dict]) -> None:
         """Sample K completions for each selected row (shard weight > 0) of one micro-batch and

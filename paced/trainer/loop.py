@@ -40,11 +40,13 @@ from paced.trainer.data import BatchStream, open_stream
 from paced.trainer.group import GroupIO, GroupStep
 from paced.trainer.remeasure import (
     EVERY,
+    GROUP,
     STAGE,
     Evaluate,
     Remeasure,
     after_step,
     check_setup,
+    group_snapshot_due,
     remeasure,
     remeasure_due,
 )
@@ -377,8 +379,11 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
             bar.set_postfix(stage=f"{index}:{stage.loss}", **meter.postfix(), refresh=False)
             meter = Meter()
         after_step(t, progress, stream, on_step)
-        if remeasure_due(c, progress.step, progress.stage_step == stage.steps):
+        stage_end = progress.stage_step == stage.steps
+        if remeasure_due(c, progress.step, stage_end):
             stream = remeasure(t, progress, stream, EVERY, optimizer, schedule)
+        elif group_snapshot_due(c, progress.step, stage_end, bool(c.group_size and on_policy)):
+            stream = remeasure(t, progress, stream, GROUP, optimizer, schedule)
         elif c.save_every and progress.step % c.save_every == 0 and progress.step < c.total_steps:
             save(t, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
     return stream
@@ -397,8 +402,8 @@ def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Eva
     step 0 and after every optimizer step with the in-memory student (the Python API's hook,
     e.g. for a bench's own evals). `group_io`: grading and the sample sink of --group-size
     (paced/trainer/group.py; `paced.jobs.group_rollouts` has both)."""
-    if (config.refresh_every or config.refresh_between_stages) and remeasure is None:
-        raise InputError("--refresh-every and --refresh-between-stages need a remeasure job "
+    if (config.refresh_every or config.refresh_between_stages or config.group_snapshot_every) and remeasure is None:
+        raise InputError("--refresh-every, --refresh-between-stages and --group-snapshot-every need a remeasure job "
                          "(train(config, remeasure=RemeasureJob(...)); `paced train` gives one)")
     if config.eval_every and evaluate is None:
         raise InputError("--eval-every needs an evaluate job (train(config, evaluate=HeldOutEval(...)))")

@@ -13,6 +13,10 @@ The work itself is handed in (`train(config, remeasure=..., evaluate=...)`; `pac
    new source (weights, optimizer and RNG state as saved in 1).
 
 Resume calls the hook again for a pending re-measurement: the hook's steps are idempotent.
+
+`--group-snapshot-every N` (kind GROUP) goes the same way with no rollout: in 2 the hook's
+`from_samples` is handed the steps whose training samples were committed since the last
+re-measurement (each with its sampling) and writes the lineage's next snapshot from them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from paced.trainer import checkpoint as ckpt
 from paced.trainer.data import BatchStream, open_stream
 from paced.trainer.flops import flops_record
 
-EVERY, STAGE = "every", "stage"
+EVERY, STAGE, GROUP = "every", "stage", "samples"
 
 
 class Remeasure(Protocol):
@@ -44,6 +48,11 @@ class Remeasure(Protocol):
     def __call__(self, checkpoint_dir: Path, step: int, kind: str, source: str, *, stage: int, round_: int,
                  previous: dict | None, student: Any, tokenizer: Any, runtime: Any) -> dict:
         """The record of one re-measurement (kind EVERY or STAGE), with the next `source`."""
+
+    def from_samples(self, checkpoint_dir: Path, step: int, source: str, *, samples: list, round_: int,
+                     previous: dict | None) -> dict:
+        """The record of a GROUP snapshot: the lineage's next snapshot from the training samples
+        of `samples` ([(step, SamplingConfig)], oldest first), with the next `source`."""
 
 
 class Evaluate(Protocol):
@@ -63,6 +72,13 @@ def remeasure_due(config, step: int, stage_end: bool) -> bool:
         and not (stage_end and config.refresh_between_stages)
 
 
+def group_snapshot_due(config, step: int, stage_end: bool, group_stage: bool) -> bool:
+    """A --group-snapshot-every snapshot after optimizer step `step` of a group stage (never after
+    the last step; at a stage's end --refresh-between-stages measures instead)."""
+    return bool(config.group_snapshot_every) and group_stage and step % config.group_snapshot_every == 0 \
+        and step < config.total_steps and not (stage_end and config.refresh_between_stages)
+
+
 def on_rank0(runtime, work: Callable[[], Any]) -> Any:
     """`work()` on rank 0, its result broadcast to every process."""
     result = [work()] if runtime.rank == 0 else [None]
@@ -76,9 +92,9 @@ def on_rank0(runtime, work: Callable[[], Any]) -> Any:
 def check_setup(trainee, progress) -> None:
     """Fail before training when a re-measurement or eval could not run later."""
     config = trainee.config
-    if config.refresh_every or config.refresh_between_stages:
+    if config.refresh_every or config.refresh_between_stages or config.group_snapshot_every:
         trainee.remeasure.check(progress.source, progress.refreshes[-1] if progress.refreshes else None,
-                                bool(config.refresh_every))
+                                bool(config.refresh_every or config.group_snapshot_every))
     if config.eval_every:
         trainee.evaluate.check()
 
@@ -95,10 +111,7 @@ def remeasure(trainee, progress, stream: BatchStream, kind: str, optimizer=None,
     pending = progress.pending_refresh
     rng = ckpt.capture_rng_state()
     previous = progress.refreshes[-1] if progress.refreshes else None
-    record = on_rank0(trainee.runtime, lambda: trainee.remeasure(
-        Path(trainee.config.out) / name, pending["step"], pending["kind"], progress.source, stage=pending["stage"],
-        round_=pending["round"], previous=previous, student=trainee.raw_student, tokenizer=trainee.tokenizer,
-        runtime=trainee.runtime))
+    record = on_rank0(trainee.runtime, lambda: call_hook(trainee, progress.source, name, pending, previous))
     ckpt.restore_rng_state(rng)
     record["refresh_seconds"] = round(time.perf_counter() - started, 3)
     progress.pending_refresh = None
@@ -112,6 +125,20 @@ def remeasure(trainee, progress, stream: BatchStream, kind: str, optimizer=None,
         stream = open_stream(trainee.config, trainee.runtime.rank, trainee.runtime.world_size, progress.source, None)
     ckpt.rewrite_state(trainee, progress, name, stream)
     return stream
+
+
+def call_hook(trainee, source: str, name: str, pending: dict, previous: dict | None) -> dict:
+    """Step 2 on rank 0: the hook's record of the pending re-measurement."""
+    hook, folder = trainee.remeasure, Path(trainee.config.out) / name
+    if pending["kind"] == GROUP:  # the samples of steps since the last re-measurement (of this run)
+        from paced.trainer.group import step_sampling
+
+        first = previous["step"] if previous else 0
+        samples = [(s, step_sampling(trainee.config, s)) for s in range(first, pending["step"])]
+        return hook.from_samples(folder, pending["step"], source, samples=samples, round_=pending["round"],
+                                 previous=previous)
+    return hook(folder, pending["step"], pending["kind"], source, stage=pending["stage"], round_=pending["round"],
+                previous=previous, student=trainee.raw_student, tokenizer=trainee.tokenizer, runtime=trainee.runtime)
 
 
 def after_step(trainee, progress, stream: BatchStream, on_step=None) -> None:
