@@ -14,10 +14,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_trainer_group import K, group_args, group_home
+from test_trainer_group import group_args, group_home
 from test_trainer_refresh import assert_same_weights, expected_weights
 from test_trainer_service import TOKEN, create_run, service  # noqa: F401 - the `service` fixture
 from trainer_helpers import build_models, summary_of, train_args
@@ -110,3 +111,101 @@ def test_group_snapshots_need_group_mode_and_exclude_refresh_every(models, tmp_p
     assert main(group_args(models, home, manifest, tmp_path / "o", "--group-snapshot-every", "2",
                            "--refresh-every", "2")) == 1
     assert "choose one" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a `paced serve` subprocess
+def test_a_run_that_follows_snapshots_re_plans_from_the_training_samples(
+        models, service, tmp_path, capsys, monkeypatch):  # noqa: F811 - `service`: the imported fixture
+    url, home = service
+    run = create_run(url, shard_size=4, scheme="paced-posterior", follow_snapshots=True)
+    run_url = f"{url}/v1/runs/{run['run_id']}"
+    monkeypatch.setenv("PACED_TOKEN", TOKEN)
+    args = [*train_args(models, run_url, tmp_path / "out", "--loss", "reverse"), "--steps", "5", "--group-size", "2",
+            "--group-snapshot-every", "2", "--home", str(home.root), "--lease-ttl-seconds", "120"]
+    assert main(args) == 0
+    summary = summary_of(capsys)
+    refreshes = summary["refreshes"]
+    assert [(r["kind"], r["step"], r["student_id"], r["source"]) for r in refreshes] == \
+        [("samples", 2, "s1", run_url), ("samples", 4, "s1", run_url)]
+    assert summary["rollout_tokens"] == 0 and list_snapshots(home, "s1")[-2:] == [r["snapshot_id"] for r in refreshes]
+    previous, first = read_snapshot(home, "s1", run["snapshot_id"]), 0
+    for r in refreshes:
+        previous, first = check_snapshot(home.root, "s1", r, previous, first), r["step"]
+    # Each snapshot re-plans the rest of epoch 0 at the next lease: shards 2-3 from the first, 4 from the second.
+    view = httpx.get(run_url, timeout=30).json()
+    history = [(h["epoch"], h["from_shard"], h["snapshot_id"], h["checkpoint_id"]) for h in view["snapshot_history"]]
+    assert history == [(0, 0, run["snapshot_id"], None), (0, 2, refreshes[0]["snapshot_id"], "s1-step1"),
+                       (0, 4, refreshes[1]["snapshot_id"], "s1-step3")]
+    for shards, r in ((range(2, 4), refreshes[0]), (range(4, 5), refreshes[1])):
+        want = expected_weights(read_snapshot(home, "s1", r["snapshot_id"]), WeightScheme("paced-posterior"))
+        weights = {}
+        for k in shards:
+            got = httpx.get(f"{run_url}/epochs/0/shards/{k}", params={"format": "parquet"}, timeout=30)
+            assert got.status_code == 200, got.text
+            table = pq.read_table(pa.BufferReader(got.content))
+            weights |= dict(zip(table["problem_id"].to_pylist(), table["weight"].to_pylist(), strict=True))
+        assert weights and set(weights) <= set(want)
+        # the snapshot's weights, up to the re-plan's normalisation over the rest of the epoch
+        ratios = np.array([weights[pid] / want[pid] for pid in sorted(weights)])
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-9)
+
+
+@pytest.mark.slow  # fresh interpreters, two training runs
+def test_sigkill_during_a_group_snapshot_then_resume_gives_the_same_snapshot(models, tmp_path, capsys):
+    runs = {name: group_home(tmp_path / name, capsys, scheme="paced-posterior") for name in ("a", "b")}
+    extra = ("--steps", "3", "--group-snapshot-every", "2", "--group-scheme", "paced")
+
+    def args(name, *more):
+        home, manifest = runs[name]
+        return group_args(models, home, manifest, tmp_path / name / "out", *extra, *more)
+
+    snapshots_b = runs["b"][0] / "snapshots" / "s1"
+    before = set(snapshots_b.glob("*.json"))
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", *args("b")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300  # kill as soon as the snapshot's side file is written (its Parquet next)
+    while proc.poll() is None and time.monotonic() < deadline and not set(snapshots_b.glob("*.json")) - before:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (side,) = set(snapshots_b.glob("*.json")) - before
+    state = read_json(tmp_path / "b" / "out" / "checkpoint-2" / "trainer_state.json")
+    assert state["pending_refresh"] == {"kind": "samples", "step": 2, "stage": 0, "round": 1}, "killed after it"
+    assert main(args("b", "--resume")) == 0
+    resumed = summary_of(capsys)
+    assert main(args("a")) == 0
+    straight = summary_of(capsys)
+    (rb,), (ra,) = resumed["refreshes"], straight["refreshes"]
+    assert rb["snapshot_id"] == side.stem  # the snapshot the killed run had named
+    assert list_snapshots(open_home(runs["b"][0], create=False), "s1")[-1] == side.stem
+    tables = [read_snapshot(open_home(runs[n][0], create=False), "s1", r["snapshot_id"]).drop(["snapshot_id"])
+              for n, r in (("a", ra), ("b", rb))]
+    assert tables[0].equals(tables[1]) and rb["rerolled"] == ra["rerolled"] == 8
+    assert {k: v for k, v in rb.items() if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")} == \
+        {k: v for k, v in ra.items() if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")}
+
+
+def test_one_steps_samples_give_the_snapshot_refresh_lineage_gives_and_a_rerun_finds_it(tmp_path):
+    """The same code path as `refresh_lineage`: one step's samples make the rows a lineage
+    refresh of that step's student makes; a rerun (the Parquet lost to a kill) finds the same id."""
+    from api_fixtures import make_service_home
+    from test_trainer_refresh import fake_rollouts
+
+    from paced.jobs.lineage import refresh_lineage
+    from paced.jobs.sample_lineage import refresh_lineage_from_samples
+
+    homes = [make_service_home(tmp_path / name, n=12) for name in ("a", "b")]
+    ids = ["p0000001", "p0000004", "p0000009"]
+    for home, _ in homes:
+        fake_rollouts(home, "s1-step0", ids, k=4)
+    (a, base_a), (b, base_b) = homes
+    by_samples = refresh_lineage_from_samples(a, "s1", "arith", [("s1-step0", "h2"), ("s1-step1", "h3")], base_a)
+    by_rollout = refresh_lineage(b, "s1", "s1-step0", "arith", "h2", base_b, problem_ids=ids)
+    tables = [read_snapshot(h, "s1", s).drop(["snapshot_id"]) for h, s in ((a, by_samples), (b, by_rollout))]
+    assert tables[0].equals(tables[1]) and tables[0].num_rows == 12
+    assert read_lineage(a, "s1", by_samples)["checkpoints"] == ["s1-step0"]  # step 1 had no samples
+    (a.snapshots_dir("s1") / f"{by_samples}.parquet").unlink()
+    assert refresh_lineage_from_samples(a, "s1", "arith", [("s1-step0", "h2"), ("s1-step1", "h3")], base_a) \
+        == by_samples
+    assert read_snapshot(a, "s1", by_samples).drop(["snapshot_id"]).equals(tables[0])
+    assert refresh_lineage_from_samples(a, "s1", "arith", [("s1-step1", "h3")], by_samples) is None
