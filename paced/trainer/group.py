@@ -17,6 +17,8 @@ One optimizer step (`GroupStep`), on every process:
    the row has them). Samples of weight 0 are not forwarded at all.
 4. **Commit.** The step's graded samples go to the `SampleSink` (rank 0, all processes'
    samples) as rollouts of the checkpoint that drew them; the sink commits each sample once.
+   With --group-snapshot-every N, every N steps the `Remeasure` hook's `from_samples` turns the
+   samples committed since the last snapshot into the lineage's next one (paced/trainer/remeasure.py).
 5. **Train.** loss = Σ w·L / Σ w over every sample of the step — all its micro-batches and, under
    DDP, all processes (the weight sum is all-reduced; each process backpropagates
    world·Σ_local w·L / W, which DDP's gradient mean turns into the global ratio). L is the
