@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from paced.jobs.lineage import _find, _fresh_rows, _merge, _write_side, stale_stats
+from paced.jobs.lineage import _find, _fresh_rows, _merge, _write_side, carried_stats, stale_stats
 from paced.store.home import Home, validate_name
 from paced.store.rollouts import batch_files
 from paced.store.snapshots import new_snapshot_id, read_snapshot, write_snapshot
@@ -81,6 +81,7 @@ def refresh_lineage_from_samples(home: Home, lineage_id: str, dataset: str, samp
             "previous_snapshot_id": previous_snapshot_id, "rerolled": fresh.num_rows,
             "carried": table.num_rows - fresh.num_rows, "samples": int(pc.sum(fresh["n"]).as_py() or 0),
             "tokens": sum(tokens for _, tokens in parts), "stale_age": stale_stats(table),
+            "carry_over_decay": None, "carried_share": carried_stats(table),
         }, sampling)
     write_snapshot(home, lineage_id, table, snapshot_id)
     return snapshot_id
