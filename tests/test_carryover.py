@@ -56,7 +56,8 @@ def test_step_evidence_ages_what_it_does_not_refresh_and_records_the_carried_sha
 def test_carry_evidence_discounts_the_previous_row_and_a_new_problem_keeps_its_fresh_counts():
     import pyarrow as pa
 
-    from paced.curriculum.carryover import carry_evidence, fill_evidence
+    from paced.curriculum.carryover import carry_evidence
+    from paced.store.snapshots import fill_evidence
 
     def table(ids, correct, n, stale):
         return fill_evidence(pa.table({"problem_id": ids, "correct": correct, "n": n, "stale_age": stale,

@@ -125,26 +125,6 @@ def step_evidence(previous: Evidence, chosen: np.ndarray, fresh_correct, fresh_n
 
 # ---------------------------------------------------------------- the evidence columns of a snapshot
 
-EVIDENCE_FIELDS = (("evidence_n", pa.float64()), ("evidence_correct", pa.float64()), ("carried_share", pa.float64()))
-
-
-def fill_evidence(table: pa.Table) -> pa.Table:
-    """The snapshot rows with their evidence columns; a table without them (written before
-    carry-over, or by `paced refresh`) gets evidence = its counts and a carried share of 1 for
-    rows carried from an earlier checkpoint (stale_age > 0), else 0."""
-    missing = [(name, t) for name, t in EVIDENCE_FIELDS if name not in table.column_names]
-    if not missing:
-        return table
-    n = table["n"].to_numpy(zero_copy_only=False).astype(np.float64)
-    stale = table["stale_age"].to_numpy(zero_copy_only=False) > 0 if "stale_age" in table.column_names \
-        else np.zeros(len(n), dtype=bool)
-    values = {"evidence_n": n, "evidence_correct": table["correct"].to_numpy(zero_copy_only=False).astype(np.float64),
-              "carried_share": np.where(stale & (n > 0), 1.0, 0.0)}
-    for name, t in missing:
-        table = table.append_column(pa.field(name, t), pa.array(values[name], t))
-    return table
-
-
 def carry_evidence(previous: pa.Table, fresh: pa.Table, decay: float | None) -> pa.Table:
     """The evidence of fresh rows (stale_age 0, their counts) given a previous snapshot's rows:
     with a decay λ, old evidence × λ + the fresh counts (`combine_counts`), `pass_rate` the

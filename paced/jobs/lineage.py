@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from paced import __version__
-from paced.curriculum.carryover import CarryOver, carry_evidence, fill_evidence
+from paced.curriculum.carryover import CarryOver, carry_evidence
 from paced.curriculum.reprobe import carry_forward
 from paced.errors import InputError
 from paced.jobs.refresh import choose_sampling_hash, fingerprint, input_files
@@ -49,6 +49,7 @@ from paced.store.rollouts import batch_files, rollout_sets
 from paced.store.snapshots import (
     COUNTS_SCHEMA,
     SNAPSHOT_SCHEMA,
+    fill_evidence,
     new_snapshot_id,
     read_snapshot,
     write_snapshot,
