@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each arm (the best one counts)")
     args = p.parse_args()
     from paced.curriculum import WeightScheme
-    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import ManifestInputs, snapshot_manifest, write_manifest_dir
     from paced.store.home import open_home
 
     base = Path(args.home).resolve()
@@ -81,9 +81,9 @@ def main() -> None:
             (home / part).symlink_to(base / part)
         shutil.copytree(base / "snapshots" / "base", home / "snapshots" / "base")
         store = open_home(home)
-        manifest, sid = snapshot_manifest(store, "base", "arith", WeightScheme("uniform"), 0)
-        write_manifest_dir(store, manifest, manifest_record("base", "arith", sid, WeightScheme("uniform"),
-                                                            "weighted-loss", 0), work / "m", 64)
+        manifest, inputs = snapshot_manifest(store, ManifestInputs(student_id="base", dataset="arith",
+                                                                   weights=WeightScheme(name="uniform")))
+        write_manifest_dir(store, manifest, inputs, work / "m", 64)
         results: dict[str, list[dict]] = {"plain": [], "group": []}
         for r in range(args.repeats):
             for group in (False, True):

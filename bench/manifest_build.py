@@ -46,7 +46,7 @@ def run_ours(src: Path, dst: Path) -> dict:
     from paced.curriculum import WeightScheme, build_manifest
 
     table = pq.read_table(src)
-    manifest = build_manifest(table, WeightScheme("paced"), seed=0, epoch=0)
+    manifest = build_manifest(table, WeightScheme(name="paced"), seed=0, epoch=0)
     pq.write_table(manifest.items, dst, compression="zstd")
     return {"items": manifest.num_items}
 

@@ -106,7 +106,7 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     from paced.backends.hf_backend import HFBackend
     from paced.curriculum import WeightScheme
     from paced.jobs.evaluate import EvalConfig, evaluate_backend, mastered_problems
-    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import ManifestInputs, snapshot_manifest, write_manifest_dir
     from paced.store.home import open_home
     from paced.store.problems import read_problems
     from paced.store.rollouts import read_rollouts
@@ -115,12 +115,13 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     spec = ARMS[arm]
     home_dir = arm_home(base, f"{arm}-s{seed}", Path(args.out))
     home = open_home(home_dir)
-    scheme = WeightScheme(spec["scheme"], floor=spec.get("weight_floor", 0.0), mix=spec.get("uniform_mix", 0.0))
+    scheme = WeightScheme(name=spec["scheme"], weight_floor=spec.get("weight_floor", 0.0),
+                          uniform_mix=spec.get("uniform_mix", 0.0))
     mode = spec.get("mode", "weighted-loss")
-    manifest, sid = snapshot_manifest(home, "base", "arith", scheme, seed, mode=mode)
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith", weights=scheme,
+                                                              mode=mode, seed=seed))
     mdir = home_dir.parent / "manifest"
-    write_manifest_dir(home, manifest, manifest_record("base", "arith", sid, scheme, mode, seed), mdir,
-                       args.shard_size)
+    write_manifest_dir(home, manifest, inputs, mdir, args.shard_size)
     sets = {"arith-sub": (read_problems(home, "arith-sub"), "numeric"),
             "mastered": (mastered_problems(home, "base", "arith"), "numeric")}
     side: dict[int, dict] = {}

@@ -37,18 +37,18 @@ from paced_vs_uniform import prepare as prepare_base  # noqa: E402
 def train_checkpoint(base: Path, steps: int, args) -> tuple[Path, Path]:
     """The student trained `steps` steps on uniform weights: (its data home, its final folder)."""
     from paced.curriculum import WeightScheme
-    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import ManifestInputs, snapshot_manifest, write_manifest_dir
     from paced.store.home import open_home
     from paced.trainer.config import TrainConfig
     from paced.trainer.loop import train
 
     home_dir = arm_home(base, f"refresh-error-{steps}", Path(args.out))
     home = open_home(home_dir)
-    scheme = WeightScheme("uniform")
-    manifest, sid = snapshot_manifest(home, "base", "arith", scheme, args.seed)
+    scheme = WeightScheme(name="uniform")
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith", weights=scheme,
+                                                              seed=args.seed))
     mdir = home_dir.parent / "manifest"
-    write_manifest_dir(home, manifest, manifest_record("base", "arith", sid, scheme, "weighted-loss", args.seed),
-                       mdir, 64)
+    write_manifest_dir(home, manifest, inputs, mdir, 64)
     teacher, student = ("quick-teacher", "quick-student") if args.quick else ("teacher", "student")
     out = home_dir.parent / "train"
     train(TrainConfig(student=str(home_dir / "models" / student), teacher=str(home_dir / "models" / teacher),
@@ -64,7 +64,7 @@ def weights_of(table, ids: list[str]) -> np.ndarray:
     rows = dict(zip(table["problem_id"].to_pylist(),
                     zip(table["correct"].to_pylist(), table["n"].to_pylist(), strict=True), strict=True))
     c, n = (np.array([rows[i][j] for i in ids], dtype=float) for j in (0, 1))
-    w = compute_weights(c, n, WeightScheme("paced"))
+    w = compute_weights(c, n, WeightScheme(name="paced"))
     return w / w.mean() if w.mean() > 0 else w
 
 

@@ -82,7 +82,7 @@ def outcomes(home, checkpoint: Path, k: int, round_index: int, ids: list[str], b
 def weights(correct, n) -> np.ndarray:
     from paced.curriculum import WeightScheme, compute_weights
 
-    w = compute_weights(np.asarray(correct, float), np.asarray(n, float), WeightScheme("paced"))
+    w = compute_weights(np.asarray(correct, float), np.asarray(n, float), WeightScheme(name="paced"))
     return w / w.mean() if w.mean() > 0 else w
 
 

@@ -80,10 +80,10 @@ def test_posterior_weight_closed_form_small_case():
 
 def test_schemes_give_the_expected_weights():
     c, n = np.array([0, 2, 4, 8]), np.array([8, 8, 8, 8])
-    assert compute_weights(c, n, WeightScheme("paced")).tolist() == pytest.approx([0, 0.1875, 0.25, 0])
-    assert compute_weights(c, n, WeightScheme("uniform")).tolist() == [1, 1, 1, 1]
-    assert compute_weights(c, n, WeightScheme("hard-filter")).tolist() == [0, 1, 1, 0]
-    assert (compute_weights(c, n, WeightScheme("paced-posterior")) > 0).all()
+    assert compute_weights(c, n, WeightScheme(name="paced")).tolist() == pytest.approx([0, 0.1875, 0.25, 0])
+    assert compute_weights(c, n, WeightScheme(name="uniform")).tolist() == [1, 1, 1, 1]
+    assert compute_weights(c, n, WeightScheme(name="hard-filter")).tolist() == [0, 1, 1, 0]
+    assert (compute_weights(c, n, WeightScheme(name="paced-posterior")) > 0).all()
 
 
 def test_unmeasured_problems_are_never_silently_weighted():
@@ -94,7 +94,7 @@ def test_unmeasured_problems_are_never_silently_weighted():
 @given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=40),
        st.floats(min_value=0.01, max_value=1.0))
 def test_floor_is_respected(w, eps):
-    out = apply_guards(np.array(w), floor=eps)
+    out = apply_guards(np.array(w), weight_floor=eps)
     assert (out >= eps - 1e-12).all()
 
 
@@ -102,7 +102,7 @@ def test_floor_is_respected(w, eps):
        st.floats(min_value=0.01, max_value=1.0))
 def test_uniform_mix_keeps_the_mean_at_one(w, lam):
     w = np.array(w)
-    out = apply_guards(w, mix=lam)
+    out = apply_guards(w, uniform_mix=lam)
     if w.mean() > 1e-300:  # all-zero weights have no mean-1 normalisation
         assert out.mean() == pytest.approx(1.0)
         assert (out >= lam - 1e-12).all()
@@ -110,12 +110,27 @@ def test_uniform_mix_keeps_the_mean_at_one(w, lam):
 
 def test_scheme_validation_names_the_field():
     with pytest.raises(InputError, match="scheme"):
-        WeightScheme("nope")
-    with pytest.raises(InputError, match="floor"):
-        WeightScheme(floor=-1)
-    with pytest.raises(InputError, match="prior"):
+        WeightScheme(name="nope")
+    with pytest.raises(InputError, match=r"`weight_floor` must be in \[0, 1\], got -1"):
+        WeightScheme(weight_floor=-1)
+    with pytest.raises(InputError, match=r"`uniform_mix` must be in \[0, 1\], got 'x'"):
+        WeightScheme(uniform_mix="x")
+    with pytest.raises(InputError, match="`prior` must be two numbers > 0"):
         WeightScheme(prior=(0, 1))
-    assert WeightScheme("paced-posterior", mix=0.1).guard == "posterior+mix"
+    with pytest.raises(InputError, match="`prior` must be two numbers > 0"):
+        WeightScheme(prior=(1.0,))
+    with pytest.raises(TypeError):
+        WeightScheme("paced")  # keyword-only: no positional six-argument calls
+
+
+def test_a_scheme_reads_back_its_json_and_the_json_of_older_manifests():
+    scheme = WeightScheme(name="paced-posterior", alpha=2.0, prior=(2.0, 3.0), uniform_mix=0.1)
+    assert WeightScheme.from_json(scheme.to_json()) == scheme
+    assert scheme.to_json()["scheme"] == "paced-posterior" and scheme.to_json()["prior"] == [2.0, 3.0]
+    # manifest.json inputs written before the guards existed: no weight_floor / uniform_mix keys
+    old = {"student_id": "s", "scheme": "paced", "alpha": 1.0, "beta": 1.0, "prior": [1.0, 1.0], "seed": 0}
+    assert WeightScheme.from_json(old) == WeightScheme()
+    assert WeightScheme(name="paced-posterior", uniform_mix=0.1).guard == "posterior+mix"
 
 
 def _pass_table(counts, k=8):
@@ -129,7 +144,7 @@ count_lists = st.lists(st.integers(min_value=0, max_value=8), min_size=1, max_si
 @given(count_lists, st.integers(0, 2**31), st.integers(0, 5))
 def test_weighted_loss_manifest_is_a_permutation_of_eligible_ids(counts, seed, epoch):
     table = _pass_table(counts)
-    m = build_manifest(table, WeightScheme("paced"), seed, epoch)
+    m = build_manifest(table, WeightScheme(name="paced"), seed, epoch)
     eligible = {f"p{i:04d}" for i, c in enumerate(counts) if 0 < c < 8}
     ids = m.items["problem_id"].to_pylist()
     assert sorted(ids) == sorted(eligible) and len(ids) == len(set(ids))
@@ -142,8 +157,8 @@ def test_weighted_loss_manifest_is_a_permutation_of_eligible_ids(counts, seed, e
 def test_same_seed_same_manifest_whatever_the_input_order(counts, seed):
     table = _pass_table(counts)
     shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
-    a = build_manifest(table, WeightScheme("uniform"), seed, 0)
-    b = build_manifest(shuffled, WeightScheme("uniform"), seed, 0)
+    a = build_manifest(table, WeightScheme(name="uniform"), seed, 0)
+    b = build_manifest(shuffled, WeightScheme(name="uniform"), seed, 0)
     assert a.items.equals(b.items)
 
 

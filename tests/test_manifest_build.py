@@ -5,6 +5,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from paced.cli import main
 from paced.store.files import write_parquet_atomic
@@ -73,6 +74,14 @@ def test_rebuild_same_inputs_is_noop_and_other_inputs_refused(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["already_built"] is True
     assert build(home_dir, tmp_path / "m", "--scheme", "uniform") == 1
     assert "already exists" in capsys.readouterr().err
+    # A folder built by an older paced (inputs without format_version or guards) is the same build.
+    path = tmp_path / "m" / "manifest.json"
+    info = json.loads(path.read_text())
+    for key in ("format_version", "weight_floor", "uniform_mix"):
+        del info["inputs"][key]
+    path.write_text(json.dumps(info))
+    assert build(home_dir, tmp_path / "m") == 0
+    assert json.loads(capsys.readouterr().out)["already_built"] is True
 
 
 def test_guards_show_in_shard_rows_and_unknown_student_is_clear(tmp_path, capsys):
@@ -141,3 +150,21 @@ def test_paced_train_refuses_conversational_shards_in_one_line(tmp_path, capsys,
                  "--out", str(tmp_path / "out"), "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "conversational form" in err and "Traceback" not in err
+
+
+def test_manifest_inputs_read_the_inputs_of_older_manifests_and_refuse_newer_ones():
+    from paced.curriculum import WeightScheme
+    from paced.errors import InputError
+    from paced.jobs.manifest import ManifestInputs
+
+    inputs = ManifestInputs(student_id="s", dataset="d", snapshot_id="x", weights=WeightScheme(uniform_mix=0.1),
+                            seed=3, epoch=2)
+    assert ManifestInputs.from_json(inputs.to_json()) == inputs
+    # written before format_version and the guards: student, data set, snapshot, scheme, seed
+    old = {"student_id": "s", "dataset": "d", "snapshot_id": "x", "scheme": "paced", "alpha": 1.0, "beta": 1.0,
+           "prior": [1.0, 1.0], "seed": 3}
+    assert ManifestInputs.from_json(old) == ManifestInputs(student_id="s", dataset="d", snapshot_id="x", seed=3)
+    with pytest.raises(InputError, match="format 2 is newer"):
+        ManifestInputs.from_json({**inputs.to_json(), "format_version": 2})
+    with pytest.raises(InputError, match="lack snapshot_id"):
+        ManifestInputs.from_json({"student_id": "s", "dataset": "d"})

@@ -41,7 +41,7 @@ def test_flags_reach_the_config_that_owns_them_and_shared_ones_reach_both():
     assert (config.seed, remeasure.config.seed, evaluate.config.seed) == (7, 7, 7)
     assert (remeasure.config.home, evaluate.config.home) == ("H", "H")
     assert remeasure.config.max_new_tokens == config.max_new_tokens == 9 and remeasure.config.token == "secret"
-    assert remeasure.config.scheme_overrides() == {"prior": [2.0, 3.0], "weight_floor": 0.2}
+    assert remeasure.config.weights == {"prior": [2.0, 3.0], "weight_floor": 0.2}
     assert evaluate.config.eval_limit == 5
     settings = run_settings(config, remeasure, evaluate)
     assert set(settings) == RECORDED

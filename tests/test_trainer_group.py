@@ -82,7 +82,7 @@ counts = st.lists(st.integers(0, 8), min_size=1, max_size=12)
        st.floats(0, 3), st.floats(0, 3))
 def test_group_weights_follow_their_scheme(correct, name, alpha, beta):
     c = np.array(correct)
-    w = compute_group_weights(c, 8, WeightScheme(name, alpha, beta))
+    w = compute_group_weights(c, 8, WeightScheme(name=name, alpha=alpha, beta=beta))
     assert w.shape == c.shape and np.isfinite(w).all() and (w >= 0).all()
     if name == "uniform":
         assert (w == 1).all()
@@ -104,17 +104,17 @@ def test_posterior_adds_the_rows_snapshot_counts_to_the_prior(correct, prior_n, 
     rows = [{"pass_rate": (i % 3) / 2, "n": int(n)} for i, n in enumerate(n0)]
     c0, n0_read = prior_counts(rows)
     np.testing.assert_array_equal(n0_read, n0)
-    w = compute_group_weights(c, 8, WeightScheme("paced-posterior", prior=(a0, b0)), c0, n0_read)
+    w = compute_group_weights(c, 8, WeightScheme(name="paced-posterior", prior=(a0, b0)), c0, n0_read)
     np.testing.assert_allclose(w, posterior_weight(c + c0, 8 + n0, prior=(a0, b0)))
     # rows without counts: the Beta prior alone
-    bare = compute_group_weights(c, 8, WeightScheme("paced-posterior", prior=(a0, b0)),
+    bare = compute_group_weights(c, 8, WeightScheme(name="paced-posterior", prior=(a0, b0)),
                                  *prior_counts([{"pass_rate": None, "n": None}] * len(c)))
     np.testing.assert_allclose(bare, posterior_weight(c, np.full(len(c), 8), prior=(a0, b0)))
 
 
 def test_group_weights_refuse_impossible_counts():
     with pytest.raises(InputError, match="correct <= K"):
-        compute_group_weights([9], 8, WeightScheme("paced"))
+        compute_group_weights([9], 8, WeightScheme(name="paced"))
 
 
 def test_a_problem_twice_in_a_step_gets_the_next_sample_indices():

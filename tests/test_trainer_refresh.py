@@ -172,7 +172,7 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
         assert r["source"] == str(built)
         inputs = read_json(built / "manifest.json")["inputs"]
         assert (inputs["student_id"], inputs["snapshot_id"]) == ("s1", r["snapshot_id"])
-        assert_same_weights(manifest_weights(built), expected_weights(snapshot, WeightScheme("paced-posterior")))
+        assert_same_weights(manifest_weights(built), expected_weights(snapshot, WeightScheme(name="paced-posterior")))
         state = read_json(folder / "trainer_state.json")
         assert state["pending_refresh"] is None and state["source"] == str(built) and state["refreshes"][-1] == r
         previous = snapshot
@@ -193,7 +193,7 @@ def test_scheme_flags_and_guards_reach_the_manifests_the_trainer_builds(models, 
                       "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--scheme", "paced", "--weight-floor", "0.2")
     assert main(args) == 0
     (refresh,) = summary_of(capsys)["refreshes"]
-    scheme = WeightScheme("paced", floor=0.2)
+    scheme = WeightScheme(name="paced", weight_floor=0.2)
     for folder, snapshot_id in ((out / "manifest-step0", None), (out / "manifest-step2", refresh["snapshot_id"])):
         built = read_json(folder / "manifest.json")
         assert built["inputs"]["scheme"] == "paced" and built["inputs"]["weight_floor"] == 0.2
@@ -308,7 +308,7 @@ def test_a_run_that_follows_snapshots_takes_the_refreshed_weights(models, servic
         table = pq.read_table(pa.BufferReader(r.content))
         weights |= dict(zip(table["problem_id"].to_pylist(), table["weight"].to_pylist(), strict=True))
     snapshot = read_snapshot(home, "s1", first["snapshot_id"])
-    want = expected_weights(snapshot, WeightScheme("paced-posterior"))
+    want = expected_weights(snapshot, WeightScheme(name="paced-posterior"))
     assert_same_weights(weights, {k: want[k] for k in weights if k in want})
     assert set(weights) <= set(want)
     assert sorted(set(snapshot["stale_age"].to_pylist())) == [0, 1]

@@ -137,7 +137,7 @@ def build_segment(home: Home, config, plan: EpochPlan, replan: Replan) -> Segmen
         shutil.rmtree(folder)
     table, sid = read_snapshot_rows(home, config.student_id, replan.snapshot_id, config.dataset)
     draws = plan.segments[0].items - replan.from_shard * config.shard_size
-    manifest = remainder_manifest(table, plan.problem_ids(replan.from_shard), config.weight_scheme(), config.seed,
+    manifest = remainder_manifest(table, plan.problem_ids(replan.from_shard), config.weights, config.seed,
                                   replan.epoch, replan.segment, config.mode, draws)
     student_ids, checkpoint_id = measured_by(home, config.student_id, sid, table)
     files = write_epoch(home, replan.run_id, manifest, sid, config.dataset, config.shard_size, config.teacher_id,

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from paced import __version__
-from paced.api.runs import LEASE_ID_PATTERN, RUN_ID_PATTERN, RunConfig, RunService
+from paced.api.runs import LEASE_ID_PATTERN, RUN_ID_PATTERN, RunService
 from paced.api.schemas import (
     NAME_PATTERN,
     AckRequest,
@@ -132,7 +132,7 @@ def create_run(svc: Service, body: RunCreate) -> RunCreated:
     """Create a run: build epoch 0 from the student's snapshot and cut it into shards. The run
     keeps that snapshot, unless `follow_snapshots`: then each new epoch, and within an epoch the
     shards not leased yet, are planned again from the student's newest snapshot."""
-    record, files = svc.create_run(RunConfig(**body.model_dump()))
+    record, files = svc.create_run(body.to_config())
     return RunCreated(run_id=record.run_id, snapshot_id=files.snapshot_id, epoch=0, epochs=record.epochs,
                       shards=files.shards, items=files.items, effective_sample_size=files.effective_sample_size,
                       warnings=list(files.warnings))

@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 import pyarrow.parquet as pq
@@ -45,46 +45,50 @@ RUN_ID_PATTERN = r"^r-[0-9a-f]{12}$"
 LEASE_ID_PATTERN = r"^l-[0-9a-f]{16}$"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """A run as asked for. `snapshot_id` None: the student's newest snapshot at creation."""
+    """A run as asked for. `snapshot_id` None: the student's newest snapshot at creation.
+
+    Its JSON form (the state database, `GET /v1/runs/{id}`'s `config`) is flat, with the
+    request's field names: `weights` spreads into scheme, alpha, beta, prior, weight_floor,
+    uniform_mix."""
 
     student_id: str
     dataset: str
-    scheme: str = "paced"
-    alpha: float = 1.0
-    beta: float = 1.0
-    prior: tuple[float, float] = (1.0, 1.0)
+    weights: WeightScheme = field(default_factory=WeightScheme)
     mode: str = "weighted-loss"
     seed: int = 0
     shard_size: int = 256
     epochs: int = 1
-    weight_floor: float = 0.0
-    uniform_mix: float = 0.0
     follow_snapshots: bool = False
     num_samples: int | None = None
     snapshot_id: str | None = None
     teacher_id: str | None = None
 
-    def weight_scheme(self) -> WeightScheme:
-        return WeightScheme(self.scheme, self.alpha, self.beta, tuple(self.prior), self.weight_floor,
-                            self.uniform_mix)
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weights"}
+        return data | self.weights.to_json()
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunConfig:
+        """From `to_json`'s form (runs stored by earlier versions have the same keys)."""
+        names = {f.name for f in fields(cls)} - {"weights"}
+        return cls(**{k: v for k, v in data.items() if k in names}, weights=WeightScheme.from_json(data))
 
     def validate(self, settings: Settings) -> None:
-        for field in ("student_id", "dataset", "snapshot_id", "teacher_id"):
-            if getattr(self, field) is not None:
-                validate_name(getattr(self, field), field)
+        for name in ("student_id", "dataset", "snapshot_id", "teacher_id"):
+            if getattr(self, name) is not None:
+                validate_name(getattr(self, name), name)
         limits = (("shard_size", settings.max_shard_size), ("epochs", settings.max_epochs),
                   ("num_samples", settings.max_num_samples))
-        for field, limit in limits:
-            value = getattr(self, field)
+        for name, limit in limits:
+            value = getattr(self, name)
             if value is not None and not 0 <= value <= limit:
-                raise InputError(f"`{field}` must be at most {limit} (a service setting), got {value}",
-                                 detail={"field": field, "value": value, "max": limit})
+                raise InputError(f"`{name}` must be at most {limit} (a service setting), got {value}",
+                                 detail={"field": name, "value": value, "max": limit})
         if self.num_samples is not None and self.mode != "weighted-sample":
             raise InputError("`num_samples` applies only to mode 'weighted-sample'",
                              detail={"field": "num_samples"})
-        self.weight_scheme()  # raises InputError naming the field
 
 
 class _Build:
@@ -146,11 +150,11 @@ class RunService:
 
     def _build_epoch(self, run_id: str, config: RunConfig, epoch: int, snapshot_id: str | None) -> EpochRecord:
         table, snapshot_id = read_snapshot_rows(self.home, config.student_id, snapshot_id, config.dataset)
-        manifest = build_manifest(table, config.weight_scheme(), config.seed, epoch, config.mode, config.num_samples)
+        manifest = build_manifest(table, config.weights, config.seed, epoch, config.mode, config.num_samples)
         if epoch == 0 and manifest.num_items == 0:
             raise InputError(f"no problem of {config.dataset!r} has a positive weight under scheme "
-                             f"{config.scheme!r} in snapshot {snapshot_id}; try weight_floor or uniform_mix",
-                             detail={"field": "scheme", "value": config.scheme})
+                             f"{config.weights.name!r} in snapshot {snapshot_id}; try weight_floor or uniform_mix",
+                             detail={"field": "scheme", "value": config.weights.name})
         warning = starvation_warning(manifest) if epoch == 0 else None
         if warning:
             log.warning("run %s: %s", run_id, warning)
@@ -167,9 +171,9 @@ class RunService:
                                 detail={"field": "teacher_id", "value": config.teacher_id})
         run_id = new_run_id()
         epoch0 = self._build_epoch(run_id, config, 0, config.snapshot_id)
-        resolved = RunConfig(**{**asdict(config), "snapshot_id": epoch0.snapshot_id})
+        resolved = replace(config, snapshot_id=epoch0.snapshot_id)
         record = RunRecord(run_id, self.clock(), config.student_id, config.dataset, epoch0.snapshot_id,
-                           asdict(resolved), config.epochs, 0)
+                           resolved.to_json(), config.epochs, 0)
         self.state.insert_run(record, epoch0)
         return record, epoch0
 
@@ -177,8 +181,7 @@ class RunService:
         """A run's config (immutable, so kept once read); NotFoundError for an unknown run."""
         config = self._configs.get(run_id)
         if config is None:
-            raw = self.state.get_run(run_id).config
-            config = self._configs[run_id] = RunConfig(**{**raw, "prior": tuple(raw["prior"])})
+            config = self._configs[run_id] = RunConfig.from_json(self.state.get_run(run_id).config)
         return config
 
     def _snapshot_ids(self, student_id: str) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from paced.api.runs import RunConfig
 from paced.curriculum import MODES, SCHEMES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -51,6 +52,13 @@ class RunCreate(BaseModel):
     num_samples: int | None = Field(None, ge=0, le=2**31 - 1, description="draws per epoch (weighted-sample mode)")
     snapshot_id: Name | None = Field(None, description="pin this snapshot (default: the newest)")
     teacher_id: Name | None = Field(None, description="whose references fill `completion` (default: the first)")
+
+
+    def to_config(self) -> RunConfig:
+        """The service's own form of the request (the one conversion): the weight settings
+        become one `WeightScheme`."""
+        data = self.model_dump()
+        return RunConfig.from_json(data)
 
 
 class RunCreated(BaseModel):

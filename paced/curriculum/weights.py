@@ -9,8 +9,11 @@ the registry):
 - `hard-filter`:      w = 1 if 0 < p̂ < 1 else 0 (DAPO-style dynamic sampling)
 
 Guards against starving mastered problems (all off by default; our choice, see docs/method.md):
-`floor` ε: every measured problem gets at least ε; `mix` λ: w' = (1−λ)·w/mean(w) + λ. Both act
-on weights normalised to mean 1 over the measured problems.
+`weight_floor` ε: every measured problem gets at least ε; `uniform_mix` λ:
+w' = (1−λ)·w/mean(w) + λ. Both act on weights normalised to mean 1 over the measured problems.
+
+`WeightScheme` is the one form of these settings from the HTTP body and the CLI flags to the
+manifest: the same six field names everywhere (`name` is written `scheme` in JSON).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def posterior_weight(correct, total, alpha: float = 1.0, beta: float = 1.0,
     return np.exp(betaln(a + alpha, b + beta) - betaln(a, b))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightScheme:
     """How to turn pass counts into weights. Validated on construction."""
 
@@ -65,29 +68,48 @@ class WeightScheme:
     alpha: float = 1.0
     beta: float = 1.0
     prior: tuple[float, float] = (1.0, 1.0)
-    floor: float = 0.0
-    mix: float = 0.0
+    weight_floor: float = 0.0
+    uniform_mix: float = 0.0
 
     def __post_init__(self):
         if self.name not in SCHEMES:
-            raise InputError(f"`scheme` must be one of {sorted(SCHEMES)}, got {self.name!r}",
+            raise InputError(f"`scheme` must be one of {', '.join(sorted(SCHEMES))}, got {self.name!r}",
                              detail={"field": "scheme"})
         _check_exponents(self.alpha, self.beta)
-        if not (0.0 <= self.floor <= 1.0):
-            raise InputError(f"`floor` must be in [0, 1], got {self.floor}", detail={"field": "floor"})
-        if not (0.0 <= self.mix <= 1.0):
-            raise InputError(f"`mix` must be in [0, 1], got {self.mix}", detail={"field": "mix"})
-        object.__setattr__(self, "prior", tuple(float(x) for x in self.prior))
-        if len(self.prior) != 2 or min(self.prior) <= 0:
-            raise InputError(f"`prior` must be two numbers > 0, got {self.prior}", detail={"field": "prior"})
+        for name in ("weight_floor", "uniform_mix"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise InputError(f"`{name}` must be in [0, 1], got {value!r}", detail={"field": name})
+        try:
+            prior = tuple(float(x) for x in self.prior)
+        except (TypeError, ValueError):
+            prior = ()
+        if len(prior) != 2 or not all(np.isfinite(prior)) or min(prior) <= 0:
+            raise InputError(f"`prior` must be two numbers > 0, got {self.prior!r}", detail={"field": "prior"})
+        object.__setattr__(self, "prior", prior)
 
     @property
     def guard(self) -> str:
         """Which guard shapes the weights: `none`, `floor`, `mix`, `floor+mix` (or `posterior`)."""
-        parts = [g for g, on in (("floor", self.floor > 0), ("mix", self.mix > 0)) if on]
+        parts = [g for g, on in (("floor", self.weight_floor > 0), ("mix", self.uniform_mix > 0)) if on]
         if self.name == "paced-posterior":
             parts.insert(0, "posterior")
         return "+".join(parts) or "none"
+
+    def to_json(self) -> dict:
+        """The JSON form (manifest.json inputs, the service's run config): `name` as `scheme`."""
+        return {"scheme": self.name, "alpha": self.alpha, "beta": self.beta, "prior": list(self.prior),
+                "weight_floor": self.weight_floor, "uniform_mix": self.uniform_mix}
+
+    @classmethod
+    def from_json(cls, data: dict) -> WeightScheme:
+        """From `to_json`'s keys (other keys ignored; the guards default to off, as before they existed)."""
+        given = {field: data[key] for key, field in JSON_KEYS.items() if data.get(key) is not None}
+        return cls(**given)
+
+
+JSON_KEYS = {"scheme": "name", "alpha": "alpha", "beta": "beta", "prior": "prior", "weight_floor": "weight_floor",
+             "uniform_mix": "uniform_mix"}  # JSON key -> field
 
 
 def _paced(c, n, s: WeightScheme):
@@ -109,17 +131,17 @@ def _hard_filter(c, n, s: WeightScheme):
 SCHEMES = {"paced": _paced, "paced-posterior": _posterior, "uniform": _uniform, "hard-filter": _hard_filter}
 
 
-def apply_guards(weights: np.ndarray, floor: float = 0.0, mix: float = 0.0) -> np.ndarray:
+def apply_guards(weights: np.ndarray, weight_floor: float = 0.0, uniform_mix: float = 0.0) -> np.ndarray:
     """Normalise to mean 1, then mix with uniform (λ) and raise to the floor (ε)."""
     w = np.asarray(weights, dtype=np.float64)
-    if floor == 0 and mix == 0:
+    if weight_floor == 0 and uniform_mix == 0:
         return w
     mean = w.mean() if w.size else 0.0
     w = w / mean if mean > 0 else np.zeros_like(w)
-    if mix > 0:
-        w = (1.0 - mix) * w + mix
-    if floor > 0:
-        w = np.maximum(w, floor)
+    if uniform_mix > 0:
+        w = (1.0 - uniform_mix) * w + uniform_mix
+    if weight_floor > 0:
+        w = np.maximum(w, weight_floor)
     return w
 
 
@@ -134,7 +156,7 @@ def compute_weights(correct, total, scheme: WeightScheme) -> np.ndarray:
         raise InputError(f"{int((n <= 0).sum())} problems have no rollouts; weight only measured problems")
     if (c < 0).any() or (c > n).any():
         raise InputError("need 0 <= correct <= total for every problem")
-    return apply_guards(SCHEMES[scheme.name](c, n, scheme), scheme.floor, scheme.mix)
+    return apply_guards(SCHEMES[scheme.name](c, n, scheme), scheme.weight_floor, scheme.uniform_mix)
 
 
 def effective_sample_size(weights) -> float:

@@ -12,12 +12,13 @@ into place; rebuilding with the same inputs is a no-op.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -32,7 +33,7 @@ from paced.curriculum import (
     shard_bounds,
     starvation_warning,
 )
-from paced.curriculum.weights import effective_sample_size
+from paced.curriculum.weights import JSON_KEYS, effective_sample_size
 from paced.errors import InputError
 from paced.store.card import conversational_rows, dataset_card
 from paced.store.files import (
@@ -47,6 +48,8 @@ from paced.store.home import Home, open_home
 from paced.store.shards import assemble_rows
 from paced.store.snapshots import measured_chat_template, read_snapshot_rows
 
+FORMAT_VERSION = 1  # of manifest.json's `inputs`; a file without the key is this layout too
+
 
 def parse_prior(text: str) -> tuple[float, float]:
     try:
@@ -56,20 +59,75 @@ def parse_prior(text: str) -> tuple[float, float]:
     return a, b
 
 
-def snapshot_manifest(home: Home, student_id: str, dataset: str, scheme: WeightScheme, seed: int,
-                      epoch: int = 0, mode: str = "weighted-loss", snapshot_id: str | None = None,
-                      num_samples: int | None = None) -> tuple[Manifest, str]:
-    """The manifest of one data set under a student's snapshot (newest when None)."""
-    table, sid = read_snapshot_rows(home, student_id, snapshot_id, dataset)
-    return build_manifest(table, scheme, seed, epoch, mode, num_samples), sid
+SCHEME_HELP = {  # JSON key -> (flag, help)
+    "scheme": ("--scheme", "weighting scheme"),
+    "alpha": ("--alpha", "exponent α of w = p^α (1−p)^β"),
+    "beta": ("--beta", "exponent β of w = p^α (1−p)^β"),
+    "prior": ("--prior", "Beta prior 'a,b' of paced-posterior"),
+    "weight_floor": ("--weight-floor", "guard: every measured problem weighs at least ε"),
+    "uniform_mix": ("--uniform-mix", "guard: w' = (1−λ)·w/mean(w) + λ"),
+}
 
 
-def manifest_record(student_id: str, dataset: str, snapshot_id: str, scheme: WeightScheme, mode: str, seed: int,
-                    epoch: int = 0) -> dict:
-    """What built a manifest: the `inputs` of its manifest.json (a refresh rebuilds from them)."""
-    return {"student_id": student_id, "dataset": dataset, "snapshot_id": snapshot_id, "scheme": scheme.name,
-            "alpha": scheme.alpha, "beta": scheme.beta, "prior": list(scheme.prior), "weight_floor": scheme.floor,
-            "uniform_mix": scheme.mix, "mode": mode, "seed": seed, "epoch": epoch}
+def add_scheme_arguments(parser, *, defaults: bool = True, note: str = "") -> None:
+    """--scheme --alpha --beta --prior --weight-floor --uniform-mix, one per `WeightScheme` field.
+    `defaults` False: each defaults to None (someone else's value, e.g. a manifest's), and
+    `note` says whose."""
+    values = WeightScheme().to_json() if defaults else dict.fromkeys(JSON_KEYS)
+    kinds = {"scheme": {"choices": sorted(SCHEMES)}, "prior": {"type": parse_prior, "metavar": "A,B"}}
+    for key, (flag, text) in SCHEME_HELP.items():
+        default = tuple(values[key]) if isinstance(values[key], list) else values[key]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text += f" ({note})" if note else f" (default: {shown})"
+        parser.add_argument(flag, dest=key, default=default, help=text, **kinds.get(key, {"type": float}))
+
+
+def scheme_settings(args) -> dict:
+    """The weight settings `add_scheme_arguments` parsed and the user gave (not None), by JSON key."""
+    return {key: list(v) if isinstance(v, tuple) else v for key in JSON_KEYS
+            if (v := getattr(args, key, None)) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestInputs:
+    """What built a manifest: the `inputs` of its manifest.json (a re-measurement rebuilds from them)."""
+
+    student_id: str
+    dataset: str
+    snapshot_id: str | None = None  # None: the student's newest (resolved by `snapshot_manifest`)
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    mode: str = "weighted-loss"
+    seed: int = 0
+    epoch: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {"student_id": self.student_id, "dataset": self.dataset, "snapshot_id": self.snapshot_id,
+                **self.weights.to_json(), "mode": self.mode, "seed": self.seed, "epoch": self.epoch,
+                "format_version": self.format_version}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "manifest.json") -> ManifestInputs:
+        """Also the inputs written before `format_version` (and the guards) existed."""
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise InputError(f"{where}: inputs format {version} is newer than this paced reads "
+                             f"({FORMAT_VERSION}): upgrade paced")
+        missing = [k for k in ("student_id", "dataset", "snapshot_id") if k not in data]
+        if missing:
+            raise InputError(f"{where}: inputs lack {', '.join(missing)}; rebuild it with `paced manifest build`")
+        return cls(student_id=data["student_id"], dataset=data["dataset"], snapshot_id=data["snapshot_id"],
+                   weights=WeightScheme.from_json(data), mode=data.get("mode", "weighted-loss"),
+                   seed=int(data.get("seed", 0)), epoch=int(data.get("epoch", 0)))
+
+
+def snapshot_manifest(home: Home, inputs: ManifestInputs,
+                      num_samples: int | None = None) -> tuple[Manifest, ManifestInputs]:
+    """The manifest of `inputs` under its snapshot (None: the student's newest), and the inputs
+    with that snapshot's id."""
+    table, sid = read_snapshot_rows(home, inputs.student_id, inputs.snapshot_id, inputs.dataset)
+    manifest = build_manifest(table, inputs.weights, inputs.seed, inputs.epoch, inputs.mode, num_samples)
+    return manifest, dataclasses.replace(inputs, snapshot_id=sid)
 
 
 @dataclass(frozen=True)
@@ -91,7 +149,7 @@ class ShardForm:
 FORMS = ("text", "conversational")
 
 
-def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, shard_size: int,
+def write_manifest_dir(home: Home, manifest: Manifest, inputs: ManifestInputs, out: Path, shard_size: int,
                        form: ShardForm = ShardForm()) -> dict:
     """Write manifest.parquet, the shards, manifest.json and README.md (a dataset card) into
     `out` (atomically, as a folder)."""
@@ -100,7 +158,7 @@ def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, 
     try:
         tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the manifest is for a trainer of the same group
         items = manifest.items
-        rows = assemble_rows(home, items, inputs["dataset"], manifest.scheme.guard)
+        rows = assemble_rows(home, items, inputs.dataset, manifest.scheme.guard)
         with_reference = pc.is_valid(rows["completion"])
         left_out = 0
         if form.require_reference:
@@ -118,7 +176,7 @@ def write_manifest_dir(home: Home, manifest: Manifest, inputs: dict, out: Path, 
             digests[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
         weights = rows["weight"].to_numpy(zero_copy_only=False)
         summary = {
-            "inputs": inputs, "paced_version": __version__, "items": rows.num_rows,
+            "inputs": inputs.to_json(), "paced_version": __version__, "items": rows.num_rows,
             "measured": manifest.measured, "unmeasured": manifest.unmeasured,
             "zero_weight": manifest.zero_weight,
             "with_reference": int(pc.sum(pc.is_valid(rows["completion"])).as_py() or 0),
@@ -145,15 +203,10 @@ def add_arguments(parser) -> None:
     build.add_argument("--student", required=True, help="student id whose pass rates weight the problems")
     build.add_argument("--dataset", required=True, help="data set to draw problems from")
     build.add_argument("--out", required=True, help="folder to write (must not exist, or hold the same build)")
-    build.add_argument("--scheme", choices=sorted(SCHEMES), default="paced")
-    build.add_argument("--alpha", type=float, default=1.0)
-    build.add_argument("--beta", type=float, default=1.0)
-    build.add_argument("--prior", type=parse_prior, default=(1.0, 1.0), help="Beta prior 'a,b' (paced-posterior)")
-    build.add_argument("--weight-floor", type=float, default=0.0, help="every measured problem gets >= this")
-    build.add_argument("--uniform-mix", type=float, default=0.0, help="w' = (1-λ)·w/mean(w) + λ")
+    add_scheme_arguments(build)
     build.add_argument("--mode", choices=MODES, default="weighted-loss")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--epoch", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0, help="seed of the epoch's order and draws (default: 0)")
+    build.add_argument("--epoch", type=int, default=0, help="epoch number: another order per epoch (default: 0)")
     build.add_argument("--shard-size", type=int, default=256)
     build.add_argument("--snapshot", default=None, help="snapshot id (default: the newest)")
     build.add_argument("--require-reference", action=argparse.BooleanOptionalAction, default=None,
@@ -168,16 +221,16 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     home = open_home(args.home, create=False)
-    scheme = WeightScheme(args.scheme, args.alpha, args.beta, args.prior, args.weight_floor, args.uniform_mix)
-    manifest, snapshot_id = snapshot_manifest(home, args.student, args.dataset, scheme, args.seed,
-                                              args.epoch, args.mode, args.snapshot)
-    inputs = manifest_record(args.student, args.dataset, snapshot_id, scheme, args.mode, args.seed, args.epoch)
+    asked = ManifestInputs(student_id=args.student, dataset=args.dataset, snapshot_id=args.snapshot,
+                           weights=WeightScheme.from_json(scheme_settings(args)), mode=args.mode, seed=args.seed,
+                           epoch=args.epoch)
+    manifest, inputs = snapshot_manifest(home, asked)
     require = args.mode == "weighted-loss" if args.require_reference is None else args.require_reference
-    form = ShardForm(require, args.form, measured_chat_template(home, args.student, snapshot_id))
+    form = ShardForm(require, args.form, measured_chat_template(home, args.student, inputs.snapshot_id))
     out = Path(args.out)
     if out.exists():
         previous = read_json(out / "manifest.json") if (out / "manifest.json").exists() else None
-        same = previous and previous["inputs"] == inputs and previous["shard_size"] == args.shard_size \
+        same = previous and same_build(previous, inputs, args.shard_size, out) \
             and previous.get("require_reference", False) == require and previous.get("form", "text") == args.form
         if same:
             print(json.dumps({**previous, "out": str(out), "already_built": True}))
@@ -197,3 +250,10 @@ def run(args) -> int:
                          "first, or pass --no-require-reference (on-policy training needs only prompts)")
     print(json.dumps({**{k: v for k, v in summary.items() if k != "sha256"}, "out": str(out)}), file=sys.stdout)
     return 0
+
+
+def same_build(previous: dict, inputs: ManifestInputs, shard_size: int, out: Path) -> bool:
+    """Whether manifest.json `previous` (also one written by an older paced) records this build."""
+    if "inputs" not in previous or previous.get("shard_size") != shard_size:
+        return False
+    return ManifestInputs.from_json(previous["inputs"], str(out / "manifest.json")) == inputs

@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from paced.backends.engine import EngineOptions
-from paced.curriculum import SCHEMES, WeightScheme
+from paced.curriculum import WeightScheme
 from paced.curriculum.carryover import CarryOver
+from paced.curriculum.weights import JSON_KEYS
 from paced.errors import InputError, PacedError
+from paced.jobs.manifest import ManifestInputs
 from paced.store.files import read_json
 from paced.store.home import Home, open_home
 
@@ -93,13 +95,9 @@ class RemeasureConfig:
                               "auto on a GPU)", None)
     max_model_len: int | None = _flag("vLLM refresh: engine context length (default: the model's)", None)
     enforce_eager: bool | None = _flag("vLLM refresh: no CUDA graphs", None)
-    scheme: str | None = _flag("weights of the manifests the trainer builds from snapshots (files only; "
-                               "default: the --from manifest's)", None)
-    alpha: float | None = _flag("exponent α of w = p^α (1−p)^β (files only; default: the manifest's)", None)
-    beta: float | None = _flag("exponent β of w = p^α (1−p)^β (files only; default: the manifest's)", None)
-    prior: tuple[float, float] | None = _flag("Beta prior 'a,b' of paced-posterior (files only)", None)
-    weight_floor: float | None = _flag("guard: every measured problem weighs at least ε (files only)", None)
-    uniform_mix: float | None = _flag("guard: w' = (1−λ)·w/mean(w) + λ (files only)", None)
+    weights: dict = field(default_factory=dict, metadata={
+        "help": "weight settings (scheme, alpha, ... by their JSON keys) over the --from manifest's, for the "
+                "manifests built from snapshots (files only)", "scheme": True})
     seed: int = _shared(0)
     sample_temperature: float = _shared(1.0)
     sample_top_p: float = _shared(1.0)
@@ -127,10 +125,10 @@ class RemeasureConfig:
             raise InputError(f"`rollout_temperature` must be >= 0, got {self.rollout_temperature}")
         if self.rollout_max_new_tokens is not None and self.rollout_max_new_tokens < 1:
             raise InputError(f"`rollout_max_new_tokens` must be >= 1, got {self.rollout_max_new_tokens}")
-        if self.scheme is not None and self.scheme not in SCHEMES:
-            raise InputError(f"--scheme must be one of {', '.join(sorted(SCHEMES))}, got {self.scheme!r}")
-        if self.prior is not None:
-            object.__setattr__(self, "prior", tuple(float(x) for x in self.prior))
+        unknown = sorted(set(self.weights) - set(JSON_KEYS))
+        if unknown:
+            raise InputError(f"`weights` takes {', '.join(JSON_KEYS)}, got {', '.join(unknown)}")
+        WeightScheme.from_json(self.weights)  # each setting given is valid (InputError naming it)
         engine = self.engine()  # validates the vLLM options
         if self.refresh_backend == "transformers":
             engine.backend_kwargs("transformers")  # vLLM options for a transformers refresh: an error
@@ -148,10 +146,9 @@ class RemeasureConfig:
                              gpu_memory_utilization=self.gpu_memory_utilization, dtype=self.dtype,
                              max_model_len=self.max_model_len, enforce_eager=self.enforce_eager)
 
-    def scheme_overrides(self) -> dict:
-        """The weight settings given on the command line, as manifest.json input keys."""
-        names = ("scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix")
-        return {name: list(v) if isinstance(v, tuple) else v for name in names if (v := getattr(self, name)) is not None}
+    def weighed(self, scheme: WeightScheme) -> WeightScheme:
+        """`scheme` with the settings given here put over it."""
+        return WeightScheme.from_json({**scheme.to_json(), **self.weights})
 
     def http(self) -> dict:
         return {"token": self.token, "timeout_seconds": self.http_timeout_seconds}
@@ -160,40 +157,37 @@ class RemeasureConfig:
 # ---------------------------------------------------------------- data sources: manifests and runs
 
 
-def manifest_inputs(folder: str | Path) -> dict:
-    """manifest.json of a manifest folder (what built it: student, data set, scheme, seed...)."""
+def read_manifest_inputs(folder: str | Path) -> tuple[ManifestInputs, dict]:
+    """What built a manifest folder (its manifest.json's inputs), and the whole manifest.json."""
     path = Path(folder) / "manifest.json"
-    if not path.is_file() or "inputs" not in read_json(path):
+    built = read_json(path) if path.is_file() else {}
+    if "inputs" not in built:
         raise InputError(f"{path} is missing or has no inputs: refreshes and --scheme/--weight-floor/... need a "
                          "manifest folder from `paced manifest build`")
-    return read_json(path)
+    return ManifestInputs.from_json(built["inputs"], str(path)), built
 
 
 def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path, *, snapshot_id: str | None = None,
-                     epoch: int | None = None, overrides: dict | None = None) -> str:
+                     epoch: int | None = None, weights: WeightScheme | None = None) -> str:
     """The manifest of `folder` rebuilt from a snapshot of `student_id` (default: its newest),
-    with epoch `epoch` (default: the folder's) and `overrides` of its inputs (scheme, alpha,
-    beta, prior, weight_floor, uniform_mix), written to `out` (replacing an unfinished one)."""
-    from paced.jobs.manifest import ShardForm, manifest_record, snapshot_manifest, write_manifest_dir
+    with epoch `epoch` (default: the folder's) and `weights` (default: the folder's), written
+    to `out` (replacing an unfinished one)."""
+    from paced.jobs.manifest import ShardForm, snapshot_manifest, write_manifest_dir
     from paced.store.snapshots import measured_chat_template
 
-    built = manifest_inputs(folder)
-    i = {"weight_floor": 0.0, "uniform_mix": 0.0, "mode": "weighted-loss", "epoch": 0, **built["inputs"],
-         **(overrides or {})}
-    i["epoch"] = i["epoch"] if epoch is None else epoch
-    scheme = WeightScheme(i["scheme"], i["alpha"], i["beta"], tuple(i["prior"]), i["weight_floor"], i["uniform_mix"])
-    manifest, snapshot_id = snapshot_manifest(home, student_id, i["dataset"], scheme, i["seed"], i["epoch"],
-                                              i["mode"], snapshot_id)
+    built, written = read_manifest_inputs(folder)
+    asked = dataclasses.replace(built, student_id=student_id, snapshot_id=snapshot_id, weights=weights or built.weights,
+                                epoch=built.epoch if epoch is None else epoch)
+    manifest, inputs = snapshot_manifest(home, asked)
     if manifest.num_items == 0:
-        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {snapshot_id}) leave no problem with "
-                         f"a weight > 0 under scheme {i['scheme']!r}; add a guard (--weight-floor, --uniform-mix) "
-                         "or use --scheme paced-posterior")
+        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {inputs.snapshot_id}) leave no problem "
+                         f"with a weight > 0 under scheme {inputs.weights.name!r}; add a guard (--weight-floor, "
+                         "--uniform-mix) or use --scheme paced-posterior")
     if out.exists():  # left by an interrupted earlier attempt at this refresh
         shutil.rmtree(out)
-    form = ShardForm(bool(built.get("require_reference")), built.get("form", "text"),
-                     measured_chat_template(home, student_id, snapshot_id))  # as the folder was written
-    write_manifest_dir(home, manifest, manifest_record(student_id, i["dataset"], snapshot_id, scheme, i["mode"],
-                                                       i["seed"], i["epoch"]), out, built["shard_size"], form)
+    form = ShardForm(bool(written.get("require_reference")), written.get("form", "text"),
+                     measured_chat_template(home, student_id, inputs.snapshot_id))  # as the folder was written
+    write_manifest_dir(home, manifest, inputs, out, int(written["shard_size"]), form)
     return str(out)
 
 
@@ -246,8 +240,8 @@ def current_cursor(config: RemeasureConfig, source: str, previous: dict | None) 
     if is_http(source):
         view = get_run(source, config.http())
         return Cursor(view["config"]["student_id"], view["snapshot_id"], view["config"]["dataset"])
-    inputs = manifest_inputs(source)["inputs"]
-    return Cursor(inputs["student_id"], inputs["snapshot_id"], inputs["dataset"])
+    inputs, _ = read_manifest_inputs(source)
+    return Cursor(inputs.student_id, inputs.snapshot_id, inputs.dataset)
 
 
 # ---------------------------------------------------------------- the job
@@ -264,10 +258,9 @@ class RemeasureJob:
         self.sample_lineage = sample_lineage
 
     def to_json(self) -> dict:
-        return own_fields(self.config) | {"prior": self.scheme_prior()}
-
-    def scheme_prior(self) -> list[float] | None:
-        return list(self.config.prior) if self.config.prior is not None else None
+        """Its settings under the names trainer_state.json has always used (one key per flag)."""
+        own = {k: v for k, v in own_fields(self.config).items() if k != "weights"}
+        return own | {key: self.config.weights.get(key) for key in JSON_KEYS}
 
     def check(self, source: str, previous: dict | None, every: bool) -> None:
         """Fail before training when a re-measurement could not run later."""
@@ -282,14 +275,14 @@ class RemeasureJob:
     def starting_source(self, source: str, out: Path) -> str:
         """Files with --scheme/--weight-floor/...: OUT/manifest-step0, the `source` manifest
         rebuilt with them (same snapshot), unless they change nothing."""
-        overrides = self.config.scheme_overrides()
-        if is_http(source) or not overrides:
+        if is_http(source) or not self.config.weights:
             return source
-        inputs = manifest_inputs(source)["inputs"]
-        if all(inputs.get(k) == v for k, v in overrides.items()):
+        inputs, _ = read_manifest_inputs(source)
+        weights = self.config.weighed(inputs.weights)
+        if weights == inputs.weights:
             return source
-        return rebuild_manifest(open_home(self.config.home, create=False), source, inputs["student_id"],
-                                Path(out) / "manifest-step0", snapshot_id=inputs["snapshot_id"], overrides=overrides)
+        return rebuild_manifest(open_home(self.config.home, create=False), source, inputs.student_id,
+                                Path(out) / "manifest-step0", snapshot_id=inputs.snapshot_id, weights=weights)
 
     def __call__(self, checkpoint_dir: Path, step: int, kind: str, source: str, *, stage: int, round_: int,
                  previous: dict | None, student, tokenizer, runtime) -> dict:
@@ -368,9 +361,9 @@ class RemeasureJob:
         if is_http(source):
             return create_run_like(source, record["student_id"], **self.config.http()) if kind == STAGE else source
         name = f"manifest-stage{stage + 1}" if kind == STAGE else f"manifest-step{record['step']}"
-        epoch = manifest_inputs(source)["inputs"].get("epoch", 0) + 1
+        inputs, _ = read_manifest_inputs(source)
         return rebuild_manifest(home, source, record["student_id"], out / name, snapshot_id=record["snapshot_id"],
-                                epoch=epoch, overrides=self.config.scheme_overrides())
+                                epoch=inputs.epoch + 1, weights=self.config.weighed(inputs.weights))
 
 
 def choose_problems(current, config: RemeasureConfig, carry: CarryOver | None, kind: str, round_: int) -> list[str]:

@@ -69,9 +69,10 @@ from pathlib import Path
 from paced.backends.engine import DTYPES
 from paced.curriculum import SCHEMES
 from paced.errors import InputError, PacedError
-from paced.jobs.manifest import parse_prior
+from paced.jobs.manifest import add_scheme_arguments, parse_prior, scheme_settings
 from paced.jobs.remeasure import REFRESH_BACKENDS, HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
-from paced.trainer.config import LOSS_PATHS, TrainConfig, parse_stages
+from paced.trainer.config import DEVICES, LOSS_PATHS, TrainConfig, parse_stages
+from paced.trainer.losses import LOSSES
 
 # The configs `paced train` builds from its flags, in --help order. A field of a later one that
 # an earlier one already has (seed, --home...) is one flag, given to both.
@@ -84,13 +85,13 @@ SPECIAL = {
     "teacher": {"required": True, "metavar": "MODEL"},
     "chat_template": {"action": "store_true"},
     "out": {"required": True, "metavar": "DIR"},
-    "loss": {"choices": ["forward", "reverse", "jsd", "akl"]},
+    "loss": {"choices": list(LOSSES)},
     "stages": {"type": parse_stages, "metavar": "LOSS:STEPS,..."},
     "on_policy": {"action": argparse.BooleanOptionalAction},
     "resume": {"action": "store_true"},
     "refresh_between_stages": {"action": "store_true"},
     "progress": {"flags": ["--no-progress"], "action": "store_false", "help": "no progress bar"},
-    "device": {"choices": ["auto", "cpu", "cuda"]},
+    "device": {"choices": list(DEVICES)},
     "token": {"metavar": "TOKEN"},
     "teacher_prompt_template": {"metavar": "TEMPLATE"},
     "loss_chunk_size": {"type": int},
@@ -99,8 +100,6 @@ SPECIAL = {
     "fsdp": {"action": "store_true"},
     "lease_ttl_seconds": {"type": float},
     "refresh_backend": {"choices": list(REFRESH_BACKENDS)},
-    "scheme": {"choices": sorted(SCHEMES)},
-    "prior": {"type": parse_prior, "metavar": "A,B"},
     "group_size": {"type": int, "nargs": "?", "const": 8, "metavar": "K"},
     "group_scheme": {"choices": sorted(SCHEMES)},
     "group_prior": {"type": parse_prior, "metavar": "A,B"},
@@ -115,7 +114,6 @@ SPECIAL = {
     "dtype": {"choices": list(DTYPES)},
     "max_model_len": {"type": int},
     "enforce_eager": {"action": "store_true"},
-    **{name: {"type": float} for name in ("alpha", "beta", "weight_floor", "uniform_mix")},
 }
 
 
@@ -123,9 +121,11 @@ def add_arguments(parser) -> None:
     seen: set[str] = set()
     for cls in CONFIGS:
         for f in dataclasses.fields(cls):
-            if f.name not in seen:
-                seen.add(f.name)
+            if f.metadata.get("scheme"):
+                add_scheme_arguments(parser, defaults=False, note="files only; default: the --from manifest's")
+            elif f.name not in seen:
                 _add_field(parser, f)
+            seen.add(f.name)
 
 
 def _add_field(parser, f: dataclasses.Field) -> None:
@@ -157,10 +157,10 @@ def resolve_model_arg(name: str) -> str:
 def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
     """The trainer's config and the two measuring jobs it is handed."""
     config = config_from_args(TrainConfig, args)
-    remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)),
+    remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)), "weights": scheme_settings(args),
                                    **{k: getattr(config, k) for k in _shared_names(RemeasureConfig)}})
-    if config.is_http and remeasure.scheme_overrides():
-        flags = "/--".join(k.replace("_", "-") for k in remeasure.scheme_overrides())
+    if config.is_http and remeasure.weights:
+        flags = "/--".join(k.replace("_", "-") for k in remeasure.weights)
         raise InputError(f"--{flags}: over the service the weights belong to the run; set them in POST /v1/runs "
                          "(scheme, alpha, beta, prior, weight_floor, uniform_mix)")
     if remeasure.carry_over_decay is not None and not config.refresh_every:

@@ -13,8 +13,8 @@ from typing import Any
 
 from paced.curriculum import SCHEMES
 from paced.errors import InputError
+from paced.trainer.losses import LOSSES
 
-LOSS_NAMES = ("forward", "reverse", "jsd", "akl")
 ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
 DEVICES = ("auto", "cpu", "cuda")
 LOSS_PATHS = ("fused", "logits")
@@ -37,8 +37,8 @@ class Stage:
     on_policy: bool | None = None
 
     def __post_init__(self):
-        if self.loss not in LOSS_NAMES:
-            raise InputError(f"stage loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise InputError(f"stage loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"stage steps must be an integer >= 1, got {self.steps!r}")
 
@@ -59,7 +59,7 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
         if len(bits) not in (2, 3) or not bits[1].strip().isdigit():
             raise InputError(
                 f"--stages: cannot read {part!r}; write LOSS:STEPS[:on|off] separated by commas, "
-                f"e.g. forward:300,reverse:300 (losses: {', '.join(LOSS_NAMES)})"
+                f"e.g. forward:300,reverse:300 (losses: {', '.join(LOSSES)})"
             )
         policy = None
         if len(bits) == 3:
@@ -149,8 +149,8 @@ class TrainConfig:
     progress: bool = _help("show a progress bar on stderr", True)
 
     def __post_init__(self):
-        if self.loss not in LOSS_NAMES:
-            raise InputError(f"--loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         object.__setattr__(self, "stages", tuple(self.stages))
         for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens", "grader_workers"):
             if getattr(self, name) < 1:

@@ -111,7 +111,8 @@ def step_sampling(config, step: int) -> SamplingConfig:
 
 
 def scheme_of(config) -> WeightScheme:
-    return WeightScheme(config.group_scheme, config.group_alpha, config.group_beta, config.group_prior)
+    return WeightScheme(name=config.group_scheme, alpha=config.group_alpha, beta=config.group_beta,
+                        prior=config.group_prior)
 
 
 def compute_group_weights(correct, k: int, scheme: WeightScheme, prior_correct=None, prior_n=None) -> np.ndarray:
@@ -125,7 +126,7 @@ def compute_group_weights(correct, k: int, scheme: WeightScheme, prior_correct=N
         c0 = np.zeros_like(c) if prior_correct is None else np.asarray(prior_correct, dtype=np.float64)
         n0 = np.zeros_like(c) if prior_n is None else np.asarray(prior_n, dtype=np.float64)
         return posterior_weight(c + c0, k + n0, scheme.alpha, scheme.beta, scheme.prior)
-    return compute_weights(c, np.full_like(c, float(k)), WeightScheme(scheme.name, scheme.alpha, scheme.beta))
+    return compute_weights(c, np.full_like(c, float(k)), WeightScheme(name=scheme.name, alpha=scheme.alpha, beta=scheme.beta))
 
 
 def prior_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
