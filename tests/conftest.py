@@ -1,4 +1,12 @@
-"""Shared test setup: offline by construction, one tiny model and one vLLM engine per session."""
+"""Shared test setup: offline by construction, one tiny model and one vLLM engine per session.
+
+`tests/` mirrors `paced/`: one folder per package (curriculum, backends, grading, tasks, api,
+jobs, trainer, integrations) and client/ for paced/client.py, each with a conftest.py where
+its tests share fixtures. Helpers several folders use stay here (`api_fixtures.py`,
+`trainer_helpers.py`, `fault_helpers.py`); `test_layers.py` and `test_packaging.py` check the
+whole package. Tests over ~20 s are marked `slow`: `make test-fast` (`pytest -m "not slow"`)
+leaves them out, `make test` runs everything.
+"""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ timeout $(tmo 45) $PY bench/kl_loss.py --device "$DEV" $BENCH --dtype float32 --
 echo "kl_loss fp32 exit $?" | tee -a "$OUT/kl_loss.md"; cat "$OUT/kl_loss.md"
 
 # 4. the trainer on the device: fused vs logits path, then the trainer tests (device auto -> cuda)
-timeout $(tmo 90) $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests/test_trainer_fused.py tests/test_trainer.py \
+timeout $(tmo 90) $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests/trainer/test_trainer_fused.py tests/trainer/test_trainer.py \
   >"$OUT/trainer.log" 2>&1
 echo "pytest trainer (auto -> $DEV) exit $?" | tee -a "$OUT/trainer.log"; tail -n 3 "$OUT/trainer.log"
 

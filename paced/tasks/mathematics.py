@@ -8,7 +8,7 @@ question), answer (the generator's answer as text), difficulty (the level), and 
 
 Supported modules (`SUPPORTED_MODULES`) are those whose answers are numbers (integers,
 decimals, fractions, negatives): for each, every generated answer grades correct against itself
-written as `\\boxed{…}`, as "The answer is ….", and in `$…$` (tests/test_mathematics.py checks
+written as `\\boxed{…}`, as "The answer is ….", and in `$…$` (tests/tasks/test_mathematics.py checks
 it). Left out, and why:
 - answers math-verify cannot compare as the question means them: True/False questions
   (`numbers__is_prime`, `numbers__is_factor`), multiple-choice letters and variable names

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+from test_rollout import CONFIG, ENV, cli, make_home, rows_of
 
 from paced.cli import main
 from paced.errors import ConflictError, InputError
@@ -18,7 +19,6 @@ from paced.store.partition import Shard, parse_shard, resolve_shard, shard_of
 from paced.store.problems import read_problems
 from paced.store.rollouts import batch_files, folder_lock, next_seq
 from paced.store.snapshots import read_snapshot
-from tests.test_rollout import CONFIG, ENV, cli, make_home, rows_of
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def test_an_old_snapshot_without_evidence_reads_and_weighs_as_before(tmp_path, c
     out = tmp_path / "m"
     assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(out),
                  "--no-require-reference", "--home", str(home.root)]) == 0
-    w = compute_weights(table["correct"].to_numpy(), table["n"].to_numpy(), WeightScheme("paced"))
+    w = compute_weights(table["correct"].to_numpy(), table["n"].to_numpy(), WeightScheme(name="paced"))
     keep = w > 0
     want = dict(zip(np.asarray(table["problem_id"].to_pylist())[keep].tolist(), w[keep] / w[keep].mean(), strict=True))
     assert_same_weights(manifest_weights(out), want)
@@ -121,10 +121,10 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
         out = tmp_path / f"m-{scheme}"
         assert main(["manifest", "build", "--student", "s1", "--snapshot", second, "--dataset", "arith", "--out",
                      str(out), "--no-require-reference", "--scheme", scheme, "--home", str(home.root)]) == 0
-        assert_same_weights(manifest_weights(out), evidence_weights(snapshot, WeightScheme(scheme)))
-    counts_only = compute_weights(snapshot["correct"].to_numpy(), snapshot["n"].to_numpy(), WeightScheme("paced"))
+        assert_same_weights(manifest_weights(out), evidence_weights(snapshot, WeightScheme(name=scheme)))
+    counts_only = compute_weights(snapshot["correct"].to_numpy(), snapshot["n"].to_numpy(), WeightScheme(name="paced"))
     assert not np.allclose(counts_only, compute_weights(snapshot["evidence_correct"].to_numpy(),
-                                                        snapshot["evidence_n"].to_numpy(), WeightScheme("paced")))
+                                                        snapshot["evidence_n"].to_numpy(), WeightScheme(name="paced")))
     app = create_app(Settings(home=home.root, max_shard_size=64))
     with TestClient(app) as client:
         run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 64,
@@ -136,7 +136,7 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
     assert re.findall(r"data-field='carried_share'>([^<]+)<", page) == [f"{100 * x:.1f}%" for x in reversed(shares)]
     assert shares[0] == 0 and shares[2] > 0
     served = {it["problem_id"]: it["weight"] for it in shard["items"]}
-    assert_same_weights(served, evidence_weights(snapshot, WeightScheme("paced")))
+    assert_same_weights(served, evidence_weights(snapshot, WeightScheme(name="paced")))
     capsys.readouterr()
     assert main(["passrates", "show", "--student", "s1", "--snapshot", second, "--json", "--home", str(home.root)]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -173,7 +173,7 @@ def test_train_with_carry_over_rolls_out_the_chosen_problems_and_weighs_by_the_e
             else:
                 assert (row["evidence_n"], row["carried_share"]) == (old["evidence_n"], 1.0)
         assert_same_weights(manifest_weights(out / f"manifest-step{r['step']}"),
-                            evidence_weights(snapshot, WeightScheme("paced-posterior")))
+                            evidence_weights(snapshot, WeightScheme(name="paced-posterior")))
         previous = snapshot
     # Off without --refresh-every; --fresh-samples needs --carry-over-decay.
     assert main(train_args(models, manifest, tmp_path / "o2", "--carry-over-decay", "0.5")) == 1

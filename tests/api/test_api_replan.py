@@ -4,7 +4,7 @@ a settable clock drives lease expiry."""
 
 import numpy as np
 import pytest
-from api_fixtures import Clock, add_snapshot, eligible, make_service_home, problem_ids
+from api_fixtures import add_snapshot, eligible, make_service_home, problem_ids
 from fastapi.testclient import TestClient
 
 from paced.api.app import create_app
@@ -19,11 +19,6 @@ NEWER = [(i * 5 + 3) % 9 for i in range(N)]  # other pass rates for every proble
 @pytest.fixture
 def home(tmp_path):
     return make_service_home(tmp_path, n=N)
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 def open_client(home, clock, **settings):

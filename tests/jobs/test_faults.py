@@ -8,10 +8,9 @@ import math
 import os
 import subprocess
 import threading
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from fault_helpers import fill, small_tmpfs, truncate
 from test_refresh import commit, rollout_rows
 
 from paced.backends.base import SamplingConfig
@@ -32,11 +31,6 @@ def fails(capsys, *argv) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
-
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.fixture
@@ -202,36 +196,6 @@ def test_concurrent_refreshes_write_one_snapshot(tmp_path):
 
 
 # ---- a real full disk and a real read-only filesystem ------------------------------------------------
-
-
-@contextmanager
-def small_tmpfs(folder: Path, size: str = "2m"):
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}): the full-disk and "
-                    "read-only tests need one")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Fill the filesystem of `folder` to the last byte; the filler file, to delete to free it."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (65536, 1):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys):

@@ -9,7 +9,7 @@ from paced.backends.engine import EngineOptions, open_backend
 from paced.errors import InputError
 from paced.jobs.rollout import rollout
 from paced.store.home import open_home
-from tests.test_rollout import CONFIG, make_home, rows_of
+from tests.jobs.test_rollout import CONFIG, make_home, rows_of
 
 
 def test_engine_options_are_validated_and_only_go_to_the_vllm_backend():

@@ -98,7 +98,7 @@ def test_training_samples_become_the_lineages_snapshots_and_the_next_manifest(mo
         assert read_json(built / "manifest.json")["inputs"]["snapshot_id"] == r["snapshot_id"]
         weights = pq.read_table(built / "manifest.parquet")
         assert_same_weights(dict(zip(weights["problem_id"].to_pylist(), weights["weight"].to_pylist(), strict=True)),
-                            expected_weights(snapshot, WeightScheme("paced-posterior")))
+                            expected_weights(snapshot, WeightScheme(name="paced-posterior")))
         previous, first = snapshot, r["step"]
     assert summary["source"] == refreshes[-1]["source"]
 
@@ -137,7 +137,7 @@ def test_a_run_that_follows_snapshots_re_plans_from_the_training_samples(
     assert history == [(0, 0, run["snapshot_id"], None), (0, 2, refreshes[0]["snapshot_id"], "s1-step1"),
                        (0, 4, refreshes[1]["snapshot_id"], "s1-step3")]
     for shards, r in ((range(2, 4), refreshes[0]), (range(4, 5), refreshes[1])):
-        want = expected_weights(read_snapshot(home, "s1", r["snapshot_id"]), WeightScheme("paced-posterior"))
+        want = expected_weights(read_snapshot(home, "s1", r["snapshot_id"]), WeightScheme(name="paced-posterior"))
         weights = {}
         for k in shards:
             got = httpx.get(f"{run_url}/epochs/0/shards/{k}", params={"format": "parquet"}, timeout=30)

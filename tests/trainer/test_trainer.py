@@ -8,14 +8,9 @@ import shutil
 
 import pytest
 import torch
-from trainer_helpers import build_models, make_rows, parameters, summary_of, train_args, write_shards
+from trainer_helpers import make_rows, parameters, summary_of, train_args, write_shards
 
 from paced.cli import main
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 def changed(before: dict, after: dict) -> bool:

@@ -20,7 +20,7 @@ from api_fixtures import add_snapshot, problem_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_trainer_service import TOKEN, create_run, service  # noqa: F401 - the `service` fixture
-from trainer_helpers import build_models, parameters, summary_of, train_args
+from trainer_helpers import parameters, summary_of, train_args
 
 from paced.cli import main
 from paced.curriculum import WeightScheme, beta_weight, posterior_weight
@@ -34,11 +34,6 @@ from paced.store.snapshots import read_snapshot
 from paced.trainer.group import compute_group_weights, prior_counts, sample_indices, step_seed
 
 K = 4
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 def group_home(root: Path, capsys, n: int = 24, scheme: str = "uniform") -> tuple[Path, Path]:

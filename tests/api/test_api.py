@@ -7,7 +7,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from api_fixtures import Clock, add_snapshot, eligible, make_service_home
+from api_fixtures import add_snapshot, eligible, make_service_home
 from fastapi.testclient import TestClient
 
 from paced.api.app import create_app
@@ -19,11 +19,6 @@ N = 100
 @pytest.fixture
 def home(tmp_path):
     return make_service_home(tmp_path, n=N)
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture

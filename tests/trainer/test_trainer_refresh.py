@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from api_fixtures import make_service_home, wait_until_healthy
-from trainer_helpers import build_models, parameters, summary_of, train_args
+from trainer_helpers import parameters, summary_of, train_args
 
 from paced.backends.base import model_id
 from paced.cli import main
@@ -30,11 +30,6 @@ from paced.store.rollouts import ROLLOUT_SCHEMA, batch_files, pass_counts, read_
 from paced.store.snapshots import list_snapshots, read_snapshot
 
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 def home_with_manifest(root: Path, capsys, n: int = 30, *extra: str):

@@ -15,7 +15,7 @@ from paced.api.app import create_app
 from paced.api.settings import Settings
 from paced.cli import main
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "client.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "client.md"
 
 
 def blocks(language: str) -> list[str]:

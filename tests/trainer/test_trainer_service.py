@@ -12,16 +12,11 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from api_fixtures import make_service_home, wait_until_healthy
-from trainer_helpers import build_models, summary_of, train_args
+from trainer_helpers import summary_of, train_args
 
 from paced.cli import main
 
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 def free_port() -> int:

@@ -2,7 +2,7 @@
 on a real full disk (no state file left), strict request bodies, paths that decode to `..`,
 reads behind the token, leases bound to their consumer, and a real `paced serve` subprocess for
 what only a socket shows (a busy port, a malformed Content-Length, the access log). vLLM and an
-unsupported head size: tests/test_backends.py."""
+unsupported head size: tests/backends/test_backends.py."""
 
 import json
 import os
@@ -14,8 +14,8 @@ import sys
 import pytest
 from api_fixtures import make_service_home
 from fastapi.testclient import TestClient
+from fault_helpers import fill, small_tmpfs, truncate
 from test_api_serve import free_port
-from test_faults import fill, small_tmpfs, truncate
 
 from paced.api.app import create_app
 from paced.api.settings import Settings
