@@ -142,11 +142,12 @@ def table_text(result: dict) -> str:
     lines = []
     for regime, r in result["regimes"].items():
         lines.append(f"{regime} (loss {REGIMES[regime]})")
-        lines.append(f"  {'bin':<12} {'problems':>8} {'SNR':>10} {'held-out cos':>13}")
+        lines.append(f"  {'bin':<12} {'problems':>8} {'SNR':>10} {'held-out cos':>13} {'± sd':>6}")
         for b in r["bins"]:
             snr = "n/a" if b["snr"] is None else f"{b['snr']:.4f}"
             cos = "n/a" if b["alignment"] is None else f"{b['alignment']:+.3f}"
-            lines.append(f"  {BIN_LABELS[b['bin']]:<12} {b['problems']:>8} {snr:>10} {cos:>13}")
+            sd = "" if b.get("alignment_sd") is None else f"{b['alignment_sd']:.3f}"
+            lines.append(f"  {BIN_LABELS[b['bin']]:<12} {b['problems']:>8} {snr:>10} {cos:>13} {sd:>6}")
         lines.append(f"  => {r['verdict']}")
     return "\n".join(lines)
 

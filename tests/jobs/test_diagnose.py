@@ -45,9 +45,11 @@ def test_pure_noise_is_weak_and_unaligned_and_the_verdict_says_so():
                 for b in ("low", "mid", "high")]
     noise = [compute_bin_signal(b, rng.standard_normal((40, 32)), direction) for b in ("zero", "one")]
     assert all(n.snr < 0.2 * c.snr for n in noise for c in coherent)
-    assert "frontier weighting (paced, hard-filter) fits" in verdict(coherent + noise)
+    assert "frontier weighting (paced, hard-filter)" in verdict(coherent + noise)
+    assert all(c.alignment_sd is not None and 0 < c.alignment_sd < 0.2 for c in coherent)
     ends_like_middle = [compute_bin_signal(b, 3 * direction + rng.standard_normal((40, 32)), direction)
                         for b in ("zero", "one")]
+    assert "equal within noise" in verdict(coherent + ends_like_middle)  # the same kind of bin: no difference
     assert "prefer paced-posterior or uniform" in verdict(coherent + ends_like_middle)
     # a frontier whose mean points away from the held-out set, a p̂ = 0 bin noisy but pointing at it
     frontier = [compute_bin_signal(b, m * direction + rng.standard_normal((200, 32)), direction)
