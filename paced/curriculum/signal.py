@@ -101,8 +101,8 @@ def verdict(signals: list[BinSignal]) -> str:
         sd = float(np.hypot(zero.alignment_sd or 0.0, ref_sd))
         figures = f"cos {zero.alignment:+.2f} ± {zero.alignment_sd or 0:.2f} vs the frontier's {ref:+.2f} ± {ref_sd:.2f}"
         if zero.alignment <= 2 * (zero.alignment_sd or 0.0):
-            return (f"never-solved problems do not point toward the held-out set ({figures}): frontier weighting "
-                    "(paced, hard-filter) loses little here")
+            return (f"never-solved problems show no held-out-aligned signal beyond noise ({figures}): frontier "
+                    "weighting (paced, hard-filter) loses little here")
         if zero.alignment - ref > 2 * sd:
             return (f"never-solved problems point toward the held-out set better than the frontier ({figures}): an "
                     "exact zero at p̂ = 0 throws that away — prefer paced-posterior or uniform")
