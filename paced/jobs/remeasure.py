@@ -217,6 +217,17 @@ def create_run_like(run_url: str, student_id: str, **http) -> str:
         service.close()
 
 
+def snapshot_frontier(table) -> dict:
+    """A snapshot's frontier as the trainer logs it: problems, shares at p̂ = 0 / 0 < p̂ < 1 / p̂ = 1,
+    mean p̂ and the mean carried share of its estimates."""
+    from paced.curriculum.frontier import compute_frontier
+
+    p, n, age, share = (table[c].to_numpy() for c in ("pass_rate", "n", "stale_age", "carried_share"))
+    f = compute_frontier(p, n, age, share)
+    return {"problems": f.problems, "share_zero": f.share("zero"), "share_mid": f.share("mid"),
+            "share_one": f.share("one"), "mean_pass_rate": f.mean_pass_rate, "carried_share": f.carried_share}
+
+
 def is_http(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
@@ -317,6 +328,7 @@ class RemeasureJob:
                   "rollout_seconds": rolled["seconds"], "backend": rolled["backend"]}
         if carry is not None:
             record |= {"carry_over_decay": carry.decay, "carried_share_mean": entry["carried_share"]["mean"]}
+        record["frontier"] = snapshot_frontier(read_snapshot(home, lineage, snapshot_id, dataset=cursor.dataset))
         if kind == STAGE:
             record["after_stage"] = stage
         record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, stage)

@@ -73,6 +73,7 @@ from paced.jobs.manifest import add_scheme_arguments, parse_prior, scheme_settin
 from paced.jobs.remeasure import REFRESH_BACKENDS, HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
 from paced.trainer.config import DEVICES, LOSS_PATHS, TrainConfig, parse_stages
 from paced.trainer.losses import LOSSES
+from paced.trainer.report import parse_report_to
 
 # The configs `paced train` builds from its flags, in --help order. A field of a later one that
 # an earlier one already has (seed, --home...) is one flag, given to both.
@@ -100,6 +101,8 @@ SPECIAL = {
     "fsdp": {"action": "store_true"},
     "lease_ttl_seconds": {"type": float},
     "refresh_backend": {"choices": list(REFRESH_BACKENDS)},
+    "report_to": {"type": parse_report_to, "action": "extend", "default": None,
+                  "metavar": "jsonl|tensorboard|none"},
     "group_size": {"type": int, "nargs": "?", "const": 8, "metavar": "K"},
     "group_scheme": {"choices": sorted(SCHEMES)},
     "group_prior": {"type": parse_prior, "metavar": "A,B"},
@@ -131,7 +134,7 @@ def add_arguments(parser) -> None:
 def _add_field(parser, f: dataclasses.Field) -> None:
     spec = dict(SPECIAL.get(f.name, {}))
     flags = spec.pop("flags", ["--" + f.name.replace("_", "-")])
-    default = f.default if f.default is not dataclasses.MISSING else None
+    default = spec.pop("default", f.default if f.default is not dataclasses.MISSING else None)
     if "type" not in spec and "action" not in spec and default is not None and not isinstance(default, str):
         spec["type"] = type(default)
     help_ = spec.pop("help", f.metadata.get("help", ""))

@@ -14,6 +14,7 @@ from typing import Any
 from paced.curriculum import SCHEMES
 from paced.errors import InputError
 from paced.trainer.losses import LOSSES
+from paced.trainer.report import check_report_to
 
 ON_POLICY_BY_DEFAULT = {"reverse"}  # a loss whose stage samples from the student unless told
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,7 +25,7 @@ GROUP_FIELDS = ("group_size", "group_scheme", "group_alpha", "group_beta", "grou
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
                      "http_timeout_seconds", "device", "grader_workers", "loss_path", "loss_in_place",
-                     "loss_chunk_size"}
+                     "loss_chunk_size", "report_to"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ class TrainConfig:
                             "(0: never)", 0)
     device: str = _help("auto (cuda if available), cpu or cuda", "auto")
     progress: bool = _help("show a progress bar on stderr", True)
+    report_to: tuple[str, ...] = _help("training logs, per optimizer step, re-measurement and eval (rank 0): jsonl "
+                                       "(OUT/metrics.jsonl), tensorboard (OUT/tensorboard; the `tensorboard` extra), "
+                                       "none; repeat the flag or separate with commas (default: jsonl)", ("jsonl",))
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -175,6 +179,8 @@ class TrainConfig:
             raise InputError(f"`loss_path` must be one of {', '.join(LOSS_PATHS)}, got {self.loss_path!r}")
         if self.device not in DEVICES:
             raise InputError(f"`device` must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        object.__setattr__(self, "report_to", tuple(self.report_to))
+        check_report_to(self.report_to)
         self._check_template()
         self._check_group()
         self._check_fsdp()
@@ -256,6 +262,7 @@ class TrainConfig:
                 data.pop(name)
         if not self.group_snapshot_every:  # recorded only when on: earlier --group-size checkpoints still resume
             data.pop("group_snapshot_every", None)
+        data["report_to"] = list(self.report_to)
         if not self.fsdp:  # recorded only when on, for the same reason
             data.pop("fsdp")
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}

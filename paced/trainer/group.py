@@ -50,6 +50,7 @@ import numpy as np
 from paced.backends.base import Completion, SamplingConfig, derive_seed, sample_seed
 from paced.curriculum import WeightScheme, compute_weights, posterior_weight
 from paced.errors import InputError
+from paced.trainer.report import GROUP_FRONTIER, compute_group_frontier
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +253,14 @@ class GroupStep:
                 for batch in self.groups for g in batch for j, (c, o) in enumerate(zip(g.completions, g.outcomes))]
 
     def stats(self) -> list[float]:
-        """This process's [samples, zero-weight samples, correct, grading failures, generated tokens]."""
+        """This process's [samples, zero-weight samples, correct, grading failures, generated tokens,
+        then groups, groups at p̂ = 0, at 0 < p̂ < 1, at p̂ = 1] (the last four: GROUP_FRONTIER)."""
         flat = [g for batch in self.groups for g in batch]
         k = self.trainee.config.group_size
+        frontier = compute_group_frontier([g.correct for g in flat], k)
         return [float(k * len(flat)), float(k * sum(g.weight == 0 for g in flat)), float(sum(g.correct for g in flat)),
-                float(sum(o in FAILED for g in flat for o in g.outcomes)), float(self.generated_tokens)]
+                float(sum(o in FAILED for g in flat for o in g.outcomes)), float(self.generated_tokens),
+                *(float(frontier[name]) for name in GROUP_FRONTIER)]
 
     # ---- the update
 
@@ -273,6 +277,8 @@ class GroupStep:
         for name, value in zip(("samples", "zero_weight_samples", "correct", "grading_failures"), stats, strict=False):
             counts[name] = counts.get(name, 0) + int(value)
         progress.generated_tokens += int(stats[4])
+        for name, value in zip(GROUP_FRONTIER, stats[5:], strict=True):  # the step's groups by p̂ (training logs)
+            counts[name] = counts.get(name, 0) + int(value)
         counts["steps"] = counts.get("steps", 0) + 1
         if weight_sum == 0:
             counts["zero_weight_steps"] = counts.get("zero_weight_steps", 0) + 1

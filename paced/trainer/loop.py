@@ -50,6 +50,7 @@ from paced.trainer.remeasure import (
     remeasure,
     remeasure_due,
 )
+from paced.trainer.report import Reporter, update_lr
 from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class Trainee:
     remeasure: Remeasure | None = None
     evaluate: Evaluate | None = None
     group_io: GroupIO | None = None  # --group-size: grading and the sample sink (paced/trainer/group.py)
+    reporter: Reporter | None = None  # --report-to: the training logs (paced/trainer/report.py)
 
     def settings(self) -> dict:
         """What trainer_state.json records as the run's config: the trainer's and its hooks'."""
@@ -273,6 +275,7 @@ class Meter:
     rows: int = 0
     zero_rows: int = 0
     weight: float = 0.0
+    weight_sq: float = 0.0  # Σ w²: the effective sample size of the training logs
     started: float = field(default_factory=time.perf_counter)
 
     def add_rows(self, rows: list[dict]) -> None:
@@ -280,6 +283,12 @@ class Meter:
         self.rows += len(weights)
         self.zero_rows += sum(1 for w in weights if w == 0)
         self.weight += sum(weights)
+        self.weight_sq += sum(w * w for w in weights)
+
+    def merge(self, other: Meter) -> None:
+        """Add one step's statistics (`other`) to these."""
+        for name in ("loss", "batches", "tokens", "rows", "zero_rows", "weight", "weight_sq"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def postfix(self) -> dict:
         seconds = max(time.perf_counter() - self.started, 1e-9)
@@ -362,18 +371,21 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
     meter, acks = Meter(), []
     while progress.stage_step < stage.steps:
         stream.need_completion = not on_policy
-        started = time.perf_counter()
-        stepped = train_step(t, stream, stage, on_policy, optimizer, schedule, progress, meter, acks)
+        started, step_meter = time.perf_counter(), Meter()
+        stepped = train_step(t, stream, stage, on_policy, optimizer, schedule, progress, step_meter, acks)
         for key in acks:  # after the step (or at the end of the data: those rows are consumed)
             stream.source.ack(key)
         acks.clear()
-        progress.seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        progress.seconds += seconds
         if not stepped:
             progress.data_exhausted = True
             return stream
         progress.step += 1
         progress.stage_step += 1
         progress.stage_steps[index] += 1
+        meter.merge(step_meter)
+        t.reporter.step(t.runtime, progress, step_meter, update_lr(schedule), seconds)
         bar.update(1)
         if progress.step % 5 == 0 or progress.stage_step == stage.steps:
             bar.set_postfix(stage=f"{index}:{stage.loss}", **meter.postfix(), refresh=False)
@@ -431,8 +443,9 @@ def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | Non
     torch.manual_seed(config.seed)
     tokenizer, student, teacher = ckpt.load_models(config, resume_from or Path(config.student), runtime.device)
     model = sharding.wrap_models(student, teacher, config, runtime)
-    t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io)
     progress = Progress.from_state(state, len(config.schedule), config.source)
+    reporter = Reporter(Path(config.out), config.report_to, runtime.rank, progress.step if state else None, progress)
+    t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io, reporter)
     optimizer_state = None
     if state:
         ckpt.restore_rng_state(state["rng"])
@@ -446,7 +459,7 @@ def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | Non
     after_step(t, progress, stream, on_step if progress.step == 0 else None)
     bar = tqdm(total=config.total_steps, initial=progress.step, unit="step", desc="train", file=sys.stderr,
                disable=not config.progress or runtime.rank != 0, dynamic_ncols=True)
-    with bar:
+    with bar, contextlib.closing(reporter):
         for index in range(progress.stage, len(config.schedule)):
             stream = run_stage(t, stream, index, progress, bar, optimizer_state, on_step)
             optimizer_state = None

@@ -116,6 +116,8 @@ def remeasure(trainee, progress, stream: BatchStream, kind: str, optimizer=None,
     record["refresh_seconds"] = round(time.perf_counter() - started, 3)
     progress.pending_refresh = None
     progress.refreshes.append(record)
+    if trainee.reporter is not None:
+        trainee.reporter.refresh(pending["step"], record)
     if pending["kind"] == STAGE:
         progress.stage, progress.stage_step = pending["stage"] + 1, 0
     if record["source"] != progress.source:
@@ -160,3 +162,5 @@ def after_step(trainee, progress, stream: BatchStream, on_step=None) -> None:
                                                  rollout_tokens)["total_flops"],
                            "generated_tokens": progress.generated_tokens, "train_seconds": round(progress.seconds, 3),
                            "seconds": round(time.perf_counter() - started, 3)})
+    if trainee.reporter is not None:
+        trainee.reporter.eval(progress.step, progress.evals[-1])
