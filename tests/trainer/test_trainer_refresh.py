@@ -3,6 +3,7 @@ resume inside a refresh, cheap re-probes, weight guards, the service following t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,6 +171,13 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
         assert_same_weights(manifest_weights(built), expected_weights(snapshot, WeightScheme(name="paced-posterior")))
         state = read_json(folder / "trainer_state.json")
         assert state["pending_refresh"] is None and state["source"] == str(built) and state["refreshes"][-1] == r
+        p, n = np.asarray(snapshot["pass_rate"].to_pylist()), np.asarray(snapshot["n"].to_pylist())
+        measured = p[n > 0]
+        assert r["frontier"]["problems"] == measured.size == 30
+        assert r["frontier"]["share_zero"] == pytest.approx((measured == 0).mean())
+        assert r["frontier"]["share_one"] == pytest.approx((measured == 1).mean())
+        assert r["frontier"]["mean_pass_rate"] == pytest.approx(measured.mean())
+        assert r["frontier"]["carried_share"] == pytest.approx(np.mean(snapshot["carried_share"].to_pylist()))
         previous = snapshot
     assert summary["source"] == refreshes[-1]["source"]
     # Compute: training and rollouts side by side, and their totals.
@@ -179,6 +187,13 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
     curve = summary["eval_curve"]
     assert [(e["step"], e["rollout_tokens"]) for e in curve] == [(0, 0), (3, refreshes[0]["rollout_tokens"])]
     assert curve[0]["problems"] == 6 and 0 <= curve[1]["accuracy"] <= 1 and curve[1]["train_tokens"] > 0
+    # The training logs (OUT/metrics.jsonl, on by default): each refresh's frontier, each eval's accuracy.
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "step"] == [1, 2, 3, 4, 5]
+    assert [(x["step"], x["snapshot_id"], x["problems"], x["share_mid"], x["carried_share"])
+            for x in lines if x["kind"] == "refresh"] == \
+        [(r["step"], r["snapshot_id"], 30, r["frontier"]["share_mid"], r["frontier"]["carried_share"]) for r in refreshes]
+    assert [(x["step"], x["accuracy"]) for x in lines if x["kind"] == "eval"] == [(e["step"], e["accuracy"]) for e in curve]
 
 
 def test_scheme_flags_and_guards_reach_the_manifests_the_trainer_builds(models, tmp_path, capsys):
