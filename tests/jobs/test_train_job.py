@@ -25,6 +25,7 @@ RECORDED = {
     "eval_max_new_tokens", "device", "progress",
     # added later (a checkpoint without them resumes: a missing setting reads as None, their default)
     "tensor_parallel_size", "gpu_memory_utilization", "dtype", "max_model_len", "enforce_eager",
+    "report_to",  # resumable with another value: the logs do not change the result
 }
 
 
