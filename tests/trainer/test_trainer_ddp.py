@@ -37,3 +37,7 @@ def test_two_gloo_processes_train_in_step_and_rank_0_saves(tmp_path):
     assert summary["skipped_rows_without_completion"] == 3  # counted once, not once per rank
     final_state = json.loads((tmp_path / "out" / "final" / "trainer_state.json").read_text())
     assert final_state["position"] == {"epoch": 1, "shard": 0, "row": 7}
+    # The training logs: rank 0 writes each step once, with both ranks' rows and tokens.
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["kind"], x["step"], x["rows"]) for x in lines] == [("step", 1, 8), ("step", 2, 8), ("step", 3, 8)]
+    assert sum(x["tokens"] for x in lines) == summary["train_tokens"]
