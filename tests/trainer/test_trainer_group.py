@@ -5,6 +5,7 @@ template. Tiny real models, the real grader and store."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -220,6 +221,12 @@ def test_sigkill_and_resume_commit_each_sample_once_with_the_same_weights(models
     assert len({r[:3] for r in rows_b}) == len(rows_b)  # each (checkpoint, problem, sample) once
     assert resumed["group"] == straight["group"]  # same outcomes, so the same weights and zero-weight counts
     assert 0 < straight["group"]["correct"] < straight["group"]["samples"]
+    # The training logs: each step once after the resume, with the uninterrupted run's figures.
+    logs = [[{k: v for k, v in json.loads(x).items() if k != "seconds"}
+             for x in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()] for name in ("a", "b")]
+    assert [x["step"] for x in logs[1]] == list(range(1, 9))
+    assert [x.pop("loss") for x in logs[1]] == pytest.approx([x.pop("loss") for x in logs[0]], nan_ok=True)
+    assert logs[1] == logs[0]
     a, b = parameters(tmp_path / "a" / "out" / "final"), parameters(tmp_path / "b" / "out" / "final")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
