@@ -12,7 +12,7 @@ job records it), eval lines the held-out accuracy. In TensorBoard each number is
 
 Resume: the lines after the checkpoint's step are dropped (they are trained again), and a line
 whose (kind, step) is already in the file is not written twice; TensorBoard is told to purge the
-events after the checkpoint's step (`purge_step`), so each step is shown once.
+events after the checkpoint's step (`purge_step`; a fresh run: all), so each step is shown once.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Reporter:
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = resume_step + 1 if resume_step is not None else None
+            purge = 0 if resume_step is None else resume_step + 1  # a fresh run hides a killed one's events
             self.writer = SummaryWriter(log_dir=str(Path(out) / TENSORBOARD_DIR), purge_step=purge)
 
     def step(self, runtime, progress, meter, lr: float, seconds: float) -> None:

@@ -119,3 +119,16 @@ def test_group_mode_lines_carry_the_zero_weight_share_skips_and_the_groups_front
         # hard-filter: exactly the groups at p̂ = 0 or 1 weigh 0, and each group has K samples
         assert line["group_zero_weight_sample_share"] == pytest.approx(shares[0] + shares[2])
         assert line["group_skipped"] == (shares[1] == 0) and (line["loss"] is None) == line["group_skipped"]
+
+
+def test_a_fresh_run_into_the_folder_of_a_killed_one_hides_its_lines_and_events(tmp_path):
+    from paced.trainer.checkpoint import Progress
+    from paced.trainer.report import Reporter
+
+    for steps in ([1, 2, 3], [1]):  # the first run was killed before any checkpoint: the second starts over
+        reporter = Reporter(tmp_path, ("jsonl", "tensorboard"), 0, None, Progress())
+        for step in steps:
+            reporter.eval(step, {"accuracy": step / 10})
+        reporter.close()
+    assert read_lines(tmp_path) == [{"kind": "eval", "step": 1, "accuracy": 0.1}]
+    assert scalars(tmp_path)["eval/accuracy"] == [(1, pytest.approx(0.1))]
