@@ -262,9 +262,9 @@ class TrainConfig:
                 data.pop(name)
         if not self.group_snapshot_every:  # recorded only when on: earlier --group-size checkpoints still resume
             data.pop("group_snapshot_every", None)
-        data["report_to"] = list(self.report_to)
         if not self.fsdp:  # recorded only when on, for the same reason
             data.pop("fsdp")
+        data["report_to"] = list(self.report_to)
         data["stages"] = [dataclasses.asdict(s) | {"on_policy": s.resolved_on_policy(self.on_policy)}
                           for s in self.schedule]
         return data
