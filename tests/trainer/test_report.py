@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from trainer_helpers import build_models, make_rows, summary_of, train_args, write_shards
+from trainer_helpers import make_rows, summary_of, train_args, write_shards
 
 from paced.cli import main
 from paced.curriculum import effective_sample_size
@@ -21,11 +21,6 @@ from paced.trainer.report import compute_group_frontier, parse_report_to
 
 def weight(i: int) -> float:
     return 0.0 if i % 4 == 0 else 0.25 * (i % 4) + 0.1 * (i % 3)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 def read_lines(out: Path) -> list[dict]:
