@@ -150,9 +150,7 @@ class Reporter:
         self.seen.add((kind, step))
         if "jsonl" in self.names:
             with self.path.open("a") as f:
-                f.write(json.dumps({"kind": kind, "step": step, **figures}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                f.write(json.dumps({"kind": kind, "step": step, **figures}) + "\n")  # closed: a kill keeps it
         if self.writer is not None:
             for name, value in figures.items():
                 if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
