@@ -259,6 +259,77 @@ def test_the_self_distillation_template_reaches_the_teacher_and_not_the_student(
         forward_pair(trainee, [{**row, "answer": None}], [[1]])
 
 
+# a chat template in the tiny tokenizer's alphabet: BOS, the user turn between '=' signs, '-' opens the answer
+CHAT = "{{ bos_token }}{% for m in messages %}={{ m['content'] }}={% endfor %}{% if add_generation_prompt %}-{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def chat_models(models, tmp_path_factory):
+    """The tiny student and teacher with a chat template in their tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = []
+    for src in models:
+        dst = tmp_path_factory.mktemp("chat") / src.name
+        shutil.copytree(src, dst)
+        tokenizer = AutoTokenizer.from_pretrained(dst)
+        tokenizer.chat_template = CHAT
+        tokenizer.save_pretrained(dst)
+        out.append(dst)
+    return tuple(out)
+
+
+def test_chat_template_renders_both_sides_as_generation_does(chat_models, tmp_path):
+    """With --chat-template the student's prompt is the user turn the sampler renders, and the
+    teacher's is the filled-in --teacher-prompt-template rendered the same way; the completion
+    tokens follow both unchanged."""
+    from paced.backends.base import render_prompts
+    from paced.trainer.checkpoint import load_model
+    from paced.trainer.config import TrainConfig
+    from paced.trainer.loop import Runtime, Trainee, forward_pair
+
+    (student, tokenizer), (teacher, _) = (load_model(chat_models[0], torch.float32, "cpu") for _ in range(2))
+    config = TrainConfig(student=str(chat_models[0]), teacher=str(chat_models[0]), source=str(tmp_path),
+                         out=str(tmp_path), teacher_prompt_template="{answer}+0={prompt}", chat_template=True)
+    seen: dict[str, list] = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.register_forward_hook(lambda m, a, kw, out, name=name: seen.setdefault(name, []).append(
+            kw["input_ids"][0].tolist()), with_kwargs=True)
+    trainee = Trainee(config, Runtime(), tokenizer, student, student, teacher)
+    target = tokenizer("15", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    forward_pair(trainee, [{"prompt": "12+3=", "answer": "15", "problem_id": "p", "dataset": "arith"}], [target])
+    want_student = render_prompts(tokenizer, ["12+3="], True)[0]
+    want_teacher = render_prompts(tokenizer, ["15+0=12+3="], True)[0]
+    assert tokenizer.decode(want_student) == "<s>=12+3==-" and tokenizer.decode(want_teacher) == "<s>=15+0=12+3==-"
+    assert seen["student"][0] == want_student + target and seen["teacher"][0] == want_teacher + target
+
+
+def test_chat_template_samples_are_paced_rollouts_with_the_chat_template(chat_models, tmp_path, capsys):
+    """A --chat-template group run samples the rendered chat prompt: step 1's committed samples
+    equal `paced rollout --chat-template` of checkpoint-1, filed under the same sampling hash."""
+    home, manifest = group_home(tmp_path / "a", capsys)
+    assert main(group_args(chat_models, home, manifest, tmp_path / "out", "--steps", "2", "--save-every", "1",
+                           "--chat-template")) == 0
+    capsys.readouterr()
+    student = "s1-step1"
+    config = RolloutConfig(k=K, temperature=1.0, max_new_tokens=1, seed=step_seed(0, 1), chat_template=True)
+    folder = home / "rollouts" / student / config.sampling_hash / "arith"
+    trained = read_rollouts(batch_files(folder))
+    other, _ = group_home(tmp_path / "b", capsys)
+    rollout(other, tmp_path / "out" / "checkpoint-1", "arith", config, student_id=student,
+            problem_ids=sorted(set(trained["problem_id"].to_pylist())), backend_name="transformers", progress=False)
+    rolled = read_rollouts(batch_files(other / "rollouts" / student / config.sampling_hash / "arith"))
+    assert trained.num_rows == 4 * K and rolled.to_pylist() == trained.to_pylist()
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_a_clear_error(models, tmp_path, capsys):
+    home, manifest = group_home(tmp_path, capsys)
+    assert main(group_args(models, home, manifest, tmp_path / "out", "--steps", "1", "--chat-template")) != 0
+    assert "no chat template" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # a `paced serve` subprocess
 def test_group_training_from_a_service_run_commits_under_the_runs_student(
         models, service, tmp_path, capsys, monkeypatch):  # noqa: F811 - `service`: the imported fixture
