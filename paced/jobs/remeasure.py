@@ -505,6 +505,7 @@ class HeldOutConfig:
     eval_limit: int | None = _flag("--eval-every: only the first N problems (by id)", None)
     eval_max_new_tokens: int = _flag("--eval-every: longest greedy completion", 16)
     seed: int = _shared(0)
+    chat_template: bool = _shared(False)  # the trainer's --chat-template: prompts rendered as in training
 
     def __post_init__(self):
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -538,7 +539,8 @@ class HeldOutEval:
         problems = problems.slice(0, config.eval_limit) if config.eval_limit else problems
         sets = {config.eval_dataset: (problems, dataset_info(home, config.eval_dataset)["grader"])}
         backend = HFBackend.from_model(student, tokenizer, batch_size=256)
-        eval_config = EvalConfig(k=1, max_new_tokens=config.eval_max_new_tokens, seed=config.seed, sampled=False)
+        eval_config = EvalConfig(k=1, max_new_tokens=config.eval_max_new_tokens, seed=config.seed, sampled=False,
+                                 chat_template=config.chat_template)
         with runtime.autocast():
             greedy = evaluate_backend(backend, sets, eval_config)[config.eval_dataset]["greedy"]
         return {"step": step, "accuracy": greedy["accuracy"], "by_difficulty": greedy["by_difficulty"],

@@ -168,7 +168,8 @@ def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
                          "(scheme, alpha, beta, prior, weight_floor, uniform_mix)")
     if remeasure.carry_over_decay is not None and not config.refresh_every:
         raise InputError("--carry-over-decay applies to --refresh-every refreshes; add --refresh-every N")
-    held_out = dataclasses.replace(config_from_args(HeldOutConfig, args), home=remeasure.home, seed=config.seed)
+    held_out = dataclasses.replace(config_from_args(HeldOutConfig, args), home=remeasure.home, seed=config.seed,
+                                   chat_template=config.chat_template)
     return config, RemeasureJob(remeasure), HeldOutEval(held_out)
 
 

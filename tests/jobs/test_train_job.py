@@ -43,6 +43,9 @@ def test_flags_reach_the_config_that_owns_them_and_shared_ones_reach_both():
     assert (remeasure.config.home, evaluate.config.home) == ("H", "H")
     assert remeasure.config.max_new_tokens == config.max_new_tokens == 9 and remeasure.config.token == "secret"
     assert remeasure.config.weights == {"prior": [2.0, 3.0], "weight_floor": 0.2}
+    assert not config.chat_template and not evaluate.config.chat_template
+    chat, _, chat_eval = jobs_from_args(parse("--chat-template"))
+    assert chat.chat_template and chat_eval.config.chat_template  # held-out prompts rendered as in training
     assert evaluate.config.eval_limit == 5
     settings = run_settings(config, remeasure, evaluate)
     assert set(settings) == RECORDED
