@@ -138,3 +138,50 @@ def test_real_model_smoke_vllm_cpu_rollouts(real_model, school_home):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["samples"] == 6 and summary["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_real_model_group_self_distillation_with_the_chat_template(real_model, school_home, tmp_path):
+    """The whole loop on the real model's BPE tokenizer and chat template: a snapshot, a manifest,
+    one on-policy group step (K = 2) whose teacher is the same model shown the answer, the
+    training samples refreshed into pass rates, and `paced evaluate` by level."""
+    home, model = school_home, str(real_model.path)
+    _cli("rollout", "--student", model, "--student-id", "smol-group", "--dataset", "school", "-k", "1",
+         "--max-new-tokens", "8", "--chat-template", "--backend", "transformers", "--home", home)
+    _cli("refresh", "--student", "smol-group", "--home", home)
+    _cli("manifest", "build", "--student", "smol-group", "--dataset", "school", "--scheme", "uniform",
+         "--out", str(tmp_path / "m"), "--home", home)
+    summary = _cli("train", "--student", model, "--teacher", model, "--from", str(tmp_path / "m"),
+                   "--out", str(tmp_path / "out"), "--loss", "reverse", "--steps", "1", "--batch-size", "3",
+                   "--group-size", "2", "--group-scheme", "uniform", "--max-new-tokens", "8", "--chat-template",
+                   "--teacher-prompt-template", "{prompt}\n(The correct answer is {answer}.)", "--lr", "1e-5",
+                   "--grader-workers", "1", "--no-progress", "--home", home)
+    group = summary["group"]
+    assert group["samples"] == 6 and group["steps"] == 1 and summary["train_tokens"] > 0
+    assert summary["total_flops"] > 0 and summary["steps"] == 1
+    refreshed = _cli("refresh", "--student", "smol-group-step0", "--home", home)
+    assert refreshed["rollouts"] == 6
+    report = _cli("evaluate", "--model", str(tmp_path / "out" / "final"), "--dataset", "school", "--chat-template",
+                  "--greedy-only", "--max-new-tokens", "8", "--backend", "transformers", "--home", home)
+    assert report["model"]["sets"]["school"]["greedy"]["by_difficulty"].keys() == {"1"}
+
+
+@pytest.mark.slow
+def test_the_real_model_bench_quick_mode_runs_every_arm(real_model, tmp_path):
+    """`bench/real_model.py --quick`: 4 problems, K = 2, one step per arm, from the same model."""
+    import shutil
+    from pathlib import Path
+
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(real_model.path, models / MODEL_NAME)  # the bench finds it built: no conversion
+    bench = Path(__file__).resolve().parents[1] / "bench" / "real_model.py"
+    done = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=3600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["arm"] for r in saved["results"]] == ["uniform-group", "hard-filter-group", "paced-group"]
+    for r in saved["results"]:
+        assert [e["step"] for e in r["curve"]] == [0, 1] and r["summary"]["group"]["samples"] == 4
+        assert r["curve"][1]["total_flops"] > 0 and r["curve"][0] == {**saved["setup"]["step0"], **r["curve"][0]}
+    assert "| uniform-group |" in done.stdout and "| base model (step 0) |" in done.stdout
