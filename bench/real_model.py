@@ -161,7 +161,7 @@ def arm_home(base: Path, name: str, out: Path) -> Path:
 def run_one(base: Path, arm: str, seed: int, args, setup: dict) -> dict:
     """Train one arm with one seed (in this process); its eval curve and summary."""
     from paced.curriculum import WeightScheme
-    from paced.jobs.manifest import manifest_record, snapshot_manifest, write_manifest_dir
+    from paced.jobs.manifest import ManifestInputs, snapshot_manifest, write_manifest_dir
     from paced.jobs.train import group_io
     from paced.store.home import open_home
     from paced.trainer.config import TrainConfig
@@ -169,10 +169,10 @@ def run_one(base: Path, arm: str, seed: int, args, setup: dict) -> dict:
 
     home_dir = arm_home(base, f"{arm}-s{seed}", Path(args.out))
     home = open_home(home_dir)
-    scheme = WeightScheme("uniform")
-    manifest, sid = snapshot_manifest(home, "base", "pool", scheme, seed)
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="pool", seed=seed,
+                                                                  weights=WeightScheme(name="uniform")))
     mdir = home_dir.parent / "manifest"
-    write_manifest_dir(home, manifest, manifest_record("base", "pool", sid, scheme, "weighted-loss", seed), mdir, 64)
+    write_manifest_dir(home, manifest, inputs, mdir, 64)  # uniform weights: no selection
     model = setup["model"]
     every = args.eval_every or args.steps
     config = TrainConfig(
