@@ -324,12 +324,6 @@ def test_chat_template_samples_are_paced_rollouts_with_the_chat_template(chat_mo
     assert trained.num_rows == 4 * K and rolled.to_pylist() == trained.to_pylist()
 
 
-def test_chat_template_without_one_in_the_tokenizer_is_a_clear_error(models, tmp_path, capsys):
-    home, manifest = group_home(tmp_path, capsys)
-    assert main(group_args(models, home, manifest, tmp_path / "out", "--steps", "1", "--chat-template")) != 0
-    assert "no chat template" in capsys.readouterr().err
-
-
 @pytest.mark.slow  # a `paced serve` subprocess
 def test_group_training_from_a_service_run_commits_under_the_runs_student(
         models, service, tmp_path, capsys, monkeypatch):  # noqa: F811 - `service`: the imported fixture
