@@ -71,6 +71,19 @@ def read_lineage(home: Home | str | Path, lineage_id: str, snapshot_id: str) -> 
     return side["lineage"]
 
 
+def keyed_inputs(home: Home, files) -> list[dict]:
+    """The inputs of a refresh as its key records them: each file's path in the home and size."""
+    return [{"path": str(f.relative_to(home.root)), "bytes": f.stat().st_size} for f in files]
+
+
+def resolve_snapshot(home: Home, lineage_id: str, key: str) -> tuple[str | None, str, bool]:
+    """(the side file's snapshot id for `key` or None, the id to write under, whether that
+    snapshot is already complete): a rerun of a killed refresh finishes it under the same id."""
+    found = _find(home, lineage_id, key)
+    return found, found or new_snapshot_id(key), bool(found and (home.snapshots_dir(lineage_id) /
+                                                               f"{found}.parquet").exists())
+
+
 def _find(home: Home, lineage_id: str, key: str) -> str | None:
     """The snapshot of L whose side file records this refresh key, if any."""
     folder = home.snapshots_dir(lineage_id)
@@ -165,12 +178,11 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
     key = hashlib.sha256(json.dumps({
         "lineage_id": lineage_id, "checkpoint_id": checkpoint_id, "dataset": dataset, "sampling_hash": sampling_hash,
         "previous": [previous_student_id, previous_snapshot_id], "problem_ids": problem_ids,
-        "inputs": [{"path": str(f.relative_to(home.root)), "bytes": f.stat().st_size} for f in files],
+        "inputs": keyed_inputs(home, files),
         **({"decay": decay} if decay is not None else {}),
     }, sort_keys=True).encode()).hexdigest()
-    found = _find(home, lineage_id, key)
-    snapshot_id = found or new_snapshot_id(key)
-    if found and (home.snapshots_dir(lineage_id) / f"{found}.parquet").exists():
+    found, snapshot_id, done = resolve_snapshot(home, lineage_id, key)
+    if done:
         return found
     previous = read_snapshot(home, previous_student_id, previous_snapshot_id) if previous_snapshot_id else None
     fresh, tokens = _fresh_rows(home, files, checkpoint_id, sampling_hash, dataset, problem_ids, snapshot_id)

@@ -26,10 +26,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from paced.jobs.lineage import _find, _fresh_rows, _merge, _write_side, carried_stats, stale_stats
+from paced.jobs.lineage import (
+    _fresh_rows,
+    _merge,
+    _write_side,
+    carried_stats,
+    keyed_inputs,
+    resolve_snapshot,
+    stale_stats,
+)
 from paced.store.home import Home, validate_name
 from paced.store.rollouts import batch_files
-from paced.store.snapshots import new_snapshot_id, read_snapshot, write_snapshot
+from paced.store.snapshots import read_snapshot, write_snapshot
 
 
 def newest_groups(home: Home, dataset: str, sample_sets: list[tuple[str, str]]) -> list[tuple[str, str, list, list]]:
@@ -60,12 +68,11 @@ def refresh_lineage_from_samples(home: Home, lineage_id: str, dataset: str, samp
         "kind": "training-samples", "lineage_id": lineage_id, "dataset": dataset,
         "previous": [previous_student_id, previous_snapshot_id],
         "sources": [{"student_id": s, "sampling_hash": h, "problem_ids": ids,
-                     "inputs": [{"path": str(f.relative_to(home.root)), "bytes": f.stat().st_size} for f in files]}
+                     "inputs": keyed_inputs(home, files)}
                     for s, h, files, ids in groups],
     }, sort_keys=True).encode()).hexdigest()
-    found = _find(home, lineage_id, key)
-    snapshot_id = found or new_snapshot_id(key)
-    if found and (home.snapshots_dir(lineage_id) / f"{found}.parquet").exists():
+    found, snapshot_id, done = resolve_snapshot(home, lineage_id, key)
+    if done:
         return found
     previous = read_snapshot(home, previous_student_id, previous_snapshot_id) if previous_snapshot_id else None
     parts = [_fresh_rows(home, files, s, h, dataset, ids, snapshot_id) for s, h, files, ids in groups]

@@ -267,9 +267,7 @@ class GroupStep:
     def finish(self, stage, optimizer, schedule, progress) -> bool:
         """Weigh, commit, and (unless Σ w = 0) backpropagate Σ w·L / Σ w and step the optimizer;
         whether this process has a loss to report (`progress.last_loss`)."""
-        import torch
-
-        t, c = self.trainee, self.trainee.config
+        t = self.trainee
         local_weight = self.weigh()
         weight_sum, *stats = t.runtime.sum([local_weight, *self.stats()])
         self.commit()
@@ -294,13 +292,9 @@ class GroupStep:
             progress.local_tokens += tokens
             if value is not None:
                 losses.append(value)
-        if losses:
-            progress.last_loss = sum(losses) / len(losses)
-            progress.first_loss = progress.last_loss if progress.first_loss is None else progress.first_loss
-        if c.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(t.student.parameters(), c.max_grad_norm)
-        optimizer.step()
-        schedule.step()
+        from paced.trainer.loop import apply_update
+
+        apply_update(t, optimizer, schedule, progress, losses)
         return bool(losses)
 
     def batch_loss(self, batch: list[Group], stage, weight_sum: float):

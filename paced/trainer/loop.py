@@ -300,7 +300,6 @@ class Meter:
 def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, optimizer, schedule,
                progress: Progress, meter: Meter, acks: list[str]) -> bool:
     """One optimizer step over `grad_accum` micro-batches; False when the data ran out first."""
-    import torch
 
     c = t.config
     optimizer.zero_grad(set_to_none=True)
@@ -348,13 +347,22 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
         return True
     if losses:
         meter.loss, meter.batches = meter.loss + sum(losses), meter.batches + len(losses)
+    apply_update(t, optimizer, schedule, progress, losses)
+    return True
+
+
+def apply_update(t: Trainee, optimizer, schedule, progress: Progress, losses: list[float]) -> None:
+    """The end of every optimizer step (plain and group): record the step's mean loss, clip the
+    gradient norm, step the optimizer and the schedule."""
+    import torch
+
+    if losses:
         progress.last_loss = sum(losses) / len(losses)
         progress.first_loss = progress.last_loss if progress.first_loss is None else progress.first_loss
-    if c.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(t.student.parameters(), c.max_grad_norm)
+    if t.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(t.student.parameters(), t.config.max_grad_norm)
     optimizer.step()
     schedule.step()
-    return True
 
 
 def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, bar, optimizer_state,
