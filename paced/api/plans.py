@@ -26,9 +26,8 @@ from paced.api.records import Replan, SegmentRecord
 from paced.api.shardfiles import EpochFiles, epoch_folder, read_epoch, shard_bytes, shard_jsonl, write_epoch
 from paced.curriculum import Manifest, WeightScheme, build_manifest
 from paced.errors import NotFoundError, PacedError
-from paced.store.files import read_json
 from paced.store.home import Home
-from paced.store.snapshots import read_snapshot_rows
+from paced.store.snapshots import read_snapshot_record, read_snapshot_rows
 
 
 @dataclass(frozen=True)
@@ -120,8 +119,8 @@ def remainder_manifest(table: pa.Table, served: pa.Array, scheme: WeightScheme, 
 def measured_by(home: Home, student_id: str, snapshot_id: str, table: pa.Table) -> tuple[tuple[str, ...], str | None]:
     """The checkpoints whose rollouts measured `table` (its distinct `student_id`s), and the
     lineage's newest checkpoint if a lineage refresh wrote the snapshot (its side file)."""
-    side = home.snapshots_dir(student_id) / f"{snapshot_id}.json"
-    checkpoint = (read_json(side).get("lineage") or {}).get("checkpoint_id") if side.exists() else None
+    record = read_snapshot_record(home, student_id, snapshot_id)
+    checkpoint = (record.lineage or {}).get("checkpoint_id") if record else None
     return tuple(sorted(pc.unique(table["student_id"]).to_pylist())), checkpoint
 
 

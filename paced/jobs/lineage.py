@@ -38,37 +38,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from paced import __version__
 from paced.curriculum.carryover import CarryOver, carry_evidence
 from paced.curriculum.reprobe import carry_forward
 from paced.errors import InputError
 from paced.jobs.refresh import choose_sampling_hash, fingerprint, input_files
-from paced.store.files import read_json, write_json_atomic
 from paced.store.home import Home, open_home, validate_name
 from paced.store.rollouts import batch_files, rollout_sets
 from paced.store.snapshots import (
     COUNTS_SCHEMA,
     SNAPSHOT_SCHEMA,
+    SnapshotRecord,
     fill_evidence,
     new_snapshot_id,
     read_snapshot,
+    read_snapshot_record,
+    snapshot_records,
     write_snapshot,
+    write_snapshot_record,
 )
 from paced.store.sql import connect, query_arrow, statement
-
-
-def side_path(home: Home, student_id: str, snapshot_id: str) -> Path:
-    return home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.json"
 
 
 def read_lineage(home: Home | str | Path, lineage_id: str, snapshot_id: str) -> dict:
     """The lineage record of one snapshot of L (what `refresh_lineage` wrote beside it)."""
     home = home if isinstance(home, Home) else open_home(home, create=False)
-    path = side_path(home, lineage_id, snapshot_id)
-    side = read_json(path) if path.exists() else {}
-    if "lineage" not in side:
+    record = read_snapshot_record(home, lineage_id, snapshot_id)
+    if record is None or record.lineage is None:
         raise InputError(f"snapshot {snapshot_id} of {lineage_id!r} was not written by a lineage refresh")
-    return side["lineage"]
+    return record.lineage
 
 
 def keyed_inputs(home: Home, files) -> list[dict]:
@@ -86,11 +83,9 @@ def resolve_snapshot(home: Home, lineage_id: str, key: str) -> tuple[str | None,
 
 def _find(home: Home, lineage_id: str, key: str) -> str | None:
     """The snapshot of L whose side file records this refresh key, if any."""
-    folder = home.snapshots_dir(lineage_id)
-    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
-        side = read_json(path)
-        if side.get("lineage", {}).get("key") == key:
-            return side["snapshot_id"]
+    for record in snapshot_records(home, lineage_id):
+        if (record.lineage or {}).get("key") == key:
+            return record.snapshot_id
     return None
 
 
@@ -205,11 +200,10 @@ def _write_side(home: Home, lineage_id: str, snapshot_id: str, table: pa.Table, 
                 sampling: dict | None) -> None:
     history = []
     if record["previous_snapshot_id"]:
-        prev = side_path(home, record["previous_student_id"], record["previous_snapshot_id"])
-        history = read_json(prev).get("history", []) if prev.exists() else []
-    write_json_atomic(side_path(home, lineage_id, snapshot_id), {
-        "snapshot_id": snapshot_id, "student_id": lineage_id, "sampling_hash": record["sampling_hash"],
-        "sampling": sampling, "fingerprint": _own_fingerprint(home, lineage_id), "problems": table.num_rows,
-        "datasets": sorted(set(table["dataset"].to_pylist())), "paced_version": __version__,
-        "lineage": record, "history": [*history, {k: v for k, v in record.items() if k != "key"}],
-    })
+        previous = read_snapshot_record(home, record["previous_student_id"], record["previous_snapshot_id"])
+        history = (previous.history or []) if previous else []
+    write_snapshot_record(home, SnapshotRecord(
+        snapshot_id=snapshot_id, student_id=lineage_id, sampling_hash=record["sampling_hash"], sampling=sampling,
+        fingerprint=_own_fingerprint(home, lineage_id), problems=table.num_rows,
+        datasets=sorted(set(table["dataset"].to_pylist())), lineage=record,
+        history=[*history, {k: v for k, v in record.items() if k != "key"}]))

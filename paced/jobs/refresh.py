@@ -32,9 +32,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from paced import __version__
 from paced.errors import NotFoundError
-from paced.store.files import damaged, parquet_problem, read_json_object, write_json_atomic
+from paced.store.files import damaged, parquet_problem
 from paced.store.home import Home, open_home, validate_name
 from paced.store.rollouts import (
     BATCH_HINT,
@@ -43,7 +42,15 @@ from paced.store.rollouts import (
     read_sampling_config,
     rollout_sets,
 )
-from paced.store.snapshots import list_snapshots, new_snapshot_id, snapshot_lock, write_snapshot
+from paced.store.snapshots import (
+    SnapshotRecord,
+    list_snapshots,
+    new_snapshot_id,
+    read_snapshot_record,
+    snapshot_lock,
+    write_snapshot,
+    write_snapshot_record,
+)
 from paced.store.sql import connect, query_files, statement
 
 
@@ -74,22 +81,16 @@ def fingerprint(sampling_hash: str, inputs: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-SIDE_HINT = "move it aside and rerun `paced refresh`: a new snapshot is written"
-
-
-def newest_side(home: Home, student_id: str) -> dict | None:
+def newest_side(home: Home, student_id: str) -> SnapshotRecord | None:
     """The record beside the student's newest snapshot (its `fingerprint`…), if any."""
     ids = list_snapshots(home, student_id)
-    if not ids:
-        return None
-    side = home.snapshots_dir(student_id) / f"{ids[-1]}.json"
-    return {"snapshot_id": ids[-1], **read_json_object(side, SIDE_HINT)} if side.exists() else None
+    return read_snapshot_record(home, student_id, ids[-1]) if ids else None
 
 
 def newest_fingerprint(home: Home, student_id: str) -> str | None:
     """The fingerprint recorded beside the student's newest snapshot, if any."""
     side = newest_side(home, student_id)
-    return side.get("fingerprint") if side else None
+    return side.fingerprint if side else None
 
 
 def _aggregate(home: Home, student_id: str, chosen: str, inputs: list[dict], snapshot_id: str, con=None):
@@ -98,15 +99,15 @@ def _aggregate(home: Home, student_id: str, chosen: str, inputs: list[dict], sna
     return aggregate_passrates(con or connect(), params)
 
 
-def _repair(home: Home, student_id: str, side: dict, chosen: str, inputs: list[dict], con=None) -> bool:
+def _repair(home: Home, student_id: str, side: SnapshotRecord, chosen: str, inputs: list[dict], con=None) -> bool:
     """Rebuild the newest snapshot from its own inputs if its Parquet file is damaged; False if
     it reads. A lineage snapshot (rows carried from earlier checkpoints) cannot be rebuilt here."""
-    sid = side["snapshot_id"]
+    sid = side.snapshot_id
     path = home.snapshots_dir(student_id) / f"{sid}.parquet"
     reason = parquet_problem(path)
     if reason is None:
         return False
-    if "lineage" in side:
+    if side.lineage is not None:
         raise damaged(path, reason, "it was written by a training refresh and cannot be rebuilt from rollouts "
                       "alone: move it aside and rerun that refresh")
     print(f"paced refresh: {path} {reason}; rebuilding it from its rollouts", file=sys.stderr)
@@ -145,18 +146,15 @@ def _refresh_locked(home: Home, student_id: str, sampling_hash: str | None, con=
     key = fingerprint(chosen, inputs)
     base = {"student_id": student_id, "sampling_hash": chosen}
     side = newest_side(home, student_id)
-    if side is not None and side.get("fingerprint") == key:
+    if side is not None and side.fingerprint == key:
         repaired = _repair(home, student_id, side, chosen, inputs, con)
-        return {**base, "snapshot_id": side["snapshot_id"], "written": repaired, "repaired": repaired}
+        return {**base, "snapshot_id": side.snapshot_id, "written": repaired, "repaired": repaired}
     snapshot_id = new_snapshot_id(key)
     table = _aggregate(home, student_id, chosen, inputs, snapshot_id, con)
-    folder = home.snapshots_dir(student_id)
     sampling = read_sampling_config(home.rollouts_dir(student_id, chosen, sets[0].dataset))
-    write_json_atomic(folder / f"{snapshot_id}.json", {
-        "snapshot_id": snapshot_id, "student_id": student_id, "sampling_hash": chosen, "sampling": sampling,
-        "fingerprint": key, "inputs": inputs, "problems": table.num_rows, "paced_version": __version__,
-        "datasets": sorted({s.dataset for s in sets}),
-    })
+    write_snapshot_record(home, SnapshotRecord(
+        snapshot_id=snapshot_id, student_id=student_id, sampling_hash=chosen, sampling=sampling, fingerprint=key,
+        inputs=inputs, problems=table.num_rows, datasets=sorted({s.dataset for s in sets})))
     write_snapshot(home, student_id, table, snapshot_id)
     return {**base, "snapshot_id": snapshot_id, "written": True, "problems": table.num_rows,
             "rollouts": sum(table["n"].to_pylist()), "batch_files": len(inputs)}

@@ -45,6 +45,7 @@ from paced.errors import InputError, PacedError
 from paced.jobs.manifest import ManifestInputs
 from paced.store.files import read_json
 from paced.store.home import Home, open_home
+from paced.store.snapshots import read_snapshot_record
 
 EVERY, STAGE = "every", "stage"
 REFRESH_BACKENDS = ("auto", "transformers", "vllm")
@@ -399,8 +400,8 @@ def rollout_config(config: RemeasureConfig, home: Home, cursor: Cursor, round_: 
     """The base snapshot's sampling (from its side file; else the trainer's), K and round r."""
     from paced.jobs.rollout import RolloutConfig
 
-    side = home.snapshots_dir(cursor.student_id) / f"{cursor.snapshot_id}.json"
-    s = (read_json(side).get("sampling") or {}) if side.exists() else {}
+    record = read_snapshot_record(home, cursor.student_id, cursor.snapshot_id)
+    s = (record.sampling or {}) if record else {}
     temperature = config.rollout_temperature
     if temperature is None:
         temperature = s.get("temperature", config.sample_temperature)

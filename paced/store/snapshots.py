@@ -4,24 +4,39 @@ A snapshot id sorts by creation time (`YYYYMMDDTHHMMSSffffffZ-<hash8>`), so the 
 is the greatest file name. Readers list final names only (never `.tmp-*`), so a refresh that
 runs while the service reads can never show half a snapshot: readers see the old snapshot
 until the rename puts the new one in place.
+
+Beside each snapshot, `snapshots/{student}/{snapshot_id}.json` (a `SnapshotRecord`, written
+before the snapshot): how it was measured (sampling, fingerprint of its inputs) and, for a
+lineage refresh, its lineage record and history. `read_snapshot_record` and
+`write_snapshot_record` are its only readers and writers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from paced.errors import ConflictError, NotFoundError
-from paced.store.files import FILE_MODE, make_dirs, read_json, read_parquet_checked, write_parquet_atomic
+from paced import __version__
+from paced.errors import ConflictError, NotFoundError, SchemaError
+from paced.store.files import (
+    FILE_MODE,
+    make_dirs,
+    read_json_object,
+    read_parquet_checked,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from paced.store.home import Home, validate_name
 
 COUNTS_SCHEMA = pa.schema([
@@ -182,7 +197,77 @@ def _sorted(table: pa.Table) -> bool:
 
 def measured_chat_template(home: Home, student_id: str, snapshot_id: str) -> bool | None:
     """Whether the rollouts that measured a snapshot rendered prompts with the chat template
-    (its side file's sampling config); None when the snapshot records no sampling."""
-    side = home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.json"
-    sampling = (read_json(side).get("sampling") or {}) if side.exists() else {}
+    (its side record's sampling config); None when the snapshot records no sampling."""
+    record = read_snapshot_record(home, student_id, snapshot_id)
+    sampling = (record.sampling or {}) if record else {}
     return bool(sampling["chat_template"]) if "chat_template" in sampling else None
+
+
+# ---------------------------------------------------------------- the side record
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotRecord:
+    """What `snapshots/{student}/{snapshot_id}.json` says about one snapshot."""
+
+    snapshot_id: str
+    student_id: str
+    sampling_hash: str | None = None
+    sampling: dict | None = None  # the rollout config's record (temperature, max_new_tokens, base_seed...)
+    fingerprint: str | None = None  # of the inputs: a refresh with the same inputs writes nothing
+    problems: int = 0
+    datasets: list[str] = field(default_factory=list)
+    paced_version: str = __version__
+    inputs: list[dict] | None = None  # `paced refresh`: the rollout batch files aggregated
+    lineage: dict | None = None  # a lineage refresh: its record (key, checkpoint, carried, ...)
+    history: list[dict] | None = None  # a lineage refresh: the records of the lineage so far
+
+    def to_json(self) -> dict:
+        """The side file's JSON (keys a snapshot kind does not use are left out, as always)."""
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if v is not None or k in ("sampling", "fingerprint")}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "a snapshot side file") -> SnapshotRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or "snapshot_id" not in data or "student_id" not in data:
+            raise SchemaError(f"{where} is not a snapshot record (a JSON object with snapshot_id and "
+                              f"student_id): {SIDE_HINT}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# what to do about a side file that does not read
+SIDE_HINT = "move it aside and rerun `paced refresh`: a new snapshot is written"
+
+
+def snapshot_record_path(home: Home, student_id: str, snapshot_id: str) -> Path:
+    return home.snapshots_dir(student_id) / f"{validate_name(snapshot_id, 'snapshot_id')}.json"
+
+
+def read_snapshot_record(home: Home, student_id: str, snapshot_id: str) -> SnapshotRecord | None:
+    """The side record of one snapshot (None when it has none); a file that does not read as a
+    JSON object is a `DamagedError` naming it."""
+    return _read_record(snapshot_record_path(home, student_id, snapshot_id), student_id, snapshot_id)
+
+
+def _read_record(path: Path, student_id: str, snapshot_id: str) -> SnapshotRecord | None:
+    if not path.exists():
+        return None
+    data = read_json_object(path, SIDE_HINT)
+    # the path names the snapshot where an older writer left the ids out
+    return SnapshotRecord.from_json({"snapshot_id": snapshot_id, "student_id": student_id, **data}, str(path))
+
+
+def write_snapshot_record(home: Home, record: SnapshotRecord) -> Path:
+    """Write (atomically) the side record; before the snapshot it describes."""
+    path = snapshot_record_path(home, record.student_id, record.snapshot_id)
+    make_dirs(path.parent)
+    write_json_atomic(path, record.to_json())
+    return path
+
+
+def snapshot_records(home: Home, student_id: str) -> Iterator[SnapshotRecord]:
+    """Every side record of a student's snapshots, by snapshot id."""
+    folder = home.snapshots_dir(student_id)
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        yield _read_record(path, student_id, path.stem)

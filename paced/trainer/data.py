@@ -25,33 +25,113 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from paced.errors import InputError
+import numpy as np
+
+from paced.errors import InputError, PacedError
+
+if TYPE_CHECKING:
+    from paced.trainer.config import TrainConfig
 from paced.store.files import read_json
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ShardRows:
-    """One shard's rows. `key` names it for `ack`; `start` is the first row to use (resume)."""
+class Position:
+    """Where a file stream resumes: the next unread row of shard `shard` of epoch `epoch`."""
 
-    key: str
-    rows: list[dict]
-    epoch: int
-    index: int
-    start: int = 0
-    wait_seconds: float | None = None  # not a shard: the service asks to come back later
+    epoch: int = 0
+    shard: int = 0
+    row: int = 0
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "row": self.row}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> Position | None:
+        if data is None:
+            return None
+        try:
+            return cls(int(data["epoch"]), int(data["shard"]), int(data["row"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"a saved data position must hold epoch, shard and row, got {data!r}") from err
 
 
 @dataclass(frozen=True)
-class Batch:
-    """One process's micro-batch and the bookkeeping of the stream up to its end."""
+class Rows:
+    """Rows as columns: `weights` (float64, read once) and every other column of the shard
+    (`prompt`, `completion`, `problem_id`, `dataset`, `answer`, `n`, `pass_rate`, ...)."""
 
-    rows: list[dict]
-    done_keys: tuple[str, ...]  # shards whose every row is now consumed (ack after the step)
-    position: dict | None  # where the stream resumes after this batch (files: epoch/shard/row)
+    columns: dict[str, list]
+    weights: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.columns["prompt"]
+
+    @property
+    def completions(self) -> list[str | None]:
+        return self.column("completion")
+
+    def column(self, name: str) -> list:
+        """The column's values; None for every row when the shard has no such column."""
+        values = self.columns.get(name)
+        return values if values is not None else [None] * len(self)
+
+
+@dataclass(frozen=True)
+class ShardRows(Rows):
+    """One shard's rows as columns. `key` names it for `ack`; `start` is the first row to use (resume)."""
+
+    key: str = ""
+    epoch: int = -1
+    index: int = -1
+    start: int = 0
+    wait_seconds: float | None = None  # not a shard: the service asks to come back later
+
+    @classmethod
+    def from_columns(cls, key: str, columns: dict[str, list], epoch: int, index: int, start: int = 0,
+                     where: str = "") -> ShardRows:
+        """A shard from its columns; InputError naming the shard (`where`) when a row lacks a
+        weight or a prompt, or a weight is not a finite number >= 0."""
+        where = where or key
+        for name in ("prompt", "weight"):
+            values = columns.get(name)
+            if values is None or any(v is None for v in values):
+                row = "the column" if values is None else f"row {[v is None for v in values].index(True)}"
+                raise InputError(f"shard {where}: {row} has no `{name}` (rebuild it with `paced manifest build`)")
+        try:
+            weights = np.asarray(columns["weight"], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"shard {where}: `weight` must hold numbers ({err})") from err
+        bad = ~np.isfinite(weights) | (weights < 0)
+        if bad.any():
+            raise InputError(f"shard {where}: row {int(np.argmax(bad))} has weight {weights[bad][0]!r}; "
+                             "weights must be finite and >= 0 (rebuild it with `paced manifest build`)")
+        return cls({k: list(v) for k, v in columns.items() if k != "weight"}, weights, key=key, epoch=epoch, index=index, start=start)
+
+    @classmethod
+    def wait(cls, seconds: float) -> ShardRows:
+        return cls({"prompt": []}, np.zeros(0), wait_seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Batch(Rows):
+    """One process's micro-batch (columns) and the bookkeeping of the stream up to its end."""
+
+    done_keys: tuple[str, ...] = ()  # shards whose every row is now consumed (ack after the step)
+    position: Position | None = None  # where the stream resumes after this batch (files)
     wait_seconds: float | None = None  # no rows: the service has none free now, ask again later
+
+    def select(self, keep: np.ndarray) -> Rows:
+        """The rows where `keep` is true (columns only)."""
+        idx = np.flatnonzero(keep)
+        return Rows({name: [values[i] for i in idx] for name, values in self.columns.items()}, self.weights[idx])
 
 
 # ---------------------------------------------------------------- shard files
@@ -62,7 +142,7 @@ class FileShardSource:
 
     shared = True
 
-    def __init__(self, folder: str | Path, position: dict | None = None):
+    def __init__(self, folder: str | Path, position: Position | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise InputError(f"--from {self.folder}: no such folder (expected a manifest folder "
@@ -74,21 +154,22 @@ class FileShardSource:
         if self.manifest.get("form", "text") != "text":
             raise InputError(f"--from {self.folder}: its shards are in the {self.manifest['form']} form (for external "
                              "trainers); paced train reads the text form: build the manifest without --form")
-        self.position = dict(position or {"epoch": 0, "shard": 0, "row": 0})
+        self.position = position or Position()
 
     def __iter__(self) -> Iterator[ShardRows]:
         import pyarrow.parquet as pq
 
-        epoch, index, row = self.position["epoch"], self.position["shard"], self.position["row"]
+        epoch, index, row = self.position.epoch, self.position.shard, self.position.row
         while True:
             if index >= len(self.files):
                 epoch, index, row = epoch + 1, 0, 0
             path = self.files[index]
             try:
-                rows = pq.read_table(path).to_pylist()
+                table = pq.read_table(path)
             except OSError as err:
                 raise InputError(f"cannot read shard file {path}: {err}") from err
-            yield ShardRows(f"{epoch}/{path.name}", rows, epoch, index, row)
+            columns = table.to_pydict()
+            yield ShardRows.from_columns(f"{epoch}/{path.name}", columns, epoch, index, row, where=str(path))
             index, row = index + 1, 0
 
     def ack(self, key: str) -> None:
@@ -131,10 +212,13 @@ class HttpShardSource:
             if shard is None:
                 return
             if isinstance(shard, float):
-                yield ShardRows("", [], -1, -1, wait_seconds=shard)
+                yield ShardRows.wait(shard)
                 continue
             shard.finished = True
-            yield ShardRows(shard.lease_id, shard.rows, shard.epoch, shard.index)
+            names = dict.fromkeys(name for row in shard.rows for name in row)
+            columns = {name: [row.get(name) for row in shard.rows] for name in names}
+            yield ShardRows.from_columns(shard.lease_id, columns, shard.epoch, shard.index,
+                                         where=f"lease {shard.lease_id} of {self.run_url}")
 
     @property
     def held(self) -> dict:
@@ -165,7 +249,8 @@ class HttpShardSource:
         self.client.close()
 
 
-def open_source(config, rank: int, position: dict | None, source: str | None = None):
+def open_source(config: TrainConfig, rank: int, position: Position | None,
+                source: str | None = None) -> FileShardSource | HttpShardSource:
     """The shard source `source` (default `--from`) names, at `position` (files) when given."""
     source = source or config.source
     if source.startswith(("http://", "https://")):
@@ -176,18 +261,37 @@ def open_source(config, rank: int, position: dict | None, source: str | None = N
     return FileShardSource(source, position)
 
 
-def open_stream(config, rank: int, world_size: int, source: str, position: dict | None) -> BatchStream:
+def open_stream(config: TrainConfig, rank: int, world_size: int, source: str, position: Position | None = None) -> BatchStream:
     """A batch stream over `source` (files: from `position`)."""
-    return BatchStream(open_source(config, rank, position, source), config.batch_size, need_completion=True,
-                       rank=rank, world_size=world_size)
+    stream = BatchStream(open_source(config, rank, None, source), config.batch_size, need_completion=True,
+                         rank=rank, world_size=world_size)
+    stream.load_state_dict({"position": position.to_json() if position else None})
+    return stream
 
 
 # ---------------------------------------------------------------- batches
 
 
+Row = tuple[ShardRows, int]  # a row: its shard and its index there
+
+
+def gather(rows: list[Row], done_keys: tuple[str, ...], position: Position | None) -> Batch:
+    """The batch of `rows` (from one or more shards) as columns: a column some shard lacks is None
+    in that shard's rows."""
+    names = dict.fromkeys(name for shard, _ in rows for name in shard.columns)
+    columns = {name: [shard.columns[name][j] if name in shard.columns else None for shard, j in rows]
+               for name in names}
+    weights = np.array([shard.weights[j] for shard, j in rows], dtype=np.float64)
+    return Batch(columns or {"prompt": []}, weights, done_keys=done_keys, position=position)
+
+
 @dataclass
 class BatchStream:
-    """Cuts batches from a source's rows. See the module docstring for ranks and skipping."""
+    """Cuts batches from a source's rows. See the module docstring for ranks and skipping.
+
+    `state_dict()` is where the stream stands after the batches taken so far (a batch given
+    back with `push_back` is not taken); `load_state_dict()` before the first batch puts a file
+    stream there (a service stream has no position: the service knows what was acked)."""
 
     source: object
     batch_size: int
@@ -195,10 +299,22 @@ class BatchStream:
     rank: int = 0
     world_size: int = 1
     skipped_rows: int = 0  # rows left out for lack of a completion
+    position: Position | None = None  # after the last batch taken (files)
     _rows: Iterator | None = field(default=None, repr=False)
     _pushed: Batch | None = field(default=None, repr=False)
+    _before_pushed: Position | None = field(default=None, repr=False)
 
-    def _row_stream(self) -> Iterator[tuple[dict | None, str | None, dict | None, float | None]]:
+    def state_dict(self) -> dict:
+        return {"position": self.position.to_json() if self.position else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._rows is not None:
+            raise PacedError("load_state_dict: the stream has started; open a new one", code="stream_started")
+        self.position = Position.from_json(state.get("position"))
+        if isinstance(self.source, FileShardSource) and self.position is not None:
+            self.source.position = self.position
+
+    def _row_stream(self) -> Iterator[tuple[Row | None, str | None, Position | None, float | None]]:
         """(row or None if left out, key of a shard finished at this row, position after it,
         seconds to wait when the source has nothing now)."""
         useful, counting, epoch = 0, None, None
@@ -212,29 +328,31 @@ class BatchStream:
                                      + (" and a completion" if self.need_completion else "")
                                      + ": nothing to train on")
                 counting, useful, epoch = shard.index == 0 and shard.start == 0, 0, shard.epoch
-            if shard.start >= len(shard.rows):
-                yield None, shard.key, {"epoch": shard.epoch, "shard": shard.index + 1, "row": 0}, None
-            for j in range(shard.start, len(shard.rows)):
-                row = shard.rows[j]
-                last = j == len(shard.rows) - 1
-                pos = {"epoch": shard.epoch, "shard": shard.index + 1, "row": 0} if last else \
-                    {"epoch": shard.epoch, "shard": shard.index, "row": j + 1}
-                if self.need_completion and not row.get("completion"):
+            next_shard = Position(shard.epoch, shard.index + 1, 0)
+            completions = shard.completions
+            if shard.start >= len(shard):
+                yield None, shard.key, next_shard, None
+            for j in range(shard.start, len(shard)):
+                last = j == len(shard) - 1
+                after = next_shard if last else Position(shard.epoch, shard.index, j + 1)
+                row: Row | None = (shard, j)
+                if self.need_completion and not completions[j]:
                     self.skipped_rows += 1
                     row = None
-                elif float(row.get("weight") or 0.0) > 0:
+                elif shard.weights[j] > 0:
                     useful += 1
-                yield row, (shard.key if last else None), pos, None
+                yield row, (shard.key if last else None), after, None
 
     def _cut(self) -> Batch | None:
-        rows, keys, position = [], [], None
+        rows: list[Row] = []
+        keys, position = [], None
         if self._rows is None:
             self._rows = self._row_stream()
         for row, key, after, wait in self._rows:
             if wait is not None:
                 if rows or keys:  # train on what we hold first, so its shards get acked
                     break
-                return Batch([], (), position, wait_seconds=wait)
+                return Batch({"prompt": []}, np.zeros(0), position=position, wait_seconds=wait)
             position = after
             if key is not None:
                 keys.append(key)
@@ -244,14 +362,21 @@ class BatchStream:
                     break
         if not rows and not keys:
             return None
-        return Batch(rows, tuple(keys), position)
+        return gather(rows, tuple(keys), position)
 
     def push_back(self, batch: Batch) -> None:
         """Return a batch to the stream: the next `next_batch` gives it again."""
-        self._pushed = batch
+        self._pushed, self.position = batch, self._before_pushed
 
     def next_batch(self) -> Batch | None:
         """This process's next batch (None when the source is exhausted)."""
+        batch = self._next()
+        if batch is not None and batch.wait_seconds is None:
+            self._before_pushed = self.position
+            self.position = batch.position or self.position
+        return batch
+
+    def _next(self) -> Batch | None:
         if self._pushed is not None:
             batch, self._pushed = self._pushed, None
             return batch
@@ -262,4 +387,5 @@ class BatchStream:
         if mine is None:
             return None
         keys = tuple(k for b in group if b is not None for k in b.done_keys)
-        return Batch(mine.rows, keys, next(b for b in reversed(group) if b is not None).position)
+        last = next(b for b in reversed(group) if b is not None)
+        return Batch(mine.columns, mine.weights, done_keys=keys, position=last.position)

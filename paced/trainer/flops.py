@@ -22,9 +22,9 @@ def compute_flops(n_student: int, n_teacher: int, trained_tokens: int, generated
     return 2.0 * n_student * generated_tokens + (6.0 * n_student + 2.0 * n_teacher) * trained_tokens
 
 
-def flops_record(t, train_tokens: int, generated_tokens: int, rollout_tokens: int) -> dict:
-    """The FLOPs fields of the summary and of an eval-curve entry, for trainee `t`."""
-    n_s, n_t = count_parameters(t.raw_student), count_parameters(t.teacher)
+def flops_record(trainee, train_tokens: int, generated_tokens: int, rollout_tokens: int) -> dict:
+    """The FLOPs fields of the summary and of an eval-curve entry, for `trainee`."""
+    n_s, n_t = count_parameters(trainee.raw_student), count_parameters(trainee.teacher)
     train = compute_flops(n_s, n_t, train_tokens, 0)
     sampling = compute_flops(n_s, n_t, 0, generated_tokens)
     rollouts = compute_flops(n_s, n_t, 0, rollout_tokens)

@@ -268,19 +268,19 @@ def _check_head(last_hidden, head, last_logits) -> None:
                              "use --loss-path logits")
 
 
-def fused_micro_batch(t, encoded, weights: list[float], loss: str, vocab: int):
+def fused_micro_batch(trainee, encoded, weights: list[float], loss: str, vocab: int):
     """The trainer's micro-batch loss on the fused path: (BatchLoss or None, tokens, the tensor to
-    backpropagate). `t` is the trainer's Trainee, `encoded` the student side then (if it differs)
+    backpropagate). `trainee` is the trainer's Trainee, `encoded` the student side then (if it differs)
     the teacher side. A batch without weight gives a zero that still touches the head and the
     hidden states, so DDP's all-reduce covers every parameter on this process too."""
-    c = t.config
-    with t.runtime.autocast():
+    config = trainee.config
+    with trainee.runtime.autocast():
         with torch.no_grad():
-            teacher = aligned_head_input(t.teacher, encoded[-1])
-        student = aligned_head_input(t.student, encoded[0])
+            teacher = aligned_head_input(trainee.teacher, encoded[-1])
+        student = aligned_head_input(trainee.student, encoded[0])
         if not any(w > 0 for w in weights):
             zero = student.hidden.sum() * 0.0 + student.weight.sum() * 0.0
             return None, 0, zero + (student.bias.sum() * 0.0 if student.bias is not None else 0.0)
         result = fused_batch_loss(student, teacher, encoded[0].mask, weights, loss=loss, vocab=vocab,
-                                  chunk_size=c.loss_chunk_size, **c.loss_kwargs(loss))
+                                  chunk_size=config.loss_chunk_size, **config.loss_kwargs(loss))
     return result, int(encoded[0].mask.sum()), result.loss

@@ -43,7 +43,7 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -51,6 +51,17 @@ from paced.backends.base import Completion, SamplingConfig, derive_seed, sample_
 from paced.curriculum import WeightScheme, compute_weights, posterior_weight
 from paced.errors import InputError
 from paced.trainer.report import GROUP_FRONTIER, compute_group_frontier
+
+if TYPE_CHECKING:
+    import torch
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from paced.backends.base import Backend
+    from paced.trainer.checkpoint import Progress
+    from paced.trainer.config import Stage, TrainConfig
+    from paced.trainer.data import Batch, Rows
+    from paced.trainer.loop import Trainee
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +115,14 @@ def step_seed(seed: int, step: int) -> int:
     return derive_seed(seed, f"group-step-{step}")
 
 
-def step_sampling(config, step: int) -> SamplingConfig:
+def step_sampling(config: TrainConfig, step: int) -> SamplingConfig:
     """The sampling of step `step`'s groups (what the `SampleSink` is handed with them)."""
     return SamplingConfig(n=1, temperature=config.sample_temperature, top_p=config.sample_top_p,
                           max_new_tokens=config.max_new_tokens, seed=step_seed(config.seed, step),
                           chat_template=config.chat_template)
 
 
-def scheme_of(config) -> WeightScheme:
+def scheme_of(config: TrainConfig) -> WeightScheme:
     return WeightScheme(name=config.group_scheme, alpha=config.group_alpha, beta=config.group_beta,
                         prior=config.group_prior)
 
@@ -130,10 +141,35 @@ def compute_group_weights(correct, k: int, scheme: WeightScheme, prior_correct=N
     return compute_weights(c, np.full_like(c, float(k)), WeightScheme(name=scheme.name, alpha=scheme.alpha, beta=scheme.beta))
 
 
-def prior_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class PromptRow:
+    """What the group mode needs of one shard row."""
+
+    problem_id: str
+    dataset: str
+    prompt: str
+    answer: str | None  # graded against; also what a teacher template may show
+    n: float = 0.0  # the row's snapshot counts (paced-posterior's prior), 0 where it has none
+    pass_rate: float = 0.0
+
+
+def prompt_rows(rows: Rows) -> list[PromptRow]:
+    """The rows' prompts with their ids, answers and snapshot counts; InputError when the shard
+    lacks the ids (the group mode seeds and commits samples by problem)."""
+    for name in ("problem_id", "dataset"):
+        if any(v is None for v in rows.column(name)):
+            raise InputError(f"--group-size needs the shard rows' `{name}`; these rows have none "
+                             "(train from a manifest built by `paced manifest build` or a service run)")
+    return [PromptRow(pid, ds, prompt, answer, float(n or 0), float(rate or 0.0))
+            for pid, ds, prompt, answer, n, rate in zip(rows.column("problem_id"), rows.column("dataset"),
+                                                      rows.prompts, rows.column("answer"), rows.column("n"),
+                                                      rows.column("pass_rate"), strict=True)]
+
+
+def prior_counts(rows: list[PromptRow]) -> tuple[np.ndarray, np.ndarray]:
     """(correct, n) of each row's snapshot (pass_rate·n of n); (0, 0) where the row has none."""
-    n = np.array([float(r.get("n") or 0) for r in rows])
-    rate = np.array([float(r.get("pass_rate") or 0.0) for r in rows])
+    n = np.array([r.n for r in rows], dtype=np.float64)
+    rate = np.array([r.pass_rate for r in rows], dtype=np.float64)
     return np.round(np.clip(rate, 0, 1) * n), n
 
 
@@ -154,7 +190,7 @@ def sample_indices(problem_ids: list[str], k: int, taken: Counter) -> list[int]:
 class Group:
     """One prompt's K graded samples and its weight."""
 
-    row: dict
+    row: PromptRow
     first: int  # sample index of the first of the K samples
     completions: list[Completion]
     outcomes: list[str]
@@ -166,7 +202,7 @@ class Group:
         return sum(o == CORRECT for o in self.outcomes)
 
 
-def make_sampler(trainee):
+def make_sampler(trainee: Trainee) -> Backend:
     """The student's sampler: a `paced.backends` Backend over the in-memory student. (A vLLM
     engine that loads the trainer's weights after every optimizer step, as TRL's colocate mode
     does, would be returned here on GPUs; the group step only calls `generate`.)"""
@@ -175,29 +211,29 @@ def make_sampler(trainee):
     return HFBackend.from_model(trainee.raw_student, trainee.tokenizer, batch_size=512)
 
 
-def sample_groups(backend, rows: list[dict], firsts: list[int], k: int, params: SamplingConfig) -> list[list[Completion]]:
+def sample_groups(backend: Backend, rows: list[PromptRow], firsts: list[int], k: int, params: SamplingConfig) -> list[list[Completion]]:
     """K completions per row, one request per sample with its own seed (see the module doc)."""
     prompts, seeds = [], []
     for row, first in zip(rows, firsts, strict=True):
         for j in range(first, first + k):
-            prompts.append(row["prompt"])
-            seeds.append(sample_seed(params.seed, row["problem_id"], j))
+            prompts.append(row.prompt)
+            seeds.append(sample_seed(params.seed, row.problem_id, j))
     flat = backend.generate(prompts, params, seeds=seeds)
     return [[cs[0] for cs in flat[i * k:(i + 1) * k]] for i in range(len(rows))]
 
 
-def grade_groups(grading: Grading, rows: list[dict], completions: list[list[Completion]]) -> list[tuple[list, str]]:
+def grade_groups(grading: Grading, rows: list[PromptRow], completions: list[list[Completion]]) -> list[tuple[list, str]]:
     """(outcomes, grader label) per row, grading every row's samples against its `answer`."""
-    missing = [r["problem_id"] for r in rows if r.get("answer") is None]
+    missing = [r.problem_id for r in rows if r.answer is None]
     if missing:
         raise InputError(f"--group-size grades samples against the shard rows' `answer`, and {len(missing)} rows "
                          f"have none (e.g. {missing[0]}); rebuild the manifest or run with this version of paced")
     by_dataset: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
-        by_dataset.setdefault(row["dataset"], []).append(i)
+        by_dataset.setdefault(row.dataset, []).append(i)
     out: list[tuple[list, str]] = [([], "")] * len(rows)
     for dataset, idx in by_dataset.items():
-        items = [(c.text, rows[i]["answer"]) for i in idx for c in completions[i]]
+        items = [(c.text, rows[i].answer) for i in idx for c in completions[i]]
         verdicts = grading.grade(dataset, items)
         for n, i in enumerate(idx):
             mine = verdicts[n * len(completions[i]):(n + 1) * len(completions[i])]
@@ -209,30 +245,31 @@ def grade_groups(grading: Grading, rows: list[dict], completions: list[list[Comp
 class GroupStep:
     """The samples of one optimizer step, micro-batch by micro-batch, then the weighted update."""
 
-    trainee: object
+    trainee: Trainee
     step: int
     groups: list[list[Group]] = field(default_factory=list)  # per micro-batch
     taken: Counter = field(default_factory=Counter)
     generated_tokens: int = 0
-    spare: dict | None = None  # a row to forward when this process has no sample of weight > 0
+    spare: PromptRow | None = None  # a row to forward when this process has no sample of weight > 0
 
     @property
     def params(self) -> SamplingConfig:
         return step_sampling(self.trainee.config, self.step)
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, batch: Batch) -> None:
         """Sample K completions for each selected row (shard weight > 0) of one micro-batch and
         grade them."""
-        t, k = self.trainee, self.trainee.config.group_size
-        self.spare = self.spare or rows[0]
-        rows = [r for r in rows if float(r.get("weight") or 0.0) > 0]
+        trainee, k = self.trainee, self.trainee.config.group_size
+        if self.spare is None and len(batch):
+            self.spare = prompt_rows(batch.select(np.arange(len(batch)) == 0))[0]
+        rows = prompt_rows(batch.select(batch.weights > 0))
         if not rows:  # another process has rows: this one joins the update with a zero loss
             self.groups.append([])
             return
-        firsts = sample_indices([r["problem_id"] for r in rows], k, self.taken)
-        with t.runtime.autocast():
-            completions = sample_groups(make_sampler(t), rows, firsts, k, self.params)
-        graded = grade_groups(t.group_io.grading, rows, completions)
+        firsts = sample_indices([r.problem_id for r in rows], k, self.taken)
+        with trainee.runtime.autocast():
+            completions = sample_groups(make_sampler(trainee), rows, firsts, k, self.params)
+        graded = grade_groups(trainee.group_io.grading, rows, completions)
         self.groups.append([Group(r, f, cs, outs, grader) for r, f, cs, (outs, grader)
                             in zip(rows, firsts, completions, graded, strict=True)])
         self.generated_tokens += sum(c.tokens for cs in completions for c in cs)
@@ -248,7 +285,7 @@ class GroupStep:
         return float(k * weights.sum())
 
     def records(self) -> list[SampleRecord]:
-        return [SampleRecord(g.row["problem_id"], g.row["dataset"], g.first + j, c.text, o, c.tokens,
+        return [SampleRecord(g.row.problem_id, g.row.dataset, g.first + j, c.text, o, c.tokens,
                              c.finish_reason, g.grader)
                 for batch in self.groups for g in batch for j, (c, o) in enumerate(zip(g.completions, g.outcomes))]
 
@@ -264,12 +301,12 @@ class GroupStep:
 
     # ---- the update
 
-    def finish(self, stage, optimizer, schedule, progress) -> bool:
+    def finish(self, stage: Stage, optimizer: Optimizer, schedule: LRScheduler, progress: Progress) -> bool:
         """Weigh, commit, and (unless Σ w = 0) backpropagate Σ w·L / Σ w and step the optimizer;
         whether this process has a loss to report (`progress.last_loss`)."""
-        t = self.trainee
+        trainee = self.trainee
         local_weight = self.weigh()
-        weight_sum, *stats = t.runtime.sum([local_weight, *self.stats()])
+        weight_sum, *stats = trainee.runtime.sum([local_weight, *self.stats()])
         self.commit()
         counts = progress.group
         for name, value in zip(("samples", "zero_weight_samples", "correct", "grading_failures"), stats, strict=False):
@@ -294,10 +331,11 @@ class GroupStep:
                 losses.append(value)
         from paced.trainer.loop import apply_update
 
-        apply_update(t, optimizer, schedule, progress, losses)
+        apply_update(trainee, optimizer, schedule, progress, losses)
         return bool(losses)
 
-    def batch_loss(self, batch: list[Group], stage, weight_sum: float):
+    def batch_loss(self, batch: list[Group], stage: Stage,
+                   weight_sum: float) -> tuple[float | None, int, torch.Tensor]:
         """(local Σ w·L / Σ w or None, trained tokens, world · Σ w·L / W to backpropagate) of
         one micro-batch. A micro-batch without weight on this process forwards one sample and
         backpropagates 0, so DDP's all-reduce still happens."""
@@ -306,21 +344,22 @@ class GroupStep:
         from paced.trainer.loop import forward_pair
         from paced.trainer.losses import LOSSES
 
-        t, c = self.trainee, self.trainee.config
+        trainee, config = self.trainee, self.trainee.config
         picked = [(g, j) for g in batch for j in range(len(g.completions)) if g.weight > 0]
-        eos = t.tokenizer.eos_token_id
+        eos = trainee.tokenizer.eos_token_id
         if not picked:
-            student, _, _ = forward_pair(t, [self.spare], [[eos]])
+            student, _, _ = forward_pair(trainee, [self.spare.prompt], [self.spare.answer], [[eos]])
             return None, 0, student.sum() * 0.0
         targets = [list(g.completions[j].token_ids or ()) or [eos] for g, j in picked]
-        student, teacher, mask = forward_pair(t, [g.row for g, _ in picked], targets)
+        student, teacher, mask = forward_pair(trainee, [g.row.prompt for g, _ in picked],
+                                              [g.row.answer for g, _ in picked], targets)
         weights = torch.tensor([g.weight for g, _ in picked], dtype=torch.float32, device=student.device)
-        with t.runtime.autocast():
-            per_seq = LOSSES[stage.loss](student, teacher, mask, chunk_size=c.loss_chunk_size,
-                                         **c.loss_kwargs(stage.loss))
+        with trainee.runtime.autocast():
+            per_seq = LOSSES[stage.loss](student, teacher, mask, chunk_size=config.loss_chunk_size,
+                                         **config.loss_kwargs(stage.loss))
         weighted = (weights * per_seq).sum()
         value = float(weighted.detach()) / float(weights.sum())
-        return value, int(mask.sum()), weighted * (t.runtime.world_size / weight_sum)
+        return value, int(mask.sum()), weighted * (trainee.runtime.world_size / weight_sum)
 
     def commit(self) -> None:
         """Hand the step's samples (every process's, gathered on rank 0) to the sink."""

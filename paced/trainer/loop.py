@@ -30,19 +30,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paced.errors import InputError
 from paced.trainer import checkpoint as ckpt
 from paced.trainer import sharding
 from paced.trainer.checkpoint import Progress, save
 from paced.trainer.config import RESUMABLE_CHANGES, Stage, TrainConfig
-from paced.trainer.data import BatchStream, open_stream
+from paced.trainer.data import Batch, BatchStream, Position, open_stream
 from paced.trainer.group import GroupIO, GroupStep
 from paced.trainer.remeasure import (
     EVERY,
     GROUP,
     STAGE,
     Evaluate,
+    OnStep,
     Remeasure,
     after_step,
     check_setup,
@@ -51,7 +53,15 @@ from paced.trainer.remeasure import (
     remeasure_due,
 )
 from paced.trainer.report import Reporter, update_lr
-from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
+from paced.trainer.tokens import Encoded, completion_ids, encode_side, fit_lengths, prompt_ids
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+
+    from paced.trainer.losses import BatchLoss
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +140,8 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, config: TrainConfig, steps: int):
+def make_optimizer(model: torch.nn.Module, config: TrainConfig,
+                   steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     import torch
 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -152,10 +163,10 @@ class Trainee:
 
     config: TrainConfig
     runtime: Runtime
-    tokenizer: object
-    student: object  # DDP-wrapped when distributed
-    raw_student: object
-    teacher: object
+    tokenizer: Tokenizer
+    student: torch.nn.Module  # DDP- or FSDP-wrapped when distributed
+    raw_student: PreTrainedModel
+    teacher: PreTrainedModel
     remeasure: Remeasure | None = None
     evaluate: Evaluate | None = None
     group_io: GroupIO | None = None  # --group-size: grading and the sample sink (paced/trainer/group.py)
@@ -171,26 +182,26 @@ def run_settings(config: TrainConfig, remeasure: Remeasure | None, evaluate: Eva
     return config.to_json() | {k: v for hook in hooks for k, v in hook.items()}
 
 
-def sample_targets(t: Trainee, prompts: list[str], seed_key: str) -> list[list[int]]:
+def sample_targets(trainee: Trainee, prompts: list[str], seed_key: str) -> list[list[int]]:
     """One completion per prompt from the current student (token ids, EOS included if it ended)."""
     from paced.backends.base import SamplingConfig, derive_seed
     from paced.backends.hf_backend import HFBackend
 
-    c = t.config
-    params = SamplingConfig(n=1, temperature=c.sample_temperature, top_p=c.sample_top_p,
-                            max_new_tokens=c.max_new_tokens, seed=c.seed, chat_template=c.chat_template)
-    seeds = [derive_seed(c.seed, f"{seed_key}:{i}") for i in range(len(prompts))]
-    backend = HFBackend.from_model(t.raw_student, t.tokenizer, batch_size=max(1, len(prompts)))
-    with t.runtime.autocast():
+    config = trainee.config
+    params = SamplingConfig(n=1, temperature=config.sample_temperature, top_p=config.sample_top_p,
+                            max_new_tokens=config.max_new_tokens, seed=config.seed, chat_template=config.chat_template)
+    seeds = [derive_seed(config.seed, f"{seed_key}:{i}") for i in range(len(prompts))]
+    backend = HFBackend.from_model(trainee.raw_student, trainee.tokenizer, batch_size=max(1, len(prompts)))
+    with trainee.runtime.autocast():
         samples = backend.generate(prompts, params, seeds=seeds)
     targets = []
     for (done,) in samples:
-        ids = list(done.token_ids) if done.token_ids is not None else completion_ids(t.tokenizer, [done.text])[0]
-        targets.append(ids or [t.tokenizer.eos_token_id])
+        ids = list(done.token_ids) if done.token_ids is not None else completion_ids(trainee.tokenizer, [done.text])[0]
+        targets.append(ids or [trainee.tokenizer.eos_token_id])
     return targets
 
 
-def aligned_logits(model, side, vocab: int):
+def aligned_logits(model: torch.nn.Module, side: Encoded, vocab: int) -> torch.Tensor:
     """Logits predicting each completion token, lined up: [B, L, vocab]. Where the model takes
     `logits_to_keep`, only positions from the first completion token on get logits at all."""
     import inspect
@@ -207,36 +218,37 @@ def aligned_logits(model, side, vocab: int):
     return out.logits[..., :vocab].gather(1, index)
 
 
-def encode_pair(t: Trainee, rows: list[dict], targets: list[list[int]]) -> list:
+def encode_pair(trainee: Trainee, prompts: list[str], answers: list[str | None],
+                targets: list[list[int]]) -> list[Encoded]:
     """The student's side, then (with --teacher-prompt-template) the teacher's, on the device."""
-    c, device = t.config, t.runtime.device
-    prompts = [r["prompt"] for r in rows]
-    sides = [prompt_ids(t.tokenizer, prompts, chat_template=c.chat_template)]
-    if c.teacher_prompt_template:
-        sides.append(prompt_ids(t.tokenizer, prompts, c.teacher_prompt_template, c.chat_template,
-                                [r.get("answer") for r in rows]))
-    sides, targets = fit_lengths(sides, targets, c.max_length)
-    pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
+    config, device, tokenizer = trainee.config, trainee.runtime.device, trainee.tokenizer
+    sides = [prompt_ids(tokenizer, prompts, chat_template=config.chat_template)]
+    if config.teacher_prompt_template:
+        sides.append(prompt_ids(tokenizer, prompts, config.teacher_prompt_template, config.chat_template, answers))
+    sides, targets = fit_lengths(sides, targets, config.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_side(p, targets, pad) for p in sides]
     return [type(e)(*(x.to(device) for x in (e.input_ids, e.attention_mask, e.index, e.mask))) for e in encoded]
 
 
-def forward_pair(t: Trainee, rows: list[dict], targets: list[list[int]]):
-    """(student logits, teacher logits, mask) over the completion tokens `targets` of `rows`: the
-    student sees each row's prompt, the teacher the same or `--teacher-prompt-template` (which
-    may show the row's `answer`); the teacher's forward runs without gradient."""
+def forward_pair(trainee: Trainee, prompts: list[str], answers: list[str | None],
+                 targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student logits, teacher logits, mask) over the completion tokens `targets`: the student
+    sees each prompt, the teacher the same or `--teacher-prompt-template` (which may show the
+    row's answer, `answers`); the teacher's forward runs without gradient."""
     import torch
 
-    encoded = encode_pair(t, rows, targets)
-    vocab = min(t.raw_student.config.vocab_size, t.teacher.config.vocab_size)
-    with t.runtime.autocast():
+    encoded = encode_pair(trainee, prompts, answers, targets)
+    vocab = min(trainee.raw_student.config.vocab_size, trainee.teacher.config.vocab_size)
+    with trainee.runtime.autocast():
         with torch.no_grad():
-            teacher_logits = aligned_logits(t.teacher, encoded[-1], vocab)
-        student_logits = aligned_logits(t.student, encoded[0], vocab)
+            teacher_logits = aligned_logits(trainee.teacher, encoded[-1], vocab)
+        student_logits = aligned_logits(trainee.student, encoded[0], vocab)
     return student_logits, teacher_logits, encoded[0].mask
 
 
-def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool, seed_key: str):
+def micro_batch_loss(trainee: Trainee, batch: Batch, stage: Stage, on_policy: bool,
+                     seed_key: str) -> tuple[BatchLoss | None, int, torch.Tensor]:
     """(BatchLoss or None, completion tokens, the tensor to backpropagate) of one micro-batch.
 
     A batch without weight (another process has some) gives a zero loss over the student's
@@ -245,20 +257,21 @@ def micro_batch_loss(t: Trainee, rows: list[dict], stage: Stage, on_policy: bool
     from paced.trainer import fused
     from paced.trainer.losses import weighted_batch_loss
 
-    c = t.config
-    weights = [float(r.get("weight") or 0.0) for r in rows]
-    targets = sample_targets(t, [r["prompt"] for r in rows], seed_key) if on_policy else \
-        completion_ids(t.tokenizer, [r["completion"] for r in rows])
-    if c.loss_path == "fused" and fused.head_of(t.raw_student) is not None and fused.head_of(t.teacher) is not None:
-        vocab = min(t.raw_student.config.vocab_size, t.teacher.config.vocab_size)
-        return fused.fused_micro_batch(t, encode_pair(t, rows, targets), weights, stage.loss, vocab)
-    student_logits, teacher_logits, mask = forward_pair(t, rows, targets)
+    config, student, teacher = trainee.config, trainee.raw_student, trainee.teacher
+    prompts, answers, weights = batch.prompts, batch.column("answer"), batch.weights.tolist()
+    targets = sample_targets(trainee, prompts, seed_key) if on_policy else \
+        completion_ids(trainee.tokenizer, batch.completions)
+    if config.loss_path == "fused" and fused.head_of(student) is not None and fused.head_of(teacher) is not None:
+        vocab = min(student.config.vocab_size, teacher.config.vocab_size)
+        encoded = encode_pair(trainee, prompts, answers, targets)
+        return fused.fused_micro_batch(trainee, encoded, weights, stage.loss, vocab)
+    student_logits, teacher_logits, mask = forward_pair(trainee, prompts, answers, targets)
     if not any(w > 0 for w in weights):  # another process has weight: join its all-reduce
         return None, 0, student_logits.sum() * 0.0
-    with t.runtime.autocast():
-        result = weighted_batch_loss(student_logits, teacher_logits, mask, weights,
-                                     loss=stage.loss, chunk_size=c.loss_chunk_size, in_place=c.loss_in_place,
-                                     **c.loss_kwargs(stage.loss))
+    with trainee.runtime.autocast():
+        result = weighted_batch_loss(student_logits, teacher_logits, mask, weights, loss=stage.loss,
+                                     chunk_size=config.loss_chunk_size, in_place=config.loss_in_place,
+                                     **config.loss_kwargs(stage.loss))
     return result, int(mask.sum()), result.loss
 
 
@@ -278,12 +291,12 @@ class Meter:
     weight_sq: float = 0.0  # Σ w²: the effective sample size of the training logs
     started: float = field(default_factory=time.perf_counter)
 
-    def add_rows(self, rows: list[dict]) -> None:
-        weights = [float(r.get("weight") or 0.0) for r in rows]
+    def add_batch(self, batch: Batch) -> None:
+        weights = batch.weights
         self.rows += len(weights)
-        self.zero_rows += sum(1 for w in weights if w == 0)
-        self.weight += sum(weights)
-        self.weight_sq += sum(w * w for w in weights)
+        self.zero_rows += int((weights == 0).sum())
+        self.weight += float(weights.sum())
+        self.weight_sq += float((weights * weights).sum())
 
     def merge(self, other: Meter) -> None:
         """Add one step's statistics (`other`) to these."""
@@ -297,19 +310,20 @@ class Meter:
                 "w0": f"{self.zero_rows / max(self.rows, 1):.2f}"}
 
 
-def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, optimizer, schedule,
+def train_step(trainee: Trainee, stream: BatchStream, stage: Stage, on_policy: bool,
+               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
                progress: Progress, meter: Meter, acks: list[str]) -> bool:
     """One optimizer step over `grad_accum` micro-batches; False when the data ran out first."""
-
-    c = t.config
+    config = trainee.config
     optimizer.zero_grad(set_to_none=True)
     micro, losses = 0, []
-    group = GroupStep(t, progress.step) if c.group_size and on_policy else None  # paced/trainer/group.py
-    while micro < c.grad_accum:
+    # --group-size: K graded samples per prompt (paced/trainer/group.py)
+    group = GroupStep(trainee, progress.step) if config.group_size and on_policy else None
+    while micro < config.grad_accum:
         batch = stream.next_batch()
-        if t.runtime.any(batch is None):
+        if trainee.runtime.any(batch is None):
             break
-        if t.runtime.any(batch.wait_seconds is not None):  # some process has no rows right now
+        if trainee.runtime.any(batch.wait_seconds is not None):  # some process has no rows right now
             if batch.wait_seconds is None:
                 stream.push_back(batch)
             if micro > 0:
@@ -320,23 +334,22 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
             time.sleep(batch.wait_seconds or 0.0)
             continue
         acks.extend(batch.done_keys)
-        progress.position = batch.position
-        meter.add_rows(batch.rows)
-        if not t.runtime.any(any(float(r.get("weight") or 0.0) > 0 for r in batch.rows)):
-            progress.skipped_batches += 1 if batch.rows else 0  # nothing to learn anywhere: no forward
+        meter.add_batch(batch)
+        if not trainee.runtime.any(bool((batch.weights > 0).any())):
+            progress.skipped_batches += 1 if len(batch) else 0  # nothing to learn anywhere: no forward
             continue
         if group is not None:  # K samples per prompt, graded; the update waits for the whole step
-            group.add(batch.rows)
+            group.add(batch)
             micro += 1
             continue
-        result, tokens, loss = micro_batch_loss(t, batch.rows, stage, on_policy,
-                                                f"{progress.step}:{t.runtime.rank}:{micro}")
-        (loss / c.grad_accum).backward()
+        result, tokens, loss = micro_batch_loss(trainee, batch, stage, on_policy,
+                                                f"{progress.step}:{trainee.runtime.rank}:{micro}")
+        (loss / config.grad_accum).backward()
         micro += 1
         progress.local_tokens += tokens
         meter.tokens += tokens
         if on_policy:  # every trained token of a one-sample on-policy batch was generated first
-            progress.generated_tokens += int(t.runtime.sum([float(tokens)])[0])
+            progress.generated_tokens += int(trainee.runtime.sum([float(tokens)])[0])
         if result is not None:
             losses.append(float(result.loss.detach()))
     if micro == 0:
@@ -347,11 +360,12 @@ def train_step(t: Trainee, stream: BatchStream, stage: Stage, on_policy: bool, o
         return True
     if losses:
         meter.loss, meter.batches = meter.loss + sum(losses), meter.batches + len(losses)
-    apply_update(t, optimizer, schedule, progress, losses)
+    apply_update(trainee, optimizer, schedule, progress, losses)
     return True
 
 
-def apply_update(t: Trainee, optimizer, schedule, progress: Progress, losses: list[float]) -> None:
+def apply_update(trainee: Trainee, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                 progress: Progress, losses: list[float]) -> None:
     """The end of every optimizer step (plain and group): record the step's mean loss, clip the
     gradient norm, step the optimizer and the schedule."""
     import torch
@@ -359,28 +373,28 @@ def apply_update(t: Trainee, optimizer, schedule, progress: Progress, losses: li
     if losses:
         progress.last_loss = sum(losses) / len(losses)
         progress.first_loss = progress.last_loss if progress.first_loss is None else progress.first_loss
-    if t.config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(t.student.parameters(), t.config.max_grad_norm)
+    if trainee.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainee.student.parameters(), trainee.config.max_grad_norm)
     optimizer.step()
     schedule.step()
 
 
-def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, bar, optimizer_state,
-              on_step=None) -> BatchStream:
+def run_stage(trainee: Trainee, stream: BatchStream, index: int, progress: Progress, bar: tqdm,
+              optimizer_state: dict | None, on_step: OnStep | None = None) -> BatchStream:
     """Steps of stage `index` from `progress.stage_step` to the stage's end (or the data's), with
-    the evals and --refresh-every refreshes due after each; returns the stream to go on with."""
-    c = t.config
-    stage = c.schedule[index]
-    on_policy = stage.resolved_on_policy(c.on_policy)
-    optimizer, schedule = make_optimizer(t.student, c, stage.steps)
+    the evals and --refresh-every re-measurements due after each; returns the stream to go on with."""
+    config = trainee.config
+    stage = config.schedule[index]
+    on_policy = stage.resolved_on_policy(config.on_policy)
+    optimizer, schedule = make_optimizer(trainee.student, config, stage.steps)
     if optimizer_state is not None:
-        sharding.load_optimizer_state(t, optimizer, optimizer_state["optimizer"])
+        sharding.load_optimizer_state(trainee, optimizer, optimizer_state["optimizer"])
         schedule.load_state_dict(optimizer_state["scheduler"])
     meter, acks = Meter(), []
     while progress.stage_step < stage.steps:
         stream.need_completion = not on_policy
         started, step_meter = time.perf_counter(), Meter()
-        stepped = train_step(t, stream, stage, on_policy, optimizer, schedule, progress, step_meter, acks)
+        stepped = train_step(trainee, stream, stage, on_policy, optimizer, schedule, progress, step_meter, acks)
         for key in acks:  # after the step (or at the end of the data: those rows are consumed)
             stream.source.ack(key)
         acks.clear()
@@ -393,19 +407,19 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
         progress.stage_step += 1
         progress.stage_steps[index] += 1
         meter.merge(step_meter)
-        t.reporter.step(t.runtime, progress, step_meter, update_lr(schedule), seconds)
+        trainee.reporter.step(trainee.runtime, progress, step_meter, update_lr(schedule), seconds)
         bar.update(1)
         if progress.step % 5 == 0 or progress.stage_step == stage.steps:
             bar.set_postfix(stage=f"{index}:{stage.loss}", **meter.postfix(), refresh=False)
             meter = Meter()
-        after_step(t, progress, stream, on_step)
+        after_step(trainee, progress, stream, on_step)
         stage_end = progress.stage_step == stage.steps
-        if remeasure_due(c, progress.step, stage_end):
-            stream = remeasure(t, progress, stream, EVERY, optimizer, schedule)
-        elif group_snapshot_due(c, progress.step, stage_end, bool(c.group_size and on_policy)):
-            stream = remeasure(t, progress, stream, GROUP, optimizer, schedule)
-        elif c.save_every and progress.step % c.save_every == 0 and progress.step < c.total_steps:
-            save(t, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
+        if remeasure_due(config, progress.step, stage_end):
+            stream = remeasure(trainee, progress, stream, EVERY, optimizer, schedule)
+        elif group_snapshot_due(config, progress.step, stage_end, bool(config.group_size and on_policy)):
+            stream = remeasure(trainee, progress, stream, GROUP, optimizer, schedule)
+        elif config.save_every and progress.step % config.save_every == 0 and progress.step < config.total_steps:
+            save(trainee, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
     return stream
 
 
@@ -413,7 +427,7 @@ def run_stage(t: Trainee, stream: BatchStream, index: int, progress: Progress, b
 
 
 def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Evaluate | None = None,
-          on_step=None, group_io: GroupIO | None = None) -> dict:
+          on_step: OnStep | None = None, group_io: GroupIO | None = None) -> dict:
     """Run every stage of `config.schedule`; returns the summary (also in OUT/final).
 
     `remeasure` re-measures pass rates (needed by --refresh-every and --refresh-between-stages;
@@ -440,7 +454,7 @@ def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Eva
 
 
 def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | None, evaluate: Evaluate | None,
-           on_step, group_io: GroupIO | None = None) -> dict:
+           on_step: OnStep | None, group_io: GroupIO | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -453,46 +467,47 @@ def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | Non
     model = sharding.wrap_models(student, teacher, config, runtime)
     progress = Progress.from_state(state, len(config.schedule), config.source)
     reporter = Reporter(Path(config.out), config.report_to, runtime.rank, progress.step if state else None, progress)
-    t = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io, reporter)
+    trainee = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io, reporter)
     optimizer_state = None
     if state:
         ckpt.restore_rng_state(state["rng"])
         optimizer_state = ckpt.load_optimizer_state(resume_from) if progress.stage_step > 0 else None
-    check_setup(t, progress)
+    check_setup(trainee, progress)
     if state is None and remeasure_job is not None:
         progress.source = remeasure_job.starting_source(progress.source, Path(config.out))
-    stream = open_stream(config, runtime.rank, runtime.world_size, progress.source, progress.position)
-    if progress.pending_refresh is not None:  # killed during a re-measurement: finish it first
-        stream = remeasure(t, progress, stream, progress.pending_refresh["kind"])
-    after_step(t, progress, stream, on_step if progress.step == 0 else None)
+    position = Position.from_json(state.get("position")) if state else None
+    stream = open_stream(config, runtime.rank, runtime.world_size, progress.source, position)
+    if progress.pending is not None:  # killed during a re-measurement: finish it first
+        stream = remeasure(trainee, progress, stream, progress.pending.kind)
+    after_step(trainee, progress, stream, on_step if progress.step == 0 else None)
     bar = tqdm(total=config.total_steps, initial=progress.step, unit="step", desc="train", file=sys.stderr,
                disable=not config.progress or runtime.rank != 0, dynamic_ncols=True)
     with bar, contextlib.closing(reporter):
         for index in range(progress.stage, len(config.schedule)):
-            stream = run_stage(t, stream, index, progress, bar, optimizer_state, on_step)
+            stream = run_stage(trainee, stream, index, progress, bar, optimizer_state, on_step)
             optimizer_state = None
             if progress.data_exhausted or index + 1 == len(config.schedule):
                 break
             if config.refresh_between_stages:
-                stream = remeasure(t, progress, stream, STAGE)
+                stream = remeasure(trainee, progress, stream, STAGE)
             else:
                 progress.stage, progress.stage_step = index + 1, 0
-    checksums = parameter_checksums(t) if runtime.distributed else None
-    summary = ckpt.make_summary(t, progress, stream, checksums)
-    save(t, progress, ckpt.FINAL, stream, extra={"finished": True, "summary": summary})
+    checksums = parameter_checksums(trainee) if runtime.distributed else None
+    summary = ckpt.make_summary(trainee, progress, stream, checksums)
+    save(trainee, progress, ckpt.FINAL, stream, extra={"finished": True, "summary": summary})
     stream.source.close()
     return summary
 
 
-def parameter_checksums(t: Trainee) -> list[list[float]]:
+def parameter_checksums(trainee: Trainee) -> list[list[float]]:
     """[sum, sum of squares] of the student's parameters on every process: equal when in sync."""
     import torch
     import torch.distributed as dist
 
     with torch.no_grad():
-        flat = [p.detach().double() for p in sharding.full_parameters(t.raw_student)]
+        flat = [p.detach().double() for p in sharding.full_parameters(trainee.raw_student)]
         mine = torch.tensor([sum(float(p.sum()) for p in flat), sum(float((p * p).sum()) for p in flat)],
-                            dtype=torch.float64, device=t.runtime.device)
-    gathered = [torch.zeros_like(mine) for _ in range(t.runtime.world_size)]
+                            dtype=torch.float64, device=trainee.runtime.device)
+    gathered = [torch.zeros_like(mine) for _ in range(trainee.runtime.world_size)]
     dist.all_gather(gathered, mine)
     return [g.tolist() for g in gathered]

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,17 +93,17 @@ def _seeking_grad(p: torch.Tensor, log_ratio: torch.Tensor, kl: torch.Tensor) ->
     return log_ratio.sub_(kl.unsqueeze(-1)).mul_(p)
 
 
-def _forward_rows(s_lp, t_lp, want_grad):
+def _forward_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     kl, t, _ = _kl_rows(t_lp, s_lp)
     return kl, (s_lp.exp().sub_(t) if want_grad else None)
 
 
-def _reverse_rows(s_lp, t_lp, want_grad):
+def _reverse_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     kl, s, log_ratio = _kl_rows(s_lp, t_lp)
     return kl, (_seeking_grad(s, log_ratio, kl) if want_grad else None)
 
 
-def _jsd_rows(s_lp, t_lp, want_grad, *, beta):
+def _jsd_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     # d/dz of the JSD is (1 - beta) times the reverse-KL gradient with m in place of t.
     if beta == 0.0 or beta == 1.0:  # m equals s or t: the divergence is exactly 0
         zero = s_lp.new_zeros(s_lp.shape[0])
@@ -115,7 +115,7 @@ def _jsd_rows(s_lp, t_lp, want_grad, *, beta):
     return loss, (_seeking_grad(s, log_ratio, kl_s).mul_(1.0 - beta) if want_grad else None)
 
 
-def _akl_rows(s_lp, t_lp, want_grad, *, head_mass):
+def _akl_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, head_mass: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     fkl, t, _ = _kl_rows(t_lp, s_lp)
     rkl, s, log_ratio = _kl_rows(s_lp, t_lp)
     w_head = _head_share(t, s, head_mass).unsqueeze(-1)
@@ -163,7 +163,7 @@ def _crossing(desc: torch.Tensor, head_mass: float) -> tuple[torch.Tensor, torch
 # ---------------------------------------------------------------- the chunked sweep
 
 
-def _chunks(mask: torch.Tensor, step: int):
+def _chunks(mask: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, slice | None]]:
     """Masked positions in flattened [B*T] order, `step` at a time: (index, slice or None).
 
     The slice is set when the chunk's positions are consecutive (all of a response span), so
@@ -193,8 +193,8 @@ def _write_rows(x: torch.Tensor, idx: torch.Tensor, span: slice | None, rows: to
         x.view(-1, x.shape[-1]).index_copy_(0, idx, rows.to(x.dtype))
 
 
-def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_grad: bool,
-           in_place: bool = False):
+def _sweep(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn, chunk_size: int | None, want_grad: bool,
+           in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token losses [B,T] (float32, 0 off the mask) and, if wanted, d sum / d student
     (written over `student` itself when `in_place`: each chunk is read before it is written).
 
@@ -204,7 +204,8 @@ def _sweep(student, teacher, mask, rows: RowFn, chunk_size: int | None, want_gra
         return _sweep_float32(student, teacher, mask, rows, chunk_size, want_grad, in_place)
 
 
-def _sweep_float32(student, teacher, mask, rows, chunk_size, want_grad, in_place):
+def _sweep_float32(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn, chunk_size: int | None, want_grad: bool,
+                   in_place: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=student.device)
     grad = None
     if want_grad:  # every row written when every position is masked: no need to zero it first
@@ -258,7 +259,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _check_inputs(student, teacher, mask) -> None:
+def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> None:
     if student.dim() != 3 or teacher.dim() != 3:
         raise InputError(
             "logits must be [batch, tokens, vocab]: got student "
@@ -280,7 +281,8 @@ def _check_inputs(student, teacher, mask) -> None:
         raise InputError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
 
 
-def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None, in_place: bool):
+def _per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn, chunk_size: int | None,
+                  in_place: bool) -> torch.Tensor:
     """The shared body of every loss: check, sweep in chunks, average over each row's tokens."""
     _check_inputs(student, teacher, mask)
     if chunk_size is not None and chunk_size < 1:
@@ -304,7 +306,7 @@ def _per_sequence(student, teacher, mask, rows: RowFn, chunk_size: int | None, i
 # ---------------------------------------------------------------- public losses
 
 
-def forward_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None = None,
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, chunk_size: int | None = None,
                in_place: bool = False) -> torch.Tensor:
     """KL(teacher || student) per token, mean over each row's masked tokens: [B] float32.
 
@@ -316,13 +318,13 @@ def forward_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None =
     return _per_sequence(student_logits, teacher_logits, mask, _forward_rows, chunk_size, in_place)
 
 
-def reverse_kl(student_logits, teacher_logits, mask, *, chunk_size: int | None = None,
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, chunk_size: int | None = None,
                in_place: bool = False) -> torch.Tensor:
     """KL(student || teacher) per token, mean over each row's masked tokens: [B] float32."""
     return _per_sequence(student_logits, teacher_logits, mask, _reverse_rows, chunk_size, in_place)
 
 
-def jsd(student_logits, teacher_logits, mask, *, beta: float = 0.5, chunk_size: int | None = None,
+def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.5, chunk_size: int | None = None,
         in_place: bool = False) -> torch.Tensor:
     """Generalised JSD: beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s. [B] float32.
 
@@ -335,7 +337,7 @@ def jsd(student_logits, teacher_logits, mask, *, beta: float = 0.5, chunk_size: 
     return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size, in_place)
 
 
-def akl(student_logits, teacher_logits, mask, *, head_mass: float = 0.5, chunk_size: int | None = None,
+def akl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, head_mass: float = 0.5, chunk_size: int | None = None,
         in_place: bool = False) -> torch.Tensor:
     """Adaptive KL (Wu et al., 2025): forward and reverse KL mixed by head/tail gaps. [B] float32."""
     head_mass = float(head_mass)
@@ -393,7 +395,8 @@ def batch_weights(weights, batch: int, device) -> torch.Tensor:
 
 
 def weighted_batch_loss(
-    student_logits, teacher_logits, mask, weights, loss: str = "forward",
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, weights: Sequence[float] | torch.Tensor,
+    loss: str = "forward",
     chunk_size: int | None = None, in_place: bool = False, **loss_kwargs,
 ) -> BatchLoss:
     """sum_i w_i L_i / sum_i w_i over the batch, L = LOSSES[loss]; skipped if all w_i are 0.

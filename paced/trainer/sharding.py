@@ -51,35 +51,35 @@ def wrap_models(student, teacher, config, runtime):
     return DistributedDataParallel(student, device_ids=[runtime.device] if runtime.device != "cpu" else None)
 
 
-def model_state(t) -> dict | None:
+def model_state(trainee) -> dict | None:
     """The student's full weights when sharded (a collective: every process calls it), else None."""
-    if not t.config.fsdp:
+    if not trainee.config.fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(t.raw_student, options=_fsdp_options())
+    state = get_model_state_dict(trainee.raw_student, options=_fsdp_options())
     # a tied parameter (e.g. lm_head.weight = embed_tokens.weight) once, as save_pretrained writes it
-    kept = {name for name, _ in t.raw_student.named_parameters()}
-    tied = {name for name, _ in t.raw_student.named_parameters(remove_duplicate=False)} - kept
+    kept = {name for name, _ in trainee.raw_student.named_parameters()}
+    tied = {name for name, _ in trainee.raw_student.named_parameters(remove_duplicate=False)} - kept
     return {k: v for k, v in state.items() if k not in tied}
 
 
-def optimizer_state(t, optimizer) -> dict:
+def optimizer_state(trainee, optimizer) -> dict:
     """The optimizer state to save: full and keyed by parameter name under --fsdp (a collective)."""
-    if not t.config.fsdp:
+    if not trainee.config.fsdp:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(t.raw_student, optimizer, options=_fsdp_options())
+    return get_optimizer_state_dict(trainee.raw_student, optimizer, options=_fsdp_options())
 
 
-def load_optimizer_state(t, optimizer, state: dict) -> None:
-    if not t.config.fsdp:
+def load_optimizer_state(trainee, optimizer, state: dict) -> None:
+    if not trainee.config.fsdp:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(t.raw_student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(trainee.raw_student, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def full_parameters(model):

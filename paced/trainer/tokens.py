@@ -8,8 +8,12 @@ end with EOS; `fit_lengths` cuts targets on the right and prompts on the left to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from paced.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Encoded:
     mask: object  # torch.BoolTensor [B, L]
 
 
-def prompt_ids(tokenizer, prompts: list[str], template: str | None = None,
+def prompt_ids(tokenizer: Tokenizer, prompts: list[str], template: str | None = None,
                chat_template: bool = False, answers: list[str | None] | None = None) -> list[list[int]]:
     """Prompt tokens as generation sees them: with the tokenizer's special tokens (e.g. BOS),
     or (`chat_template`) as one user turn with the generation prompt, as the backends render
@@ -43,14 +47,15 @@ def prompt_ids(tokenizer, prompts: list[str], template: str | None = None,
     return render_prompts(tokenizer, texts, chat_template)
 
 
-def completion_ids(tokenizer, completions: list[str]) -> list[list[int]]:
+def completion_ids(tokenizer: Tokenizer, completions: list[str]) -> list[list[int]]:
     """Reference completions as training targets: their tokens and the EOS that ends them."""
     eos = tokenizer.eos_token_id
     ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     return [list(row) + ([eos] if eos is not None else []) for row in ids]
 
 
-def fit_lengths(prompt_sides: list[list[list[int]]], targets: list[list[int]], max_length: int):
+def fit_lengths(prompt_sides: list[list[list[int]]], targets: list[list[int]],
+                max_length: int) -> tuple[list[list[list[int]]], list[list[int]]]:
     """Cut targets (right) and prompts (left) so every side of every row fits `max_length`."""
     cut_targets = []
     for b, target in enumerate(targets):

@@ -14,7 +14,13 @@ from paced.cli import main
 from paced.curriculum.summary import passrate_summary
 from paced.store.home import open_home
 from paced.store.rollouts import ROLLOUT_SCHEMA, write_rollout_batch
-from paced.store.snapshots import COUNTS_SCHEMA, SNAPSHOT_SCHEMA, list_snapshots, read_snapshot
+from paced.store.snapshots import (
+    COUNTS_SCHEMA,
+    SNAPSHOT_SCHEMA,
+    list_snapshots,
+    read_snapshot,
+    read_snapshot_record,
+)
 
 OUTCOMES = ["correct", "wrong", "unparseable", "timeout", "error"]
 
@@ -77,6 +83,9 @@ def test_refresh_without_new_rollouts_writes_nothing_and_never_touches_old_snaps
     assert (home.snapshots_dir("s1") / f"{first}.parquet").read_bytes() == old_bytes
     side = json.loads((home.snapshots_dir("s1") / f"{second['snapshot_id']}.json").read_text())
     assert len(side["inputs"]) == 2 and side["sampling_hash"] == "h1"
+    record = read_snapshot_record(home, "s1", second["snapshot_id"])
+    assert record.to_json() == side and record.inputs == side["inputs"] and record.lineage is None
+    assert read_snapshot_record(home, "s1", "20260101T000000000000Z-00000000") is None
 
 
 def test_refresh_takes_the_sampling_config_with_most_rollouts_unless_told(tmp_path, capsys):

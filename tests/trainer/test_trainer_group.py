@@ -32,7 +32,7 @@ from paced.store.home import open_home
 from paced.store.problems import write_problem_part
 from paced.store.rollouts import batch_files, read_rollouts, rollout_sets
 from paced.store.snapshots import read_snapshot
-from paced.trainer.group import compute_group_weights, prior_counts, sample_indices, step_seed
+from paced.trainer.group import PromptRow, compute_group_weights, prior_counts, sample_indices, step_seed
 
 K = 4
 
@@ -97,14 +97,14 @@ def test_group_weights_follow_their_scheme(correct, name, alpha, beta):
 def test_posterior_adds_the_rows_snapshot_counts_to_the_prior(correct, prior_n, a0, b0):
     c = np.array(correct)
     n0 = np.array(prior_n[:len(c)], dtype=float)
-    rows = [{"pass_rate": (i % 3) / 2, "n": int(n)} for i, n in enumerate(n0)]
+    rows = [PromptRow(f"p{i}", "d", "q", "a", n=float(n), pass_rate=(i % 3) / 2) for i, n in enumerate(n0)]
     c0, n0_read = prior_counts(rows)
     np.testing.assert_array_equal(n0_read, n0)
     w = compute_group_weights(c, 8, WeightScheme(name="paced-posterior", prior=(a0, b0)), c0, n0_read)
     np.testing.assert_allclose(w, posterior_weight(c + c0, 8 + n0, prior=(a0, b0)))
     # rows without counts: the Beta prior alone
     bare = compute_group_weights(c, 8, WeightScheme(name="paced-posterior", prior=(a0, b0)),
-                                 *prior_counts([{"pass_rate": None, "n": None}] * len(c)))
+                                 *prior_counts([PromptRow("p", "d", "q", "a")] * len(c)))
     np.testing.assert_allclose(bare, posterior_weight(c, np.full(len(c), 8), prior=(a0, b0)))
 
 
@@ -250,13 +250,12 @@ def test_the_self_distillation_template_reaches_the_teacher_and_not_the_student(
         model.register_forward_hook(lambda m, a, kw, out, name=name: seen.setdefault(name, []).append(
             kw["input_ids"].tolist()), with_kwargs=True)
     trainee = Trainee(config, Runtime(), tokenizer, student, student, teacher)
-    row = {"prompt": "12+3=", "answer": "15", "problem_id": "p", "dataset": "arith"}
-    forward_pair(trainee, [row], [tokenizer("15", add_special_tokens=False)["input_ids"]])
+    forward_pair(trainee, ["12+3="], ["15"], [tokenizer("15", add_special_tokens=False)["input_ids"]])
     decoded = {k: tokenizer.decode(v[0][0], skip_special_tokens=True) for k, v in seen.items()}
     assert decoded["teacher"].startswith("15=12+3=") and decoded["student"].startswith("12+3=")
     assert "15" not in decoded["student"].removeprefix("12+3=").removesuffix("15")  # only its own completion
     with pytest.raises(InputError, match="carry no `answer`"):
-        forward_pair(trainee, [{**row, "answer": None}], [[1]])
+        forward_pair(trainee, ["12+3="], [None], [[1]])
 
 
 # a chat template in the tiny tokenizer's alphabet: BOS, the user turn between '=' signs, '-' opens the answer
@@ -299,7 +298,7 @@ def test_chat_template_renders_both_sides_as_generation_does(chat_models, tmp_pa
             kw["input_ids"][0].tolist()), with_kwargs=True)
     trainee = Trainee(config, Runtime(), tokenizer, student, student, teacher)
     target = tokenizer("15", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    forward_pair(trainee, [{"prompt": "12+3=", "answer": "15", "problem_id": "p", "dataset": "arith"}], [target])
+    forward_pair(trainee, ["12+3="], ["15"], [target])
     want_student = render_prompts(tokenizer, ["12+3="], True)[0]
     want_teacher = render_prompts(tokenizer, ["15+0=12+3="], True)[0]
     assert tokenizer.decode(want_student) == "<s>=12+3==-" and tokenizer.decode(want_teacher) == "<s>=15+0=12+3==-"
