@@ -43,7 +43,8 @@ def _to_device(x):
 @pytest.fixture(autouse=True, scope="module")
 def _inputs_on_device(request):
     module = request.module
-    originals = {name: getattr(module, name) for name in ("make_batch", "make_inputs") if hasattr(module, name)}
+    originals = {name: getattr(module, name) for name in ("make_batch", "make_inputs")
+                 if hasattr(module, name)}
 
     def wrap(original):
         def build(*args, **kwargs):

@@ -105,7 +105,8 @@ def parse_modules(text: str) -> tuple[str, ...]:
             continue
         matches = [m for m in SUPPORTED_MODULES if m == part or m.startswith(f"{part}__")]
         if not matches:
-            raise InputError(f"unknown or unsupported module {part!r}; supported: {', '.join(SUPPORTED_MODULES)}")
+            raise InputError(f"unknown or unsupported module {part!r}; supported: "
+                             f"{', '.join(SUPPORTED_MODULES)}")
         names += [m for m in matches if m not in names]
     if not names:
         raise InputError("--modules names no module")
@@ -210,7 +211,8 @@ def draw_problems(generator, count: int, seed: int, where: str, seen: set[str]) 
             try:
                 problem = generator()
                 question, answer = str(problem.question).strip(), str(problem.answer).strip()
-            except (AttributeError, TypeError, ValueError, ZeroDivisionError):  # numpy-2 breakage (module doc)
+            except (AttributeError, TypeError, ValueError,
+                    ZeroDivisionError):  # numpy-2 breakage (module doc)
                 question = answer = ""
             too_long = len(question) > generate_settings.MAX_QUESTION_LENGTH or \
                 len(answer) > generate_settings.MAX_ANSWER_LENGTH
@@ -267,7 +269,8 @@ def _compute_rows(config: MathematicsConfig, schema: pa.Schema) -> pa.Table:
             meta = json.dumps({"module": module, "level": level}, sort_keys=True)
             for i, (question, answer) in enumerate(pairs):
                 split = "train" if i < config.per_level else "heldout"
-                for key, value in (("id", problem_id(question, answer)), ("prompt", question), ("answer", answer),
+                for key, value in (("id", problem_id(question, answer)), ("prompt", question),
+                                   ("answer", answer),
                                    ("difficulty", level), ("metadata", meta), ("split", split)):
                     rows[key].append(value)
     return pa.table(rows, schema=schema.append(pa.field("split", pa.string())))

@@ -229,7 +229,8 @@ def test_a_scheme_leaving_no_weight_is_a_clear_422(client, home):
 def test_routing_errors_and_oversized_bodies_have_the_error_shape(client):
     for r, status in ((client.get("/nope"), 404), (client.delete("/v1/health"), 405),
                       (client.get("/v1/runs/r-zz"), 422), (client.get("/v1/runs/r-000000000000"), 404),
-                      (client.post("/v1/runs", content=b"{", headers={"content-type": "application/json"}), 422),
+                      (client.post("/v1/runs", content=b"{", headers={"content-type": "application/json"}),
+                       422),
                       (client.post("/v1/runs", content=b"x" * 70000), 413)):
         assert r.status_code == status and set(r.json()) == {"error", "code", "detail"}, r.text
 

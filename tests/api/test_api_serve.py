@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 def start(home, port, env=None):
-    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home), "--port",
+                             str(port),
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 60
@@ -97,7 +98,8 @@ def test_restart_keeps_leases_and_acks_and_serves_each_item_once(tmp_path):
 def test_serve_refuses_a_public_host_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PACED_TOKEN"}
     r = subprocess.run([sys.executable, "-m", "paced.cli", "serve", "--home", str(tmp_path / "h"), "--host",
-                        "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=60)
+                        "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, env=env,
+                       timeout=60)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "non-loopback" in r.stderr and "PACED_TOKEN" in r.stderr
 
