@@ -5,7 +5,8 @@ Both arms train the built-in student with reverse KL on its own samples, 32 samp
 grader, weighted, committed as rollouts), `plain` = `--batch-size 32` (one sample per prompt, no
 grading, no commit). Same seed, same manifest, in-group weights uniform (so both train every
 sample), same steps. Prints seconds per step side by side, and the group step's time spent
-grading and committing (goal: group ≤ 1.1× plain). Needs a data home with the built-in task (`bench/paced_vs_uniform.py` prepares one).
+grading and committing (goal: group ≤ 1.1× plain). Needs a data home with the built-in task
+(`bench/paced_vs_uniform.py` prepares one).
 
     .venv/bin/python bench/group_overhead.py --home bench/out/group/home --steps 30
 """

@@ -321,7 +321,8 @@ def main(argv=None) -> int:
     chunks = [int(x) for x in args.chunk_sizes.split(",") if x]
     names = method_names(args.device, args.losses.split(","), chunks)
     names = [n for n in names if not args.only or any(s in n for s in args.only.split(","))]
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads or torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"cpu, {args.threads or torch.get_num_threads()} threads")
     print(f"{args.batch * args.seq} tokens x {args.vocab} vocab, hidden {args.hidden}, {args.dtype}, "
           f"{where}, torch {torch.__version__}; median of {args.reps} after a warm-up\n")
     print("| method | loss | ms | GiB above inputs | loss rel | gW err | gh err "

@@ -63,7 +63,8 @@ ARMS: dict[str, dict] = {
     "paced-posterior-onpolicy-refresh50": {"scheme": "paced-posterior", "loss": "reverse", "on_policy": True,
                                            "refresh_every": 50},
     # the paper's regime (DESIGN.md §8): K samples per prompt from the current student, graded, each weighted
-    # by w(p̂) of its group; reverse KL of the teacher on the student's samples; a uniform manifest (no selection)
+    # by w(p̂) of its group; reverse KL of the teacher on the student's samples; a uniform manifest
+    # (no selection)
     **{f"{g}-group{sfx}": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": g,
                            "self": self_}
        for self_, sfx in ((False, ""), (True, "-self"))

@@ -11,7 +11,8 @@ each sample's reverse-KL loss by w(p̂) of its group (DESIGN.md §8):
   snapshot's counts as prior.
 
 The pool is addition worded `What is A + B?` (1 and 2 digits: the 1-digit half is the model's
-frontier, the 2-digit half mostly p̂ = 0), graded `numeric`, read through a uniform manifest of the base snapshot (no selection: the weights act inside the step). Greedy
+frontier, the 2-digit half mostly p̂ = 0), graded `numeric`, read through a uniform manifest of the
+base snapshot (no selection: the weights act inside the step). Greedy
 accuracy, with the chat template, on a held-out set by level (digits) and on a module the pool
 lacks (forgetting), at step 0 (the base model, measured once), mid-run and at the end; compared
 at equal steps and at equal FLOPs (the group mode's count: generated tokens 2N, trained tokens

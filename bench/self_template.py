@@ -41,7 +41,8 @@ def main() -> None:
             out = backend.generate(texts, SamplingConfig(n=1, temperature=0, max_new_tokens=8))
             ok = [str(verifier.function(o[0].text, a)) == "correct" for o, a in zip(out, answers,
                                                                                     strict=True)]
-            by = " / ".join(f"{100 * sum(k for k, d in zip(ok, levels, strict=True) if d == level) / levels.count(level):.0f}"
+            pairs = list(zip(ok, levels, strict=True))
+            by = " / ".join(f"{100 * sum(k for k, d in pairs if d == level) / levels.count(level):.0f}"
                             for level in sorted(set(levels)))
             print(f"| `{template}` | {100 * sum(ok) / len(ok):.1f} | {by} |")
 

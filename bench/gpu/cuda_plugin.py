@@ -1,6 +1,7 @@
 """pytest plugin: run the loss tests (tests/trainer/test_losses.py, test_fused.py) with tensors on a device.
 
-    python3 -m pytest -p cuda_plugin tests/trainer/test_losses.py tests/trainer/test_fused.py   # bench/gpu on PYTHONPATH
+    # with bench/gpu on PYTHONPATH:
+    python3 -m pytest -p cuda_plugin tests/trainer/test_losses.py tests/trainer/test_fused.py
 
 torch's default device becomes PACED_TEST_DEVICE (default cuda), so every tensor a test makes
 with torch.tensor/zeros/... lands there; the tests' input builders (`make_batch`, `make_inputs`,

@@ -1,10 +1,12 @@
-"""Distillation training throughput, side by side: `paced train` (off-policy forward KL, fused or logits loss path), TRL's
-GKDTrainer (lmbda=0 off-policy, beta=0 forward KL, seq_kd=False) and a plain lower bound (student
-forward+backward with cross-entropy plus a no-grad teacher forward), on the same random-init
-student/teacher (Qwen2-0.5B/1.5B shapes, Llama layers), the same synthetic prompt/completion rows and the same AdamW.
+"""Distillation training throughput, side by side: `paced train` (off-policy forward KL, fused or
+logits loss path), TRL's GKDTrainer (lmbda=0 off-policy, beta=0 forward KL, seq_kd=False) and a
+plain lower bound (student forward+backward with cross-entropy plus a no-grad teacher forward), on
+the same random-init student/teacher (Qwen2-0.5B/1.5B shapes, Llama layers), the same synthetic
+prompt/completion rows and the same AdamW.
 
     python3 bench/gpu/train_bench.py setup --work W --size full|tiny      # tokenizer, models, shard folder
-    python3 bench/gpu/train_bench.py plain|paced|trl --work W --out RESULTS.jsonl [--device cuda] [--loss-path fused|logits]
+    python3 bench/gpu/train_bench.py plain|paced|trl --work W --out RESULTS.jsonl \
+        [--device cuda] [--loss-path fused|logits]
     python3 bench/gpu/train_bench.py report --out RESULTS.jsonl --table TABLE.md
 
 Adapted from ../shared/gpu-check/train_bench.py (the kit that measured issue 17's table).
@@ -108,7 +110,8 @@ def setup(a) -> None:
     ids = tok([rows[0]["prompt"]])["input_ids"][0], tok([rows[0]["completion"]],
                                                         add_special_tokens=False)["input_ids"][0]
     assert len(ids[0]) == PROMPT_WORDS + 1 and len(ids[1]) == COMPLETION_WORDS and 3 not in ids[0] + ids[1]
-    # the manifest folder as `paced manifest build` writes it: shard-NNNNN.parquet (SHARD_SCHEMA) + manifest.json
+    # the manifest folder as `paced manifest build` writes it: shard-NNNNN.parquet (SHARD_SCHEMA)
+    # + manifest.json
     m = work / "manifest"
     m.mkdir(exist_ok=True)
     digests, shard_size = {}, 64
@@ -228,7 +231,8 @@ def run_trl(a) -> None:
                                                    dtype=torch.bfloat16 if cuda else torch.float32)
 
     def collate(examples):
-        """paced's tokenisation: BOS + prompt, completion + EOS, right padded; labels -100 off the completion."""
+        """paced's tokenisation: BOS + prompt, completion + EOS, right padded; labels -100 off the
+        completion."""
         p = tok([e["prompt"] for e in examples])["input_ids"]
         c = tok([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
         seqs = [x + y + [tok.eos_token_id] for x, y in zip(p, c, strict=True)]
@@ -306,7 +310,8 @@ def run_plain(a) -> None:
         p = tok([r["prompt"] for r in batch])["input_ids"]
         c = tok([r["completion"] for r in batch], add_special_tokens=False)["input_ids"]
         ids = torch.tensor([x + y + [tok.eos_token_id] for x, y in zip(p, c, strict=True)], device=a.device)
-        keep = ids.shape[1] - len(p[0]) + 1  # logits for the positions that predict the completion (+1 unused)
+        # logits for the positions that predict the completion (+1 unused)
+        keep = ids.shape[1] - len(p[0]) + 1
         opt.zero_grad(set_to_none=True)
         with autocast:
             with torch.no_grad():

@@ -262,7 +262,8 @@ class RunService:
     def _ttl(self, ttl_seconds: float | None) -> float:
         ttl = self.settings.lease_ttl_seconds if ttl_seconds is None else ttl_seconds
         if not 0 < ttl <= self.settings.max_lease_ttl_seconds:
-            raise InputError(f"`ttl_seconds` must be in (0, {self.settings.max_lease_ttl_seconds}], got {ttl}",
+            raise InputError(f"`ttl_seconds` must be in (0, {self.settings.max_lease_ttl_seconds}], got "
+                             f"{ttl}",
                              detail={"field": "ttl_seconds", "value": ttl})
         return ttl
 
@@ -270,7 +271,8 @@ class RunService:
         ttl = self._ttl(ttl_seconds)
         config = self.config(run_id)
         newest = self._newest_snapshot(config) if config.follow_snapshots else None
-        while True:  # each pass returns, or moves the run to a later epoch or plan (bounded: `newest` is fixed)
+        # each pass returns, or moves the run to a later epoch or plan (bounded: `newest` is fixed)
+        while True:
             outcome = self.state.lease(run_id, consumer, ttl, newest)
             if outcome.status in ("next_epoch", "replan"):
                 if outcome.status == "next_epoch":

@@ -82,7 +82,8 @@ class VLLMBackend(Backend):
                 )
         except (OSError, ValueError, NotImplementedError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise InputError(f"vLLM cannot serve the model in {path}: {first}; try --backend transformers") from err
+            raise InputError(f"vLLM cannot serve the model in {path}: {first}; try --backend "
+                             "transformers") from err
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(

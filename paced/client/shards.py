@@ -73,7 +73,8 @@ class ShardClient:
         self.renew_in_background = renew_in_background
         self.held: dict[str, HeldShard] = {}  # leased and not acked, in lease order
         self.leased = self.acked = self.skipped_rows = 0
-        self.conflicts = self.dropped = 0  # acks refused; leases lost at renewal (their shards went out again)
+        # acks refused; leases lost at renewal (their shards went out again)
+        self.conflicts = self.dropped = 0
         self.done = False  # the service said every shard of every epoch is acked
         self._by_batches = False
         self._lock = threading.Lock()

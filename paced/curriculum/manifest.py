@@ -75,7 +75,8 @@ def _sorted_counts(pass_rates: pa.Table):
     n = table.column("n").to_numpy().astype(np.int64)
     if not evidence:
         return ids, table.column("correct").to_numpy().astype(np.int64), n, n
-    return ids, table.column(1).to_numpy().astype(np.float64), table.column(2).to_numpy().astype(np.float64), n
+    return (ids, table.column(1).to_numpy().astype(np.float64), table.column(2).to_numpy().astype(np.float64),
+            n)
 
 
 def build_manifest(pass_rates: pa.Table, scheme: WeightScheme, seed: int, epoch: int = 0,

@@ -100,7 +100,8 @@ def verdict(signals: list[BinSignal]) -> str:
         ref = float(np.mean([s.alignment for s in aligned]))
         ref_sd = float(np.sqrt(np.mean([(s.alignment_sd or 0.0) ** 2 for s in aligned]) / len(aligned)))
         sd = float(np.hypot(zero.alignment_sd or 0.0, ref_sd))
-        figures = f"cos {zero.alignment:+.2f} ± {zero.alignment_sd or 0:.2f} vs the frontier's {ref:+.2f} ± {ref_sd:.2f}"
+        figures = (f"cos {zero.alignment:+.2f} ± {zero.alignment_sd or 0:.2f} vs the frontier's "
+                   f"{ref:+.2f} ± {ref_sd:.2f}")
         if zero.alignment <= 2 * (zero.alignment_sd or 0.0):
             return (f"never-solved problems show no held-out-aligned signal beyond noise ({figures}): "
                     "frontier weighting (paced, hard-filter) loses little here")

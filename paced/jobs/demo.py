@@ -249,7 +249,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller everything (a few minutes; CI runs it)")
     parser.add_argument(
         "--rebuild-models", action="store_true",
-        help="train the tiny teacher and student on this CPU (minutes) instead of installing the shipped ones",
+        help="train the tiny teacher and student on this CPU (minutes) instead of installing the shipped "
+             "ones",
     )
     add_home_argument(parser)
 

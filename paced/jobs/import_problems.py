@@ -57,7 +57,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise InputError(f"{path}: line {line_no}: not valid UTF-8 (byte {err.start + 1} of the line)") from err
+                raise InputError(f"{path}: line {line_no}: not valid UTF-8 (byte {err.start + 1} of the "
+                                 "line)") from err
             if not line.strip():
                 continue
             try:
@@ -65,7 +66,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str]:
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from err
             except ValueError as err:  # NaN / Infinity
-                raise InputError(f"{path}: line {line_no}: {err}; write the value as text or leave it out") from err
+                raise InputError(f"{path}: line {line_no}: {err}; write the value as text or leave it "
+                                 "out") from err
             except RecursionError as err:
                 raise InputError(f"{path}: line {line_no}: JSON nested too deeply") from err
             if not isinstance(row, dict):
@@ -255,7 +257,8 @@ def add_arguments(parser) -> None:
                         help=f"a .jsonl/.parquet/.csv file, a datasets folder, {BUILTIN} or {MATHEMATICS}")
     parser.add_argument("--dataset", required=True, help="name of the data set to import into")
     parser.add_argument("--grader", choices=GRADERS, default=None,
-                        help="verifier for this data set (default: numeric for builtin:arithmetic, else math)")
+                        help="verifier for this data set (default: numeric for builtin:arithmetic, else "
+                             "math)")
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--answer-column", default="answer")
     parser.add_argument("--id-column", default="id")

@@ -5,8 +5,8 @@ DIR/manifest.parquet (epoch order, weights), DIR/shard-00000.parquet … (prompt
 any trainer can read), DIR/manifest.json (inputs, snapshot id, counts, effective sample size
 (Σw)²/Σw², sha256 of every shard file) and DIR/README.md (a dataset card whose `configs` block
 names the shards: `datasets.load_dataset(DIR)` loads them). In weighted-loss mode rows without
-a teacher reference are left out and counted (`--no-require-reference` keeps them). The folder is built under a temporary name and renamed
-into place; rebuilding with the same inputs is a no-op.
+a teacher reference are left out and counted (`--no-require-reference` keeps them). The folder is
+built under a temporary name and renamed into place; rebuilding with the same inputs is a no-op.
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def collect_references(home: Home | str | Path, teacher_dir: str | Path | None, 
         elif todo:
             _run(target, todo, config, backend, totals, progress, shard)
         else:
-            print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by {teacher_id}",
+            print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by "
+                  f"{teacher_id}",
                   file=sys.stderr)
         unsolved_all = unsolved_problems(folder)
     in_run = set(problems["id"].to_pylist())

@@ -252,7 +252,8 @@ def build_model(
     models_dir = Path(models_dir)
     final = models_dir / recipe.name
     record = read_build_record(final)
-    if record is not None and record.get("config") == recipe.to_json() and not record.get("installed") and not force:
+    if (record is not None and record.get("config") == recipe.to_json() and not record.get("installed")
+            and not force):
         log.info("reusing the local build of %s at %s (build.json matches its recipe)", recipe.name, final)
         return BuildResult(recipe.name, final, reused=True, record=record)
     source = None

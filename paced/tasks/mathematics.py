@@ -31,8 +31,8 @@ uniformly shuffled, so the questions' distribution is unchanged).
 Determinism: each (module, level) is generated from Python's and numpy's global generators
 seeded from (seed, module, level). The generators also pick variable names from sets, whose
 order follows Python's string hashing, so `generate_mathematics` runs them in a child process
-with PYTHONHASHSEED=0: the same config gives the same rows in any process. A question is never repeated: not within a (module, level), not
-across them, not between training and held-out rows.
+with PYTHONHASHSEED=0: the same config gives the same rows in any process. A question is never
+repeated: not within a (module, level), not across them, not between training and held-out rows.
 """
 
 from __future__ import annotations
@@ -244,7 +244,8 @@ def _split_holdout(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     import pyarrow.compute as pc
 
     is_held = pc.equal(table["split"], "heldout")
-    return table.filter(pc.invert(is_held)).drop_columns(["split"]), table.filter(is_held).drop_columns(["split"])
+    return (table.filter(pc.invert(is_held)).drop_columns(["split"]),
+            table.filter(is_held).drop_columns(["split"]))
 
 
 def compute_rows(config: MathematicsConfig) -> pa.Table:

@@ -63,8 +63,10 @@ class PretrainConfig:
             raise InputError(f"`decay_fraction` must be in (0, 1], got {self.decay_fraction}")
         if not 0 <= self.subtraction_fraction <= 1:
             raise InputError(f"`subtraction_fraction` must be in [0, 1], got {self.subtraction_fraction}")
-        if len(self.digit_weights) != self.max_digits or min(self.digit_weights) < 0 or not any(self.digit_weights):
-            raise InputError(f"`digit_weights` needs {self.max_digits} weights >= 0, got {self.digit_weights}")
+        if (len(self.digit_weights) != self.max_digits or min(self.digit_weights) < 0
+                or not any(self.digit_weights)):
+            raise InputError(f"`digit_weights` needs {self.max_digits} weights >= 0, got "
+                             f"{self.digit_weights}")
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,8 @@ def test_metrics_count_requests_items_and_outstanding_leases(client):
     held = lease(client, run)
     text = client.get("/metrics").text
     assert "paced_items_served_total 10.0" in text and "paced_leases_outstanding 1.0" in text
-    assert 'paced_http_requests_total{method="POST",route="/v1/runs/{run_id}/leases",status="200"} 1.0' in text
+    assert ('paced_http_requests_total{method="POST",route="/v1/runs/{run_id}/leases",status="200"} 1.0'
+            in text)
     ack(client, run, held["lease_id"])
     assert "paced_leases_outstanding 0.0" in client.get("/metrics").text
 
@@ -276,4 +277,5 @@ def test_a_run_that_leaves_most_of_the_pool_untrained_is_logged(client, home, ca
         guarded = new_run(client, student_id="s3", scheme="paced-posterior")
     warned = [r.getMessage() for r in caplog.records if "weight 0" in r.getMessage()]
     assert len(warned) == 1 and "paced-posterior" in warned[0]
-    assert len(starved["warnings"]) == 1 and "weight 0" in starved["warnings"][0] and guarded["warnings"] == []
+    assert (len(starved["warnings"]) == 1 and "weight 0" in starved["warnings"][0]
+            and guarded["warnings"] == [])

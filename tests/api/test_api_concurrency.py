@@ -79,8 +79,9 @@ def test_requests_never_fail_while_refresh_writes_snapshots(tmp_path):
             r = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 16,
                                               "epochs": 2, "follow_snapshots": True, "scheme": "uniform"})
             statuses.append(r.status_code)
-            while r.status_code < 300 and (got := client.post(f"/v1/runs/{r.json()['run_id']}/leases",
-                                                              json={"consumer": "t"})).json()["status"] == "leased":
+            while (r.status_code < 300
+                   and (got := client.post(f"/v1/runs/{r.json()['run_id']}/leases",
+                                           json={"consumer": "t"})).json()["status"] == "leased"):
                 statuses.append(got.status_code)
                 statuses.append(client.post(f"/v1/runs/{got.json()['run_id']}/leases/{got.json()['lease_id']}/ack").status_code)
         stop.set()

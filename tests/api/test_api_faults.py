@@ -92,7 +92,8 @@ def test_leases_are_acked_and_renewed_only_by_their_consumer(home):
         forced = client.post(f"/v1/runs/{run}/leases/{second}/ack", json={"consumer": "ops", "force": True})
         assert forced.status_code == 200 and not forced.json()["already_acked"]
         third = client.post(f"/v1/runs/{run}/leases", json={"consumer": "a"}).json()["lease_id"]
-        assert client.post(f"/v1/runs/{run}/leases/{third}/ack").status_code == 200  # no consumer named: as before
+        # no consumer named: as before
+        assert client.post(f"/v1/runs/{run}/leases/{third}/ack").status_code == 200
 
 
 def test_reads_need_the_token_when_asked_and_health_hides_the_home(home):

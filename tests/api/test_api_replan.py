@@ -94,7 +94,8 @@ def test_a_following_run_replans_the_shards_not_leased_yet_from_a_newer_snapshot
             assert it["weight"] == pytest.approx(remainder[it["problem_id"]], rel=1e-12)
             assert it["pass_rate"] == NEWER[int(it["problem_id"][1:])] / 8
         ack(c, follow, switched)
-        clock.advance(31)  # shard 2's lease (granted before the re-plan) expires: it goes out again, same rows
+        # shard 2's lease (granted before the re-plan) expires: it goes out again, same rows
+        clock.advance(31)
         again = lease(c, follow)
         assert again["shard"] == 2 and again["items"] == first[2]["items"] and again["snapshot_id"] == home[1]
         acked = first[:2] + [switched, again]

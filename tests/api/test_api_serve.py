@@ -76,7 +76,8 @@ def test_restart_keeps_leases_and_acks_and_serves_each_item_once(tmp_path):
         with httpx.Client(base_url=url, timeout=30) as c:
             view = c.get(f"/v1/runs/{rid}").json()
             epoch0 = view["progress"][0]
-            assert epoch0["acked"] == 2 and epoch0["acked"] + epoch0["leased"] + epoch0["pending"] == run["shards"]
+            assert (epoch0["acked"] == 2
+                    and epoch0["acked"] + epoch0["leased"] + epoch0["pending"] == run["shards"])
             assert c.get(f"/v1/runs/{rid}/epochs/0/shards/0?format=parquet").content == shard0
             again = c.post(f"/v1/runs/{rid}/leases/{held[0]['lease_id']}/ack")
             assert again.status_code == 200 and again.json()["already_acked"] is True

@@ -83,7 +83,8 @@ def test_sft_trainer_over_http_leases_once_and_acks_every_shard_after_steps(tmp_
         view = httpx.get(run).json()
         client.close()
     assert view["done"] and client.done and elapsed < 120  # no stall for a lease TTL
-    assert client.acked == client.leased == view["progress"][0]["shards"] and client.conflicts == client.dropped == 0
+    assert (client.acked == client.leased == view["progress"][0]["shards"]
+            and client.conflicts == client.dropped == 0)
     assert 0 < trainer.state.global_step < 50  # the run ended the training
 
 

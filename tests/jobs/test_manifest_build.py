@@ -139,7 +139,8 @@ def test_conversational_shards_hold_one_turn_each_and_a_pool_without_references_
     row = datasets.load_dataset(str(tmp_path / "m"), split="train")[0]
     assert row["prompt"] == [{"role": "user",
                               "content": row["prompt"][0]["content"]}]  # TRL's conversational form
-    assert row["completion"][0]["role"] == "assistant" and row["completion"][0]["content"] and row["weight"] > 0
+    assert (row["completion"][0]["role"] == "assistant" and row["completion"][0]["content"]
+            and row["weight"] > 0)
     bare, _, _ = make_home(tmp_path / "bare", with_refs=False)
     assert build(bare, tmp_path / "none", keep_unreferenced=False) == 1
     assert "--no-require-reference" in capsys.readouterr().err

@@ -81,7 +81,8 @@ def test_conversion_writes_an_hf_folder_and_a_second_call_is_a_no_op(real_model)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
     again = build_real_model(path.parent)
-    assert again.reused and again.path == path and again.record == json.loads((path / "build.json").read_text())
+    assert (again.reused and again.path == path
+            and again.record == json.loads((path / "build.json").read_text()))
     assert time.perf_counter() - start < 30 and (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
