@@ -123,9 +123,8 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     scheme = WeightScheme(name=spec["scheme"], weight_floor=spec.get("weight_floor", 0.0),
                           uniform_mix=spec.get("uniform_mix", 0.0))
     mode = spec.get("mode", "weighted-loss")
-    manifest, inputs = snapshot_manifest(home,
-                                         ManifestInputs(student_id="base", dataset="arith", weights=scheme,
-                                                              mode=mode, seed=seed))
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith",
+                                                              weights=scheme, mode=mode, seed=seed))
     mdir = home_dir.parent / "manifest"
     write_manifest_dir(home, manifest, inputs, mdir, args.shard_size)
     sets = {"arith-sub": (read_problems(home, "arith-sub"), "numeric"),
@@ -154,9 +153,8 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     return {"arm": arm, "seed": seed, "curve": curve, "initial_rollout_tokens": initial,
             "summary": {k: summary.get(k)
                         for k in ("steps", "train_tokens", "rollout_tokens", "train_seconds",
-                                                       "rollout_seconds", "skipped_batches",
-                                  "generated_tokens",
-                                                       "total_flops", "group")}}
+                                  "rollout_seconds", "skipped_batches", "generated_tokens", "total_flops",
+                                  "group")}}
 
 
 def arm_config(spec: dict, args, home_dir: Path, mdir: Path, seed: int, out: Path, steps: int, **over):
@@ -321,8 +319,8 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
         acc = 100 * np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)
         steps = [e["step"] for e in runs[0]["curve"]]
         flops = np.mean([[compute_of(e) for e in r["curve"]] for r in runs], axis=0)
-        style = {"linewidth": 2.5, "color": "black"} if arm in ("uniform",
-                                                                "uniform-group") else {"linewidth": 1.2}
+        style = ({"linewidth": 2.5, "color": "black"} if arm in ("uniform", "uniform-group")
+                 else {"linewidth": 1.2})
         if arm.endswith("-self"):
             style["linestyle"] = "--"
         if arm == "uniform" and "uniform-group" in by_arm:  # off-policy reference beside the group baseline

@@ -196,7 +196,7 @@ def run_one(base: Path, arm: str, seed: int, args, setup: dict) -> dict:
     return {"arm": arm, "seed": seed, "curve": curve,
             "summary": {k: summary.get(k)
                         for k in ("steps", "train_tokens", "generated_tokens", "train_seconds",
-                                                       "total_flops", "group")}}
+                                  "total_flops", "group")}}
 
 
 def aggregate(results: list[dict], step0: dict) -> str:

@@ -45,9 +45,8 @@ def train_checkpoint(base: Path, steps: int, args) -> tuple[Path, Path]:
     home_dir = arm_home(base, f"refresh-error-{steps}", Path(args.out))
     home = open_home(home_dir)
     scheme = WeightScheme(name="uniform")
-    manifest, inputs = snapshot_manifest(home,
-                                         ManifestInputs(student_id="base", dataset="arith", weights=scheme,
-                                                              seed=args.seed))
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith",
+                                                              weights=scheme, seed=args.seed))
     mdir = home_dir.parent / "manifest"
     write_manifest_dir(home, manifest, inputs, mdir, 64)
     teacher, student = ("quick-teacher", "quick-student") if args.quick else ("teacher", "student")

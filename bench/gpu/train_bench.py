@@ -157,8 +157,9 @@ class Clock:
         seconds = timed[-1] - timed[0] if steps > 0 else float("nan")
         ms = [1000 * (b - a) for a, b in zip(timed, timed[1:], strict=False)]
         out = {"method": method, "steps_timed": steps, "step_ms": round(1000 * seconds / max(steps, 1), 1),
-               "step_ms_min": round(min(ms), 1) if ms else None, "step_ms_max": round(max(ms), 1) if ms
-               else None, "tokens_per_s": round(tokens_per_step * steps / seconds) if steps else None,
+               "step_ms_min": round(min(ms), 1) if ms else None,
+               "step_ms_max": round(max(ms), 1) if ms else None,
+               "tokens_per_s": round(tokens_per_step * steps / seconds) if steps else None,
                "completion_tokens_per_s": round(completion_per_step * steps / seconds) if steps else None,
                "tokens_per_step": tokens_per_step, "marks": len(self.marks)}
         if self.cuda:

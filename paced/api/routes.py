@@ -148,7 +148,7 @@ def get_run(svc: Service, run_id: RunId) -> RunView:
         row["created_at"] = iso(row["created_at"])
     history = [{k: row[k]
                 for k in ("epoch", "segment", "from_shard", "snapshot_id", "student_ids", "checkpoint_id",
-                                    "created_at")} for row in view["history"]]
+                          "created_at")} for row in view["history"]]
     return RunView(run_id=run.run_id, created_at=iso(run.created_at), snapshot_id=run.snapshot_id,
                    config=run.config, epochs=run.epochs, current_epoch=run.current_epoch, done=view["done"],
                    progress=progress, snapshot_history=history)

@@ -36,8 +36,8 @@ def passrate_summary(pass_rate: np.ndarray, n: np.ndarray) -> dict:
     if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
         raise InputError("pass rates must lie in [0, 1]")
     count = int(p.size)
-    histogram = np.bincount(histogram_bin(p), minlength=HISTOGRAM_BINS) if count else np.zeros(HISTOGRAM_BINS,
-                                                                                               int)
+    histogram = (np.bincount(histogram_bin(p), minlength=HISTOGRAM_BINS) if count
+                 else np.zeros(HISTOGRAM_BINS, int))
     return {
         "problems": count,
         "unmeasured": int((~measured).sum()),

@@ -26,7 +26,7 @@ def test_concurrent_consumers_ack_every_item_exactly_once(tmp_path):
     with ServerThread(app) as server:
         run = httpx.post(f"{server.url}/v1/runs",
                          json={"student_id": "s1", "dataset": "arith", "shard_size": 5,
-                                                        "epochs": 2, "seed": 1}).json()
+                               "epochs": 2, "seed": 1}).json()
         leases, errors = run_consumers(server.url, run["run_id"], THREADS, ttl=TTL, abandon=0.15, late=0.15,
                                        late_factor=1.3, max_wait=0.2, timeout=30)
         assert not errors

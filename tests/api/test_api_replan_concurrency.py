@@ -33,7 +33,7 @@ def test_replans_under_concurrent_consumers_keep_exactly_once_per_epoch(tmp_path
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         run = client.post("/v1/runs",
                           json={"student_id": "s1", "dataset": "arith", "shard_size": 5, "epochs": 2,
-                                            "seed": 3, "follow_snapshots": True}).json()["run_id"]
+                                "seed": 3, "follow_snapshots": True}).json()["run_id"]
         snapshots = threading.Thread(target=writer)
         snapshots.start()
         acked, errors = run_consumers(server.url, run, THREADS, ttl=TTL, abandon=0.1, late=0.1,
