@@ -5,7 +5,8 @@ Both arms train the built-in student with reverse KL on its own samples, 32 samp
 grader, weighted, committed as rollouts), `plain` = `--batch-size 32` (one sample per prompt, no
 grading, no commit). Same seed, same manifest, in-group weights uniform (so both train every
 sample), same steps. Prints seconds per step side by side, and the group step's time spent
-grading and committing (goal: group ≤ 1.1× plain). Needs a data home with the built-in task (`bench/paced_vs_uniform.py` prepares one).
+grading and committing (goal: group ≤ 1.1× plain). Needs a data home with the built-in task
+(`bench/paced_vs_uniform.py` prepares one).
 
     .venv/bin/python bench/group_overhead.py --home bench/out/group/home --steps 30
 """
@@ -40,7 +41,8 @@ def run(home: Path, manifest: Path, out: Path, steps: int, group: bool, seed: in
     from paced.trainer.loop import train
 
     models = home / "models"
-    config = TrainConfig(student=str(models / "student"), teacher=str(models / "teacher"), source=str(manifest),
+    config = TrainConfig(student=str(models / "student"), teacher=str(models / "teacher"),
+                         source=str(manifest),
                          out=str(out), loss="reverse", steps=steps, batch_size=4 if group else 32, lr=1e-3,
                          seed=seed, max_new_tokens=8, progress=False, group_size=8 if group else 0,
                          group_scheme="uniform", grader_workers=1)
@@ -64,9 +66,11 @@ def run(home: Path, manifest: Path, out: Path, steps: int, group: bool, seed: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--home", required=True, help="a data home with the built-in task, models and base snapshot")
+    p.add_argument("--home", required=True,
+                   help="a data home with the built-in task, models and base snapshot")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each arm (the best one counts)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="alternating runs of each arm (the best one counts)")
     args = p.parse_args()
     from paced.curriculum import WeightScheme
     from paced.jobs.manifest import ManifestInputs, snapshot_manifest, write_manifest_dir

@@ -88,8 +88,10 @@ def make_inputs(spec: dict) -> dict:
     w_s = torch.randn(v, h, generator=g, device=device) * scale
     w_t = 0.97 * w_s + math.sqrt(1 - 0.97**2) * torch.randn(v, h, generator=g, device=device) * scale
     return {"h_s": hidden.to(dtype).requires_grad_(), "W_s": w_s.to(dtype).requires_grad_(),
-            "h_t": hidden.to(dtype), "W_t": w_t.to(dtype), "mask": torch.ones(b, t, dtype=torch.bool, device=device),
-            "weights": torch.ones(b, device=device), "labels": torch.zeros(b, t, dtype=torch.long, device=device)}
+            "h_t": hidden.to(dtype), "W_t": w_t.to(dtype),
+            "mask": torch.ones(b, t, dtype=torch.bool, device=device),
+            "weights": torch.ones(b, device=device),
+            "labels": torch.zeros(b, t, dtype=torch.long, device=device)}
 
 
 def _heads(inp):
@@ -131,8 +133,8 @@ def make_method(name: str, inp: dict):
     if path == "fused":
         def fused():
             student, teacher = HeadInput(inp["h_s"], inp["W_s"]), HeadInput(inp["h_t"], inp["W_t"])
-            return fused_batch_loss(student, teacher, inp["mask"], inp["weights"], loss=kind, chunk_size=chunk,
-                                    **KWARGS[kind]).loss
+            return fused_batch_loss(student, teacher, inp["mask"], inp["weights"], loss=kind,
+                                    chunk_size=chunk, **KWARGS[kind]).loss
         return kind, fused
 
     def logits():
@@ -151,12 +153,14 @@ def _liger_method(which: str, beta: float, inp: dict):
     flat = inp["h_s"].shape[-1]
     if which == "fused":
         module = LigerFusedLinearJSD(jsd_beta=beta)
-        return kind, lambda: module(inp["h_s"].view(-1, flat), inp["W_s"], inp["h_t"].view(-1, flat), inp["W_t"], None)
+        return kind, lambda: module(inp["h_s"].view(-1, flat), inp["W_s"], inp["h_t"].view(-1, flat),
+                                    inp["W_t"], None)
     module = LigerJSD(beta=beta)
 
     def on_logits():
         s, t = _heads(inp)
-        return module(F.log_softmax(s.view(-1, s.shape[-1]).float(), -1), F.log_softmax(t.view(-1, t.shape[-1]).float(), -1))
+        return module(F.log_softmax(s.view(-1, s.shape[-1]).float(), -1),
+                      F.log_softmax(t.view(-1, t.shape[-1]).float(), -1))
     return kind, on_logits
 
 
@@ -219,7 +223,8 @@ def measure(name: str, inp: dict, reps: int) -> dict:
             loss = step()
             loss.backward()
             times.append((time.perf_counter() - started) * 1e3)
-    return {"method": name, "kind": kind, "ms": statistics.median(times[1:]), "peak_gib": peak, "loss": float(loss)}
+    return {"method": name, "kind": kind, "ms": statistics.median(times[1:]), "peak_gib": peak,
+            "loss": float(loss)}
 
 
 def agree(row: dict, inp: dict, refs: dict) -> dict:
@@ -229,7 +234,8 @@ def agree(row: dict, inp: dict, refs: dict) -> dict:
         refs[kind] = reference(kind, inp)
     ref_loss, ref_gw, ref_gh = refs[kind]
     gw, gh = inp["W_s"].grad.double(), inp["h_s"].grad.double().view_as(ref_gh)
-    return {**row, "loss_rel": abs(row["loss"] / ref_loss - 1), "gw_err": float((gw - ref_gw).norm() / ref_gw.norm()),
+    return {**row, "loss_rel": abs(row["loss"] / ref_loss - 1),
+            "gw_err": float((gw - ref_gw).norm() / ref_gw.norm()),
             "gh_err": float((gh - ref_gh).norm() / ref_gh.norm())}
 
 
@@ -252,7 +258,8 @@ def run_all(args, names: list[str]) -> list[dict]:
     rows, refs, inp = [], {}, None
     for name in names:
         if args.device == "cpu":
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "method": name})],
+            proc = subprocess.run([sys.executable, __file__, "--worker",
+                                   json.dumps({**spec, "method": name})],
                                   capture_output=True, text=True, check=False)
             row = json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else \
                 {"method": name, "error": proc.stderr.strip().splitlines()[-1][:200]}
@@ -294,8 +301,10 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--losses", default="forward,reverse,jsd,akl")
-    p.add_argument("--chunk-sizes", default="", help="extra rows: paced forward with these chunks, e.g. 512,2048")
-    p.add_argument("--only", default="", help="only methods whose name contains one of these (comma-separated)")
+    p.add_argument("--chunk-sizes", default="",
+                   help="extra rows: paced forward with these chunks, e.g. 512,2048")
+    p.add_argument("--only", default="",
+                   help="only methods whose name contains one of these (comma-separated)")
     p.add_argument("--reps", type=int, default=5, help="timed runs after one warm-up (the median is shown)")
     p.add_argument("--logit-std", type=float, default=4.0, help="standard deviation of the logits")
     p.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0: torch's default)")
@@ -312,10 +321,12 @@ def main(argv=None) -> int:
     chunks = [int(x) for x in args.chunk_sizes.split(",") if x]
     names = method_names(args.device, args.losses.split(","), chunks)
     names = [n for n in names if not args.only or any(s in n for s in args.only.split(","))]
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads or torch.get_num_threads()} threads"
-    print(f"{args.batch * args.seq} tokens x {args.vocab} vocab, hidden {args.hidden}, {args.dtype}, {where}, "
-          f"torch {torch.__version__}; median of {args.reps} after a warm-up\n")
-    print("| method | loss | ms | GiB above inputs | loss rel | gW err | gh err |\n|---|---|---|---|---|---|---|")
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"cpu, {args.threads or torch.get_num_threads()} threads")
+    print(f"{args.batch * args.seq} tokens x {args.vocab} vocab, hidden {args.hidden}, {args.dtype}, "
+          f"{where}, torch {torch.__version__}; median of {args.reps} after a warm-up\n")
+    print("| method | loss | ms | GiB above inputs | loss rel | gW err | gh err "
+          "|\n|---|---|---|---|---|---|---|")
     rows = run_all(args, names)
     if args.json:
         with open(args.json, "w") as f:

@@ -52,18 +52,23 @@ ARMS: dict[str, dict] = {
     # weights as sampling probabilities (unit loss weights): every batch keeps its full size
     "paced-sample-refresh50": {"scheme": "paced", "mode": "weighted-sample", "refresh_every": 50},
     "paced-posterior-sample": {"scheme": "paced-posterior", "mode": "weighted-sample"},
-    "paced-posterior-sample-refresh50": {"scheme": "paced-posterior", "mode": "weighted-sample", "refresh_every": 50},
+    "paced-posterior-sample-refresh50": {"scheme": "paced-posterior", "mode": "weighted-sample",
+                                         "refresh_every": 50},
     # on-policy distillation (reverse KL on the student's own samples, teacher-scored)
     "uniform-onpolicy": {"scheme": "uniform", "loss": "reverse", "on_policy": True},
-    "paced-onpolicy-refresh50": {"scheme": "paced", "loss": "reverse", "on_policy": True, "refresh_every": 50},
+    "paced-onpolicy-refresh50": {"scheme": "paced", "loss": "reverse", "on_policy": True,
+                                 "refresh_every": 50},
     "hard-filter-onpolicy-refresh50": {"scheme": "hard-filter", "loss": "reverse", "on_policy": True,
                                        "refresh_every": 50},
     "paced-posterior-onpolicy-refresh50": {"scheme": "paced-posterior", "loss": "reverse", "on_policy": True,
                                            "refresh_every": 50},
     # the paper's regime (DESIGN.md §8): K samples per prompt from the current student, graded, each weighted
-    # by w(p̂) of its group; reverse KL of the teacher on the student's samples; a uniform manifest (no selection)
-    **{f"{g}-group{sfx}": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": g, "self": self_}
-       for self_, sfx in ((False, ""), (True, "-self")) for g in ("uniform", "hard-filter", "paced", "paced-posterior")},
+    # by w(p̂) of its group; reverse KL of the teacher on the student's samples; a uniform manifest
+    # (no selection)
+    **{f"{g}-group{sfx}": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": g,
+                           "self": self_}
+       for self_, sfx in ((False, ""), (True, "-self"))
+       for g in ("uniform", "hard-filter", "paced", "paced-posterior")},
     # two stages: off-policy forward KL on the references (batch rows) for half the steps, then paced-group
     "two-stage-group": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": "paced",
                         "first_stage": "forward"},
@@ -118,8 +123,8 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     scheme = WeightScheme(name=spec["scheme"], weight_floor=spec.get("weight_floor", 0.0),
                           uniform_mix=spec.get("uniform_mix", 0.0))
     mode = spec.get("mode", "weighted-loss")
-    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith", weights=scheme,
-                                                              mode=mode, seed=seed))
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith",
+                                                              weights=scheme, mode=mode, seed=seed))
     mdir = home_dir.parent / "manifest"
     write_manifest_dir(home, manifest, inputs, mdir, args.shard_size)
     sets = {"arith-sub": (read_problems(home, "arith-sub"), "numeric"),
@@ -143,12 +148,13 @@ def run_one(base: Path, arm: str, seed: int, args) -> dict:
     initial = int(pc.sum(read_rollouts(base_files)["tokens"]).as_py()) if pays else 0
     initial_flops = 2.0 * params["student"] * initial
     curve = [{**e, **{f"{k}_accuracy": v for k, v in side.get(e["step"], {}).items()},
-              "total_tokens": e["train_tokens"] + e["rollout_tokens"] + e.get("generated_tokens", 0) + initial,
-              "total_flops": e["flops"] + initial_flops} for e in curve]
+              "total_tokens": e["train_tokens"] + e["rollout_tokens"] + e.get("generated_tokens", 0)
+              + initial, "total_flops": e["flops"] + initial_flops} for e in curve]
     return {"arm": arm, "seed": seed, "curve": curve, "initial_rollout_tokens": initial,
-            "summary": {k: summary.get(k) for k in ("steps", "train_tokens", "rollout_tokens", "train_seconds",
-                                                       "rollout_seconds", "skipped_batches", "generated_tokens",
-                                                       "total_flops", "group")}}
+            "summary": {k: summary.get(k)
+                        for k in ("steps", "train_tokens", "rollout_tokens", "train_seconds",
+                                  "rollout_seconds", "skipped_batches", "generated_tokens", "total_flops",
+                                  "group")}}
 
 
 def arm_config(spec: dict, args, home_dir: Path, mdir: Path, seed: int, out: Path, steps: int, **over):
@@ -164,12 +170,13 @@ def arm_config(spec: dict, args, home_dir: Path, mdir: Path, seed: int, out: Pat
         stages=parse_stages(f"forward:{half},reverse:{steps - half}") if spec.get("two_stage") else (),
         on_policy=spec.get("on_policy"),
         lr=args.lr, batch_size=args.batch_size, seed=seed, max_new_tokens=8,
-        refresh_every=spec.get("refresh_every", 0), refresh_between_stages=spec.get("refresh_between_stages", False),
+        refresh_every=spec.get("refresh_every", 0),
+        refresh_between_stages=spec.get("refresh_between_stages", False),
         eval_every=args.eval_every, progress=False,
     )
     if group:
-        fields |= {"group_size": args.k, "group_scheme": group, "batch_size": max(1, args.batch_size // args.k),
-                   "grader_workers": 1}
+        fields |= {"group_size": args.k, "group_scheme": group,
+                   "batch_size": max(1, args.batch_size // args.k), "grader_workers": 1}
     if spec.get("self"):
         fields |= {"teacher": fields["student"], "teacher_prompt_template": args.self_template}
     return TrainConfig(**(fields | over))
@@ -183,7 +190,8 @@ def train_arm(spec: dict, args, home_dir: Path, mdir: Path, seed: int, on_step, 
 
     def jobs():
         remeasure = RemeasureJob(RemeasureConfig(home=str(home_dir), reprobe_fraction=args.reprobe_fraction,
-                                                 rollout_k=args.k, seed=seed, max_new_tokens=8, progress=False))
+                                                 rollout_k=args.k, seed=seed, max_new_tokens=8,
+                                                 progress=False))
         return remeasure, HeldOutEval(HeldOutConfig(home=str(home_dir), eval_dataset="arith-heldout",
                                                     eval_max_new_tokens=8, seed=seed))
 
@@ -311,7 +319,8 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
         acc = 100 * np.mean([[e["accuracy"] for e in r["curve"]] for r in runs], axis=0)
         steps = [e["step"] for e in runs[0]["curve"]]
         flops = np.mean([[compute_of(e) for e in r["curve"]] for r in runs], axis=0)
-        style = {"linewidth": 2.5, "color": "black"} if arm in ("uniform", "uniform-group") else {"linewidth": 1.2}
+        style = ({"linewidth": 2.5, "color": "black"} if arm in ("uniform", "uniform-group")
+                 else {"linewidth": 1.2})
         if arm.endswith("-self"):
             style["linestyle"] = "--"
         if arm == "uniform" and "uniform-group" in by_arm:  # off-policy reference beside the group baseline
@@ -319,7 +328,8 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
         by_step.plot(steps, acc, label=arm, **style)
         by_flops.plot(flops, acc, label=arm, **style)
     by_step.set(xlabel="training steps", ylabel="held-out accuracy (%)", title=title)
-    by_flops.set(xlabel="total FLOPs (training + sampling + rollouts)", xscale="log", title="at equal compute")
+    by_flops.set(xlabel="total FLOPs (training + sampling + rollouts)", xscale="log",
+                 title="at equal compute")
     by_flops.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -329,8 +339,8 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=[*ARMS, "group"],
-                   help="default: every arm but the weighted-sample, on-policy and group variants; `group`: the "
-                        "group experiment (every -group arm, uniform, akl, two-stage-group)")
+                   help="default: every arm but the weighted-sample, on-policy and group variants; `group`: "
+                        "the group experiment (every -group arm, uniform, akl, two-stage-group)")
     p.add_argument("--self-template", default=SELF_TEMPLATE,
                    help="teacher prompt of the -self arms (teacher = the student's starting checkpoint)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -339,7 +349,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--pool", type=int, default=2000, help="training problems (the budget must not memorise them)")
+    p.add_argument("--pool", type=int, default=2000,
+                   help="training problems (the budget must not memorise them)")
     p.add_argument("--heldout", type=int, default=400)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--reprobe-fraction", type=float, default=0.1)
@@ -347,12 +358,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the quick models (a smoke test, not a result)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--out", default=str(OUT), help="where runs/ and results.json go")
-    p.add_argument("--home", help="the base data home (default: OUT/home; the shipped models are installed there when missing)")
+    p.add_argument("--home",
+                   help="the base data home (default: OUT/home; the shipped models are installed there when "
+                        "missing)")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
     p.add_argument("--budget", type=float, help="--report: compare at this many FLOPs (default: the smallest "
                    "final compute of any run)")
-    p.add_argument("--plot", metavar="PNG", help="where to draw the accuracy curves (default: OUT/curves.png)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="where to draw the accuracy curves (default: OUT/curves.png)")
     args = p.parse_args()
     if "group" in args.arms:
         args.arms = [a for a in args.arms if a != "group"] + [*GROUP_ARMS, "uniform", "akl"]
@@ -360,7 +374,8 @@ def main() -> None:
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         a = saved["args"]
-        print(f"pool {a['pool']} problems, K={a['k']}, {a['steps']} steps × batch {a['batch_size']}, seeds {a['seeds']}")
+        print(f"pool {a['pool']} problems, K={a['k']}, {a['steps']} steps × batch {a['batch_size']}, seeds "
+              f"{a['seeds']}")
         print(aggregate(saved["results"], args.budget))
         print()
         print(curve_table(saved["results"]))
@@ -398,7 +413,8 @@ def main() -> None:
     print(aggregate(results))
     print()
     print(curve_table(results))
-    plot_curves(results, Path(args.plot or out / "curves.png"), f"{args.steps} steps, K={args.k}, lr {args.lr}")
+    plot_curves(results, Path(args.plot or out / "curves.png"),
+                f"{args.steps} steps, K={args.k}, lr {args.lr}")
 
 
 if __name__ == "__main__":

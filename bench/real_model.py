@@ -11,7 +11,8 @@ each sample's reverse-KL loss by w(p̂) of its group (DESIGN.md §8):
   snapshot's counts as prior.
 
 The pool is addition worded `What is A + B?` (1 and 2 digits: the 1-digit half is the model's
-frontier, the 2-digit half mostly p̂ = 0), graded `numeric`, read through a uniform manifest of the base snapshot (no selection: the weights act inside the step). Greedy
+frontier, the 2-digit half mostly p̂ = 0), graded `numeric`, read through a uniform manifest of the
+base snapshot (no selection: the weights act inside the step). Greedy
 accuracy, with the chat template, on a held-out set by level (digits) and on a module the pool
 lacks (forgetting), at step 0 (the base model, measured once), mid-run and at the end; compared
 at equal steps and at equal FLOPs (the group mode's count: generated tokens 2N, trained tokens
@@ -87,14 +88,16 @@ def prepare(base: Path, args) -> dict:
     home = str(base)
     model = build_real_model(base / "models").path
     if not (base / "problems" / "pool").exists():
-        for name, rows in zip(("pool", "pool-heldout"), addition_problems(args.pool, args.heldout, seed=0), strict=True):
+        for name, rows in zip(("pool", "pool-heldout"), addition_problems(args.pool, args.heldout, seed=0),
+                              strict=True):
             path = base / f"{name}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             cli("import", str(path), "--dataset", name, "--grader", "numeric", "--home", home)
         cli("import", "builtin:mathematics", "--modules", FORGET_MODULE, "--levels", "easy", "--per-level",
             str(args.forget), "--seed", "0", "--dataset", "forget", "--home", home)
     started = time.perf_counter()
-    rolled = cli("rollout", "--student", str(model), "--student-id", "base", "--dataset", "pool", "-k", str(args.base_k or args.k),
+    rolled = cli("rollout", "--student", str(model), "--student-id", "base", "--dataset", "pool", "-k",
+                 str(args.base_k or args.k),
                  "--temperature", "1", "--max-new-tokens", str(args.max_new_tokens), "--chat-template",
                  "--backend", args.backend, "--seed", "0", "--home", home)
     cli("refresh", "--student", "base", "--home", home)
@@ -138,7 +141,8 @@ class BenchEval:
         sets = {name: (read_problems(home, name), dataset_info(home, name)["grader"])
                 for name in ("pool-heldout", "forget")}
         backend = HFBackend.from_model(student, tokenizer, batch_size=64)
-        config = EvalConfig(k=1, max_new_tokens=self.max_new_tokens, seed=0, sampled=False, chat_template=True)
+        config = EvalConfig(k=1, max_new_tokens=self.max_new_tokens, seed=0, sampled=False,
+                            chat_template=True)
         with runtime.autocast() if runtime is not None else contextlib.nullcontext():
             res = evaluate_backend(backend, sets, config)
         held, forget = res["pool-heldout"]["greedy"], res["forget"]["greedy"]
@@ -182,15 +186,17 @@ def run_one(base: Path, arm: str, seed: int, args, setup: dict) -> dict:
         group_size=args.k, group_scheme=ARMS[arm], grader_workers=1, eval_every=every, progress=False)
     io_ = group_io(config, str(home_dir))
     try:
-        summary = train(config, evaluate=BenchEval(str(base), args.max_new_tokens, setup["step0"]), group_io=io_)
+        summary = train(config, evaluate=BenchEval(str(base), args.max_new_tokens, setup["step0"]),
+                        group_io=io_)
     finally:
         io_.grading.close()
     shutil.rmtree(home_dir.parent / "train", ignore_errors=True)
     curve = [{**e, "total_flops": e["flops"], "total_tokens": e["train_tokens"] + e["generated_tokens"]}
              for e in summary["eval_curve"]]
     return {"arm": arm, "seed": seed, "curve": curve,
-            "summary": {k: summary.get(k) for k in ("steps", "train_tokens", "generated_tokens", "train_seconds",
-                                                       "total_flops", "group")}}
+            "summary": {k: summary.get(k)
+                        for k in ("steps", "train_tokens", "generated_tokens", "train_seconds",
+                                  "total_flops", "group")}}
 
 
 def aggregate(results: list[dict], step0: dict) -> str:
@@ -200,8 +206,8 @@ def aggregate(results: list[dict], step0: dict) -> str:
     budget = min(compute_of(r["curve"][-1]) for r in results)
     levels = sorted(step0["by_difficulty"], key=int)
     base_digits = " / ".join(f"{100 * step0['by_difficulty'][lv]:.0f}" for lv in levels)
-    lines = [f"| arm | held-out acc (%) | by digits {' / '.join(levels)} (%) | acc at {budget:.2e} FLOPs (%) | "
-             f"forget: {FORGET_MODULE} (%) | weight-0 steps / samples (%) | FLOPs | train seconds |",
+    lines = [f"| arm | held-out acc (%) | by digits {' / '.join(levels)} (%) | acc at {budget:.2e} FLOPs (%) "
+             f"| forget: {FORGET_MODULE} (%) | weight-0 steps / samples (%) | FLOPs | train seconds |",
              "|" + "---|" * 8,
              f"| base model (step 0) | {100 * step0['accuracy']:.1f} | "
              f"{base_digits} | – | "
@@ -220,39 +226,49 @@ def aggregate(results: list[dict], step0: dict) -> str:
 
 def passrate_table(passrates: dict) -> str:
     """The base model's pass rates on the pool by level (Markdown)."""
-    lines = ["| digits | problems | mean p̂ | p̂ = 0 (%) | 0 < p̂ < 1 (%) | p̂ = 1 (%) |", "|---|---|---|---|---|---|"]
+    lines = ["| digits | problems | mean p̂ | p̂ = 0 (%) | 0 < p̂ < 1 (%) | p̂ = 1 (%) |",
+             "|---|---|---|---|---|---|"]
     for level, s in passrates.get("by_level", {}).items():
-        lines.append(f"| {level} | {s['problems']} | {s['mean_pass_rate']:.2f} | {100 * s['share_zero']:.0f} | "
-                     f"{100 * s['share_frontier']:.0f} | {100 * s['share_one']:.0f} |")
+        lines.append(f"| {level} | {s['problems']} | {s['mean_pass_rate']:.2f} | {100 * s['share_zero']:.0f} "
+                     f"| {100 * s['share_frontier']:.0f} | {100 * s['share_one']:.0f} |")
     return "\n".join(lines)
 
 
 def report(saved: dict) -> str:
     a, setup = saved["args"], saved["setup"]
-    head = (f"pool {a['pool']} problems ('What is A + B?', 1–2 digits), held-out {a['heldout']}, forget {a['forget']}; "
-            f"K={a['k']}, {a['steps']} steps × {a['batch_size']} prompts, max_new_tokens {a['max_new_tokens']}, "
+    head = (f"pool {a['pool']} problems ('What is A + B?', 1–2 digits), held-out {a['heldout']}, forget "
+            f"{a['forget']}; "
+            f"K={a['k']}, {a['steps']} steps × {a['batch_size']} prompts, max_new_tokens "
+            f"{a['max_new_tokens']}, "
             f"lr {a['lr']}, seeds {a['seeds']}; wall {saved.get('wall_seconds', 0):.0f} s")
-    return "\n\n".join([head, aggregate(saved["results"], setup["step0"]), passrate_table(setup["passrates"])])
+    return "\n\n".join([head, aggregate(saved["results"], setup["step0"]),
+                        passrate_table(setup["passrates"])])
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=["uniform-group", "hard-filter-group", "paced-group"], choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=["uniform-group", "hard-filter-group", "paced-group"],
+                   choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evals every N steps (default: at the end)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="held-out evals every N steps (default: at the end)")
     p.add_argument("--batch-size", type=int, default=2, help="prompts per step (each with K samples)")
     p.add_argument("--k", type=int, default=4, help="samples per prompt in a step (the group size)")
-    p.add_argument("--base-k", type=int, default=None, help="samples per problem of the base rollouts (default: K)")
+    p.add_argument("--base-k", type=int, default=None,
+                   help="samples per problem of the base rollouts (default: K)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--pool", type=int, default=16, help="training problems (half 1-digit, half 2-digit)")
     p.add_argument("--heldout", type=int, default=12, help="held-out problems (half 1-digit, half 2-digit)")
     p.add_argument("--forget", type=int, default=6, help=f"problems of {FORGET_MODULE} (forgetting)")
-    p.add_argument("--self-template", default=SELF_TEMPLATE, help="the teacher's prompt (teacher = the model)")
-    p.add_argument("--backend", default="transformers", help="backend of the base rollouts (transformers, vllm)")
+    p.add_argument("--self-template", default=SELF_TEMPLATE,
+                   help="the teacher's prompt (teacher = the model)")
+    p.add_argument("--backend", default="transformers",
+                   help="backend of the base rollouts (transformers, vllm)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
-    p.add_argument("--quick", action="store_true", help="smoke: 4 problems, K=2, 1 step, 1 seed, 8 new tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke: 4 problems, K=2, 1 step, 1 seed, 8 new tokens")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
@@ -285,8 +301,10 @@ def main(argv=None) -> None:
 
     def launch(job):
         arm, seed = job
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", arm, str(seed)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // args.jobs)), "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", arm,
+               str(seed)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // args.jobs)),
+               "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)

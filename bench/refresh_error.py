@@ -45,8 +45,8 @@ def train_checkpoint(base: Path, steps: int, args) -> tuple[Path, Path]:
     home_dir = arm_home(base, f"refresh-error-{steps}", Path(args.out))
     home = open_home(home_dir)
     scheme = WeightScheme(name="uniform")
-    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith", weights=scheme,
-                                                              seed=args.seed))
+    manifest, inputs = snapshot_manifest(home, ManifestInputs(student_id="base", dataset="arith",
+                                                              weights=scheme, seed=args.seed))
     mdir = home_dir.parent / "manifest"
     write_manifest_dir(home, manifest, inputs, mdir, 64)
     teacher, student = ("quick-teacher", "quick-student") if args.quick else ("teacher", "student")
@@ -100,13 +100,14 @@ def measure(base: Path, steps: int, args) -> list[dict]:
         rest = roll(r1, ids)  # completes the full round-1 measurement (what is committed is skipped)
         second = roll(r2, ids)
     full_sid = refresh_lineage(home, "full", ckpt_id, "arith", r1.sampling_hash, None, problem_ids=ids)
-    second_sid = refresh_lineage(home, "second-draw", ckpt_id, "arith", r2.sampling_hash, None, problem_ids=ids)
+    second_sid = refresh_lineage(home, "second-draw", ckpt_id, "arith", r2.sampling_hash, None,
+                                 problem_ids=ids)
     ref = weights_of(read_snapshot(home, "full", full_sid), ids)
     full_rec = read_lineage(home, "full", full_sid)
 
     def row(name, table, rerolled, samples, tokens, seconds):
-        return {"train_steps": steps, "refresh": name, "rerolled": rerolled, "samples": samples, "tokens": tokens,
-                "seconds": seconds, **compare(weights_of(table, ids), ref)}
+        return {"train_steps": steps, "refresh": name, "rerolled": rerolled, "samples": samples,
+                "tokens": tokens, "seconds": seconds, **compare(weights_of(table, ids), ref)}
 
     rows.append(row("no refresh (base snapshot)", base_table, 0, 0, 0, 0.0))
     for f in args.fractions:
@@ -114,8 +115,8 @@ def measure(base: Path, steps: int, args) -> list[dict]:
                               problem_ids=cheap_ids[f], previous_student_id="base")
         rec = read_lineage(home, f"cheap-{f}", sid)
         seconds = first["seconds"] if f == args.fractions[0] else None
-        rows.append(row(f"cheap, reprobe fraction {f}", read_snapshot(home, f"cheap-{f}", sid), rec["rerolled"],
-                        rec["samples"], rec["tokens"], seconds))
+        rows.append(row(f"cheap, reprobe fraction {f}", read_snapshot(home, f"cheap-{f}", sid),
+                        rec["rerolled"], rec["samples"], rec["tokens"], seconds))
     rows.append(row("full (reference)", read_snapshot(home, "full", full_sid), full_rec["rerolled"],
                     full_rec["samples"], full_rec["tokens"], round(first["seconds"] + rest["seconds"], 3)))
     second_rec = read_lineage(home, "second-draw", second_sid)
@@ -129,7 +130,8 @@ def table(rows: list[dict]) -> str:
              "eligibility flips |", "|" + "---|" * 9]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"| {r['train_steps']} | {r['refresh']} | {r['rerolled']} | {r['samples']:,} | {r['tokens']:,} | "
+        lines.append(f"| {r['train_steps']} | {r['refresh']} | {r['rerolled']} | {r['samples']:,} | "
+                     f"{r['tokens']:,} | "
                      f"{seconds} | {r['rel_l1']:.3f} | {r['pearson']:.3f} | {r['eligibility_flips']} |")
     return "\n".join(lines)
 

@@ -56,11 +56,12 @@ def generate(home: Path, rows: int, files: int, seed: int = 0) -> Path:
         idx = np.arange(start, start + per_file)
         problem = idx // 8
         table = pa.table({
-            "problem_id": np.char.add("p", np.char.zfill(problem.astype(str), 9)), "dataset": ["pool"] * per_file,
-            "sample_idx": pa.array(idx % 8, pa.int32()),
+            "problem_id": np.char.add("p", np.char.zfill(problem.astype(str), 9)),
+            "dataset": ["pool"] * per_file, "sample_idx": pa.array(idx % 8, pa.int32()),
             "completion": rng.integers(0, 20000, per_file).astype(str),
             "outcome": outcomes[rng.choice(3, per_file, p=[0.5, 0.45, 0.05])],
-            "tokens": pa.array(rng.integers(2, 9, per_file), pa.int32()), "finish_reason": ["stop"] * per_file,
+            "tokens": pa.array(rng.integers(2, 9, per_file), pa.int32()),
+            "finish_reason": ["stop"] * per_file,
             "student_id": ["synthetic"] * per_file, "sampling_hash": ["0123456789ab"] * per_file,
             "grader": ["numeric@1"] * per_file,
         }, schema=ROLLOUT_SCHEMA)

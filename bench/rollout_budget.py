@@ -51,7 +51,8 @@ def build_checkpoints(out: Path, args) -> list[Path]:
         return dirs
     torch.set_num_threads(1)
     tokenizer = build_tokenizer()
-    model = init_model(tokenizer, ModelSize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256), seed=0)
+    model = init_model(tokenizer, ModelSize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256),
+                       seed=0)
     pretrain(model, tokenizer, PretrainConfig(steps=args.warm_steps, batch_size=64, learning_rate=3e-3,
                                               warmup_steps=50, **MIX), progress=False)
     save_model(model, tokenizer, dirs[0])
@@ -117,11 +118,12 @@ def measure(args) -> tuple[list[dict], dict]:
             continue
         ref_w = weights(ref.sum(1), np.full(len(ids), args.ref_k))
         p_ref = ref.mean(1)
-        spread[t] = {"frontier": int(((p_ref > 0) & (p_ref < 1)).sum()), "all_correct": int((p_ref == 1).sum()),
-                     "all_wrong": int((p_ref == 0).sum())}
+        spread[t] = {"frontier": int(((p_ref > 0) & (p_ref < 1)).sum()),
+                     "all_correct": int((p_ref == 1).sum()), "all_wrong": int((p_ref == 0).sum())}
         for k in (8, 4, 2):
             per_t.setdefault(f"fixed K = {k}", []).append(
-                {"samples": k * len(ids), **compare(weights(fixed[:, :k].sum(1), np.full(len(ids), k)), ref_w)})
+                {"samples": k * len(ids),
+                 **compare(weights(fixed[:, :k].sum(1), np.full(len(ids), k)), ref_w)})
         for f, lam in grid:
             ev = state[(f, lam)]
             chosen = select_fresh(ids, ev.correct, ev.n, ev.age, args.reprobe_rate, args.seed, t)
@@ -149,8 +151,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pool", type=int, default=500, help="problems in the pool")
     p.add_argument("--ref-k", type=int, default=64, help="samples per problem of the reference")
-    p.add_argument("--fresh", type=int, nargs="+", default=[2, 4], help="carry-over: fresh samples per re-probe")
-    p.add_argument("--decay", type=float, nargs="+", default=[0.5, 0.8], help="carry-over: decay λ of old counts")
+    p.add_argument("--fresh", type=int, nargs="+", default=[2, 4],
+                   help="carry-over: fresh samples per re-probe")
+    p.add_argument("--decay", type=float, nargs="+", default=[0.5, 0.8],
+                   help="carry-over: decay λ of old counts")
     p.add_argument("--reprobe-rate", type=float, default=0.2, help="settled re-probe rate at age 0")
     p.add_argument("--warm-steps", type=int, default=500, help="pre-training steps before c0")
     p.add_argument("--interval", type=int, default=40, help="training steps between refreshes")

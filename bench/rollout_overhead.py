@@ -45,7 +45,8 @@ def raw_generate(backend, prompts: list[str], ids: list[str], k: int, temperatur
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=1024)
     parser.add_argument("-k", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -90,7 +91,8 @@ def main() -> None:
             ours(0, limit=64)
             for r in range(1, args.repeats + 1):  # interleaved, so load changes hit every side
                 runs["raw"].append(timed(lambda: raw_generate(backend, prompts, ids, *gen, per_sample=False)))
-                runs["raw_per_sample"].append(timed(lambda: raw_generate(backend, prompts, ids, *gen, per_sample=True)))
+                runs["raw_per_sample"].append(timed(lambda: raw_generate(backend, prompts, ids, *gen,
+                                                                         per_sample=True)))
                 runs["rollout"].append(timed(lambda r=r: ours(r)))
         finally:
             backend.close()

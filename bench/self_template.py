@@ -39,8 +39,10 @@ def main() -> None:
         for template in TEMPLATES:
             texts = [template.format(prompt=q, answer=a) for q, a in zip(prompts, answers, strict=True)]
             out = backend.generate(texts, SamplingConfig(n=1, temperature=0, max_new_tokens=8))
-            ok = [str(verifier.function(o[0].text, a)) == "correct" for o, a in zip(out, answers, strict=True)]
-            by = " / ".join(f"{100 * sum(k for k, d in zip(ok, levels, strict=True) if d == level) / levels.count(level):.0f}"
+            ok = [str(verifier.function(o[0].text, a)) == "correct" for o, a in zip(out, answers,
+                                                                                    strict=True)]
+            pairs = list(zip(ok, levels, strict=True))
+            by = " / ".join(f"{100 * sum(k for k, d in pairs if d == level) / levels.count(level):.0f}"
                             for level in sorted(set(levels)))
             print(f"| `{template}` | {100 * sum(ok) / len(ok):.1f} | {by} |")
 

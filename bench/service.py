@@ -173,7 +173,8 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     import httpx
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="problems")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=4)
@@ -203,7 +204,8 @@ def main() -> None:
     body = OUT / "service-lease-body.json"
     body.write_bytes(probe)
     bare_port = free_port()
-    proc = start([sys.executable, __file__, "--bare", str(bare_port), str(body)], f"http://127.0.0.1:{bare_port}")
+    proc = start([sys.executable, __file__, "--bare", str(bare_port), str(body)],
+                 f"http://127.0.0.1:{bare_port}")
     try:
         bare = measured(proc, f"http://127.0.0.1:{bare_port}", "r-000000000000", args.threads, ours["cycles"])
     finally:
@@ -225,8 +227,8 @@ def report(args, run: dict, build_s: float, body_bytes: int, ours: dict, bare: d
               f"{r['server_cpu'] / r['cycles'] * 1e3:>11.2f} ms")
     ratio = (ours["cycles"] / ours["seconds"]) / (bare["cycles"] / bare["seconds"])
     cpu_ratio = (bare["server_cpu"] / bare["cycles"]) / (ours["server_cpu"] / ours["cycles"])
-    print(f"throughput paced/bare: {ratio:.2f}x (goal >= 0.5x); server CPU per cycle bare/paced: {cpu_ratio:.2f}x; "
-          f"cycle p99 {pct(ours['cycle_ms'], 99):.1f} ms (goal <= 20 ms); latencies in ms")
+    print(f"throughput paced/bare: {ratio:.2f}x (goal >= 0.5x); server CPU per cycle bare/paced: "
+          f"{cpu_ratio:.2f}x; cycle p99 {pct(ours['cycle_ms'], 99):.1f} ms (goal <= 20 ms); latencies in ms")
 
 
 if __name__ == "__main__":

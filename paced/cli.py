@@ -18,7 +18,9 @@ from paced.errors import PacedError, storage_error
 
 # name -> (module, one-line help). The dict is the registry.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "import": ("paced.jobs.import_problems", "import problems (JSONL, Parquet, CSV, a datasets folder, builtin:arithmetic, builtin:mathematics)"),
+    "import": ("paced.jobs.import_problems",
+               "import problems (JSONL, Parquet, CSV, a datasets folder, builtin:arithmetic, "
+               "builtin:mathematics)"),
     "rollout": ("paced.jobs.rollout", "roll out a student K times per problem and grade the answers"),
     "teacher": ("paced.jobs.teacher", "collect verified teacher reference responses"),
     "refresh": ("paced.jobs.refresh", "aggregate committed rollouts into pass-rate snapshots (cron job)"),
@@ -27,8 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("paced.api.serve", "run the curriculum service (FastAPI under uvicorn)"),
     "train": ("paced.jobs.train", "distil a teacher into a student on weighted shards"),
     "evaluate": ("paced.jobs.evaluate", "held-out accuracy by difficulty, and forgetting vs a base model"),
-    "tasks": ("paced.tasks.cli", "built-in models: the tiny task models (shipped, or trained), the real SmolLM2-135M-Instruct"),
-    "diagnose": ("paced.jobs.diagnose", "gradient signal by pass-rate bin: will frontier weighting pay here?"),
+    "tasks": ("paced.tasks.cli",
+              "built-in models: the tiny task models (shipped, or trained), the real SmolLM2-135M-Instruct"),
+    "diagnose": ("paced.jobs.diagnose",
+                 "gradient signal by pass-rate bin: will frontier weighting pay here?"),
     "demo": ("paced.jobs.demo", "run the whole loop on the built-in task"),
 }
 
@@ -84,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = EXTRAS.get((err.name or "").split(".")[0])
         if extra is None:
             raise
-        print(f"paced {argv[0] if argv else ''}: error: this command needs {err.name!r}, which is not installed: "
-              f"pip install 'paced[{extra}]'", file=sys.stderr)
+        print(f"paced {argv[0] if argv else ''}: error: this command needs {err.name!r}, which is not "
+              f"installed: pip install 'paced[{extra}]'", file=sys.stderr)
         return 1
     except OSError as err:  # ENOSPC, EROFS, EACCES…: name the path and the reason, no traceback
         logging.getLogger("paced").debug("filesystem error", exc_info=True)

@@ -47,7 +47,8 @@ def make_service_home(root: Path, n: int = 100, with_refs: bool = True, dataset:
     home = open_home(root / "home")
     ids = problem_ids(n)
     problems = pa.table({
-        "id": ids, "prompt": [f"{i}+{i + 1}=" for i in range(n)], "answer": [str(2 * i + 1) for i in range(n)],
+        "id": ids, "prompt": [f"{i}+{i + 1}=" for i in range(n)],
+        "answer": [str(2 * i + 1) for i in range(n)],
         "difficulty": pa.array([len(str(i)) for i in range(n)], pa.int32()), "metadata": ["{}"] * n,
     })
     write_problem_part(home, dataset, problems, grader="exact", source="test")
@@ -140,7 +141,8 @@ def run_consumers(url: str, run_id: str, threads: int, *, ttl: float, abandon: f
         rng = random.Random(seed)
         with httpx.Client(base_url=url, timeout=timeout) as client:
             while True:
-                r = client.post(f"/v1/runs/{run_id}/leases", json={"consumer": f"c{seed}", "ttl_seconds": ttl})
+                r = client.post(f"/v1/runs/{run_id}/leases",
+                                json={"consumer": f"c{seed}", "ttl_seconds": ttl})
                 if r.status_code != 200:
                     errors.append(r.text)
                     return

@@ -22,7 +22,8 @@ FORBIDDEN = {  # importer layer -> layers it must never import
     "tasks": {"jobs", "api", "trainer", "cli"},
     "api": {"jobs", "trainer", "backends", "cli"},
     "jobs": {"api", "trainer", "cli"},
-    "trainer": {"jobs", "api", "cli", "store", "integrations"},  # DESIGN §2: the service only over HTTP or shard files
+    "trainer": {"jobs", "api", "cli", "store",
+                "integrations"},  # DESIGN §2: the service only over HTTP or shard files
     # the client of external trainers: light (no torch, no data home), only paced.errors below it
     "client": {"curriculum", "store", "jobs", "api", "trainer", "backends", "grading", "tasks", "cli",
                "integrations"},
@@ -71,7 +72,8 @@ def test_no_module_imports_a_layer_above_or_beside_it():
 def test_the_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "trainer"
     bad.mkdir()
-    (bad / "x.py").write_text("from paced.store.home import open_home\nfrom paced.store.files import read_json\n")
+    (bad / "x.py").write_text("from paced.store.home import open_home\nfrom paced.store.files import "
+                              "read_json\n")
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "y.py").write_text("def f():\n    from paced.trainer.loop import train\n")
     assert upward_imports(tmp_path) == ["paced/jobs/y.py:2: jobs -> paced.trainer.loop (train)",

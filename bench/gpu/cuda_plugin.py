@@ -1,6 +1,7 @@
 """pytest plugin: run the loss tests (tests/trainer/test_losses.py, test_fused.py) with tensors on a device.
 
-    python3 -m pytest -p cuda_plugin tests/trainer/test_losses.py tests/trainer/test_fused.py   # bench/gpu on PYTHONPATH
+    # with bench/gpu on PYTHONPATH:
+    python3 -m pytest -p cuda_plugin tests/trainer/test_losses.py tests/trainer/test_fused.py
 
 torch's default device becomes PACED_TEST_DEVICE (default cuda), so every tensor a test makes
 with torch.tensor/zeros/... lands there; the tests' input builders (`make_batch`, `make_inputs`,
@@ -43,7 +44,8 @@ def _to_device(x):
 @pytest.fixture(autouse=True, scope="module")
 def _inputs_on_device(request):
     module = request.module
-    originals = {name: getattr(module, name) for name in ("make_batch", "make_inputs") if hasattr(module, name)}
+    originals = {name: getattr(module, name) for name in ("make_batch", "make_inputs")
+                 if hasattr(module, name)}
 
     def wrap(original):
         def build(*args, **kwargs):

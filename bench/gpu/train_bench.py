@@ -1,10 +1,12 @@
-"""Distillation training throughput, side by side: `paced train` (off-policy forward KL, fused or logits loss path), TRL's
-GKDTrainer (lmbda=0 off-policy, beta=0 forward KL, seq_kd=False) and a plain lower bound (student
-forward+backward with cross-entropy plus a no-grad teacher forward), on the same random-init
-student/teacher (Qwen2-0.5B/1.5B shapes, Llama layers), the same synthetic prompt/completion rows and the same AdamW.
+"""Distillation training throughput, side by side: `paced train` (off-policy forward KL, fused or
+logits loss path), TRL's GKDTrainer (lmbda=0 off-policy, beta=0 forward KL, seq_kd=False) and a
+plain lower bound (student forward+backward with cross-entropy plus a no-grad teacher forward), on
+the same random-init student/teacher (Qwen2-0.5B/1.5B shapes, Llama layers), the same synthetic
+prompt/completion rows and the same AdamW.
 
     python3 bench/gpu/train_bench.py setup --work W --size full|tiny      # tokenizer, models, shard folder
-    python3 bench/gpu/train_bench.py plain|paced|trl --work W --out RESULTS.jsonl [--device cuda] [--loss-path fused|logits]
+    python3 bench/gpu/train_bench.py plain|paced|trl --work W --out RESULTS.jsonl \
+        [--device cuda] [--loss-path fused|logits]
     python3 bench/gpu/train_bench.py report --out RESULTS.jsonl --table TABLE.md
 
 Adapted from ../shared/gpu-check/train_bench.py (the kit that measured issue 17's table).
@@ -29,15 +31,15 @@ PROMPT_WORDS, COMPLETION_WORDS = 127, 383  # + BOS, + EOS: 128 + 384 = 512 token
 SIZES = {
     # Qwen2-0.5B / Qwen2-1.5B shapes (tied embeddings) as Llama layers (no qkv bias), random init
     "full": {"vocab": 151936,
-             "student": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                             intermediate_size=4864),
-             "teacher": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                             intermediate_size=8960)},
+             "student": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2, intermediate_size=4864),
+             "teacher": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                             num_key_value_heads=2, intermediate_size=8960)},
     "tiny": {"vocab": 2003,
-             "student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128),
-             "teacher": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-                             intermediate_size=192)},
+             "student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=128),
+             "teacher": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                             num_key_value_heads=2, intermediate_size=192)},
 }
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -53,7 +55,8 @@ def build_tokenizer(vocab_size: int):
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                         special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>",
                                    unk_token="<unk>", padding_side="right", model_max_length=1024)
 
 
@@ -104,9 +107,11 @@ def setup(a) -> None:
         del model
     rows = make_rows(256, size["vocab"])
     tok = AutoTokenizer.from_pretrained(work / "student")  # as every trainer loads it
-    ids = tok([rows[0]["prompt"]])["input_ids"][0], tok([rows[0]["completion"]], add_special_tokens=False)["input_ids"][0]
+    ids = tok([rows[0]["prompt"]])["input_ids"][0], tok([rows[0]["completion"]],
+                                                        add_special_tokens=False)["input_ids"][0]
     assert len(ids[0]) == PROMPT_WORDS + 1 and len(ids[1]) == COMPLETION_WORDS and 3 not in ids[0] + ids[1]
-    # the manifest folder as `paced manifest build` writes it: shard-NNNNN.parquet (SHARD_SCHEMA) + manifest.json
+    # the manifest folder as `paced manifest build` writes it: shard-NNNNN.parquet (SHARD_SCHEMA)
+    # + manifest.json
     m = work / "manifest"
     m.mkdir(exist_ok=True)
     digests, shard_size = {}, 64
@@ -114,12 +119,14 @@ def setup(a) -> None:
         path = m / f"shard-{k:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(rows[start:start + shard_size], schema=shard_schema()), path)
         digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    pq.write_table(pa.table({"position": [r["position"] for r in rows], "problem_id": [r["problem_id"] for r in rows],
+    pq.write_table(pa.table({"position": [r["position"] for r in rows],
+                             "problem_id": [r["problem_id"] for r in rows],
                              "weight": [1.0] * len(rows)}), m / "manifest.parquet")
     (m / "manifest.json").write_text(json.dumps({
-        "inputs": {"student_id": "synthetic-student", "dataset": "synthetic", "snapshot_id": None, "scheme": "uniform",
-                   "mode": "weighted-loss", "seed": 0, "epoch": 0},
-        "items": len(rows), "measured": 0, "unmeasured": len(rows), "zero_weight": 0, "with_reference": len(rows),
+        "inputs": {"student_id": "synthetic-student", "dataset": "synthetic", "snapshot_id": None,
+                   "scheme": "uniform", "mode": "weighted-loss", "seed": 0, "epoch": 0},
+        "items": len(rows), "measured": 0, "unmeasured": len(rows), "zero_weight": 0,
+        "with_reference": len(rows),
         "effective_sample_size": float(len(rows)), "shards": len(digests), "shard_size": shard_size,
         "guard": "none", "sha256": digests}, indent=1))
     (work / "rows.json").write_text(json.dumps(rows))
@@ -150,7 +157,8 @@ class Clock:
         seconds = timed[-1] - timed[0] if steps > 0 else float("nan")
         ms = [1000 * (b - a) for a, b in zip(timed, timed[1:], strict=False)]
         out = {"method": method, "steps_timed": steps, "step_ms": round(1000 * seconds / max(steps, 1), 1),
-               "step_ms_min": round(min(ms), 1) if ms else None, "step_ms_max": round(max(ms), 1) if ms else None,
+               "step_ms_min": round(min(ms), 1) if ms else None,
+               "step_ms_max": round(max(ms), 1) if ms else None,
                "tokens_per_s": round(tokens_per_step * steps / seconds) if steps else None,
                "completion_tokens_per_s": round(completion_per_step * steps / seconds) if steps else None,
                "tokens_per_step": tokens_per_step, "marks": len(self.marks)}
@@ -220,10 +228,12 @@ def run_trl(a) -> None:
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     cuda = a.device.startswith("cuda")
     student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.bfloat16 if cuda else torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(work / "teacher",
+                                                   dtype=torch.bfloat16 if cuda else torch.float32)
 
     def collate(examples):
-        """paced's tokenisation: BOS + prompt, completion + EOS, right padded; labels -100 off the completion."""
+        """paced's tokenisation: BOS + prompt, completion + EOS, right padded; labels -100 off the
+        completion."""
         p = tok([e["prompt"] for e in examples])["input_ids"]
         c = tok([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
         seqs = [x + y + [tok.eos_token_id] for x, y in zip(p, c, strict=True)]
@@ -251,14 +261,16 @@ def run_trl(a) -> None:
             if logs and "loss" in logs:
                 logged.append(logs["loss"])
 
-    cfg = GKDConfig(output_dir=str(work / "trl_out"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+    cfg = GKDConfig(output_dir=str(work / "trl_out"), per_device_train_batch_size=BATCH,
+                    gradient_accumulation_steps=1,
                     max_steps=WARMUP + STEPS, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=cuda, fp16=False,
-                    use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+                    use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none",
+                    disable_tqdm=True,
                     dataloader_num_workers=0, seed=0, max_length=1024, lmbda=0.0, beta=0.0, seq_kd=False,
                     temperature=1.0, gradient_checkpointing=False, disable_dropout=True)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
-                         data_collator=collate, callbacks=[Timer()])
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
+                         processing_class=tok, data_collator=collate, callbacks=[Timer()])
     info = {"trl": trl.__version__, "optimizer": type(trainer.create_optimizer()).__name__,
             "mixed_precision": str(trainer.accelerator.mixed_precision),
             "teacher_dtype": str(next(trainer.teacher_model.parameters()).dtype),
@@ -266,8 +278,8 @@ def run_trl(a) -> None:
     trainer.train()
     emit(a, clock.result("TRL GKDTrainer (lmbda=0, beta=0, seq_kd=False)", BATCH * 512, BATCH * 384, **info,
                          loss_first=logged[0] if logged else None, loss_last=logged[-1] if logged else None,
-                         note="Trainer bf16=True (autocast over fp32 student), bf16 teacher; full-sequence logits "
-                              "for both models; loss over completion tokens"))
+                         note="Trainer bf16=True (autocast over fp32 student), bf16 teacher; full-sequence "
+                              "logits for both models; loss over completion tokens"))
 
 
 # ---------------------------------------------------------------- (c) plain lower bound
@@ -284,10 +296,12 @@ def run_plain(a) -> None:
     rows = json.loads((work / "rows.json").read_text())
     student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32).to(a.device).train()
     teacher = AutoModelForCausalLM.from_pretrained(
-        work / "teacher", dtype=torch.bfloat16 if cuda else torch.float32).to(a.device).eval().requires_grad_(False)
+        work / "teacher",
+        dtype=torch.bfloat16 if cuda else torch.float32).to(a.device).eval().requires_grad_(False)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=LR)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     clock = Clock(a.device)
     clock.mark()
@@ -297,7 +311,8 @@ def run_plain(a) -> None:
         p = tok([r["prompt"] for r in batch])["input_ids"]
         c = tok([r["completion"] for r in batch], add_special_tokens=False)["input_ids"]
         ids = torch.tensor([x + y + [tok.eos_token_id] for x, y in zip(p, c, strict=True)], device=a.device)
-        keep = ids.shape[1] - len(p[0]) + 1  # logits for the positions that predict the completion (+1 unused)
+        # logits for the positions that predict the completion (+1 unused)
+        keep = ids.shape[1] - len(p[0]) + 1
         opt.zero_grad(set_to_none=True)
         with autocast:
             with torch.no_grad():
@@ -311,7 +326,8 @@ def run_plain(a) -> None:
         clock.mark()
     emit(a, clock.result("plain: student CE fwd+bwd + no-grad teacher fwd", BATCH * 512, BATCH * 384,
                          loss_first=losses[0], loss_last=losses[-1],
-                         note="same autocast/dtypes and logits_to_keep as paced; torch AdamW (foreach), clip 1.0"))
+                         note="same autocast/dtypes and logits_to_keep as paced; torch AdamW (foreach), clip "
+                              "1.0"))
 
 
 # ---------------------------------------------------------------- report
@@ -319,11 +335,14 @@ def run_plain(a) -> None:
 
 def report(a) -> None:
     results = [json.loads(x) for x in Path(a.out).read_text().splitlines() if x.strip()]
-    lines = ["| method | tokens/s (all 512/row) | completion tokens/s | step ms (min-max) | peak GiB (reserved) |",
+    lines = ["| method | tokens/s (all 512/row) | completion tokens/s | step ms (min-max) | peak GiB "
+             "(reserved) |",
              "| --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['tokens_per_s']} | {r['completion_tokens_per_s']} | {r['step_ms']} "
-                     f"({r['step_ms_min']}-{r['step_ms_max']}) | {r.get('peak_gib')} ({r.get('peak_reserved_gib')}) |")
+        lines.append(f"| {r['method']} | {r['tokens_per_s']} | {r['completion_tokens_per_s']} | "
+                     f"{r['step_ms']} "
+                     f"({r['step_ms_min']}-{r['step_ms_max']}) | {r.get('peak_gib')} "
+                     f"({r.get('peak_reserved_gib')}) |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.table:

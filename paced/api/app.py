@@ -33,13 +33,14 @@ from paced.errors import PacedError
 from paced.store.home import open_home
 
 log = logging.getLogger("paced.api")
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-              413: "body_too_large", 415: "unsupported_media_type"}
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 
 
 def error_response(status: int, message: str, code: str, detail: object = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"error": message, "code": code, "detail": detail}, status_code=status,
+                        headers=headers)
 
 
 def _field(loc) -> str:
@@ -58,7 +59,8 @@ def _paced_error(request: Request, err: PacedError) -> JSONResponse:
 
 
 def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    errors = [{"field": _field(e.get("loc", ())), "message": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+    errors = [{"field": _field(e.get("loc", ())), "message": str(e.get("msg", "")),
+               "type": str(e.get("type", ""))}
               for e in err.errors()]
     first = errors[0] if errors else {"field": "", "message": "invalid request"}
     message = f"invalid {first['field'] or 'request'}: {first['message']}"

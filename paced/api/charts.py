@@ -14,12 +14,14 @@ COLORS = {"zero": "#c0392b", "mid": "#2e86c1", "one": "#27ae60", "acked": "#27ae
 
 def _svg(width: int, height: int, body: list[str], label: str) -> str:
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">' + "".join(body) + "</svg>")
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">' + "".join(body)
+            + "</svg>")
 
 
 def _rect(x: float, y: float, w: float, h: float, color: str, title: str, **data) -> str:
     attrs = "".join(f' data-{k.replace("_", "-")}="{escape(str(v))}"' for k, v in data.items())
-    return (f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{max(h, 0):.1f}" fill="{color}"{attrs}>'
+    return (f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{max(h, 0):.1f}" '
+            f'fill="{color}"{attrs}>'
             f"<title>{escape(title)}</title></rect>")
 
 
@@ -41,7 +43,8 @@ def histogram_svg(counts: list[int], edges: list[float], curve: list[tuple[float
     if curve:
         points = " ".join(f"{pad + p * plot_w:.1f},{height - pad - w * plot_h:.1f}" for p, w in curve)
         body.append(f'<polyline points="{points}" fill="none" stroke="{COLORS["curve"]}" stroke-width="2" '
-                    f'data-kind="weight-curve" data-points="{len(curve)}"><title>weight (max 1)</title></polyline>')
+                    f'data-kind="weight-curve" data-points="{len(curve)}"><title>weight (max '
+                    '1)</title></polyline>')
     body.append(f'<text x="{pad}" y="14" font-size="11">max {top} problems per bin</text>')
     return _svg(width, height, body, "pass-rate histogram")
 
@@ -76,7 +79,8 @@ def progress_svg(epochs: list[dict], width: int = 420, row_h: int = 18) -> str:
         body.append(f'<text x="2" y="{y + row_h - 5}" font-size="11">epoch {e["epoch"]}</text>')
         for part in ("acked", "leased", "expired", "pending"):
             w = plot_w * e[part] / total
-            body.append(_rect(x, y, w, row_h, COLORS[part], f"epoch {e['epoch']}: {part} {e[part]} of {e['shards']}",
+            body.append(_rect(x, y, w, row_h, COLORS[part],
+                              f"epoch {e['epoch']}: {part} {e[part]} of {e['shards']}",
                               kind=f"progress-{part}", epoch=e["epoch"], count=e[part]))
             x += w
     return _svg(width, height, body, "run progress by epoch")

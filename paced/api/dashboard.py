@@ -65,9 +65,9 @@ def student_view(home, student_id: str, scheme: WeightScheme, k: int, now: float
     lineage = []
     for sid in ids[-LINEAGE_SNAPSHOTS:]:
         f = snapshot_figures(home, student_id, sid)["frontier"]
-        lineage.append({"snapshot_id": sid, "problems": f.problems, "zero": f.zero, "mid": f.mid, "one": f.one,
-                        "carried": f.carried, "carried_share": f.carried_share, "max_stale_age": f.max_stale_age,
-                        "age": age_text(sid, now)})
+        lineage.append({"snapshot_id": sid, "problems": f.problems, "zero": f.zero, "mid": f.mid,
+                        "one": f.one, "carried": f.carried, "carried_share": f.carried_share,
+                        "max_stale_age": f.max_stale_age, "age": age_text(sid, now)})
     return {"student_id": student_id, "snapshot_id": ids[-1], "summary": newest["summary"],
             "curve": weight_curve(scheme, k), "lineage": lineage}
 
@@ -80,8 +80,8 @@ def run_view(service, run: dict) -> dict:
         gone = expired.get(e["epoch"], 0)
         epochs.append({**e, "expired": gone, "pending": max(0, e["pending"] - gone)})
     switches = [h for h in described["history"] if h["segment"] > 0 or h["epoch"] > 0]
-    return {**run, "scheme": described["run"].config["scheme"], "done": described["done"], "epoch_rows": epochs,
-            "history": described["history"], "switches": len(switches)}
+    return {**run, "scheme": described["run"].config["scheme"], "done": described["done"],
+            "epoch_rows": epochs, "history": described["history"], "switches": len(switches)}
 
 
 def _pct(x: float | None) -> str:
@@ -105,7 +105,8 @@ def _student_html(v: dict) -> str:
             f'<div class="charts">{histogram_svg(s["histogram"], s["bin_edges"], v["curve"])}'
             f"{frontier_svg(v['lineage'])}</div>"
             "<table><tr><th>snapshot</th><th>problems</th><th>p̂=0</th><th>0&lt;p̂&lt;1</th><th>p̂=1</th>"
-            f"<th>carried</th><th>carried share</th><th>max stale age</th><th>age</th></tr>{rows}</table></section>")
+            "<th>carried</th><th>carried share</th><th>max stale "
+            f"age</th><th>age</th></tr>{rows}</table></section>")
 
 
 def _run_html(v: dict) -> str:
@@ -115,7 +116,8 @@ def _run_html(v: dict) -> str:
         f"<td>{e['effective_sample_size']:.1f}</td><td><code>{escape(e['snapshot_id'])}</code></td></tr>"
         for e in v["epoch_rows"])
     return (f'<section class="run" data-run="{escape(v["run_id"])}"><h2>run {escape(v["run_id"])}</h2>'
-            f"<p>student {escape(v['student_id'])}, data set {escape(v['dataset'])}, scheme {escape(v['scheme'])}, "
+            f"<p>student {escape(v['student_id'])}, data set {escape(v['dataset'])}, scheme "
+            f"{escape(v['scheme'])}, "
             f"epoch {v['current_epoch'] + 1} of {v['epochs']}{' (done)' if v['done'] else ''}, "
             f"snapshot switches <span data-field='switches'>{v['switches']}</span></p>"
             f"{progress_svg(v['epoch_rows'])}"
@@ -131,11 +133,14 @@ STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}section{
 def render_page(students: list[dict], runs: list[dict], errors: list[str], scheme: WeightScheme, k: int,
                 home_label: str) -> str:
     form = ("<form method='get'>weight curve: scheme <select name='scheme'>"
-            + "".join(f"<option{' selected' if n == scheme.name else ''}>{escape(n)}</option>" for n in sorted(SCHEMES))
+            + "".join(f"<option{' selected' if n == scheme.name else ''}>{escape(n)}</option>"
+                      for n in sorted(SCHEMES))
             + f"</select> α <input name='alpha' value='{scheme.alpha:g}' size='3'> β <input name='beta' "
-            f"value='{scheme.beta:g}' size='3'> K <input name='k' value='{k}' size='3'> <button>show</button></form>")
+            f"value='{scheme.beta:g}' size='3'> K <input name='k' value='{k}' size='3'> "
+            "<button>show</button></form>")
     problems = "".join(f"<p class='error'>{escape(e)}</p>" for e in errors)
-    body = "".join(map(_student_html, students)) or "<p>no pass-rate snapshots yet: run `paced rollout` and " \
+    body = "".join(map(_student_html,
+                       students)) or "<p>no pass-rate snapshots yet: run `paced rollout` and " \
         "`paced refresh`</p>"
     body += "".join(map(_run_html, runs)) or "<p>no runs yet</p>"
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
@@ -146,7 +151,8 @@ def render_page(students: list[dict], runs: list[dict], errors: list[str], schem
 
 @router.get("/", response_class=HTMLResponse, responses=ERRORS, dependencies=Reads, tags=["dashboard"])
 def dashboard(request: Request, scheme: Annotated[str, Query(pattern=r"^[a-z-]{1,32}$")] = "paced",
-              alpha: Annotated[float, Query(ge=0, le=100)] = 1.0, beta: Annotated[float, Query(ge=0, le=100)] = 1.0,
+              alpha: Annotated[float, Query(ge=0, le=100)] = 1.0,
+              beta: Annotated[float, Query(ge=0, le=100)] = 1.0,
               k: Annotated[int, Query(ge=1, le=1024)] = 8) -> HTMLResponse:
     """The dashboard (HTML): frontier per student, progress per run."""
     service, now = request.app.state.service, time.time()
@@ -162,4 +168,5 @@ def dashboard(request: Request, scheme: Annotated[str, Query(pattern=r"^[a-z-]{1
             runs.append(run_view(service, run))
         except (PacedError, OSError) as err:
             errors.append(f"run {run['run_id']}: {getattr(err, 'message', err)}")
-    return HTMLResponse(render_page(students, runs, errors, chosen, k, f"data home: {service.home.root.name}"))
+    return HTMLResponse(render_page(students, runs, errors, chosen, k,
+                                    f"data home: {service.home.root.name}"))

@@ -87,7 +87,8 @@ class EpochLeases:
         if self.acked_by[shard] == lease_id:
             raise ConflictError(f"lease {lease_id} has acked shard {shard} of epoch {self.epoch}; there is "
                                 "nothing to renew", code="lease_acked",
-                                detail={"field": "lease_id", "value": lease_id, "epoch": self.epoch, "shard": shard})
+                                detail={"field": "lease_id", "value": lease_id, "epoch": self.epoch,
+                                        "shard": shard})
         other = self.acked_by[shard] or self.holder[shard]
         if other != lease_id:
             what = "acked under" if self.acked_by[shard] else "handed out again as"
@@ -112,7 +113,8 @@ class EpochLeases:
     def resize(self, shards: int) -> None:
         """The epoch now has `shards` shards; only never-granted ones are added or dropped."""
         if shards < self.next_fresh:
-            raise ValueError(f"cannot cut epoch {self.epoch} to {shards} shards: {self.next_fresh} were granted")
+            raise ValueError(f"cannot cut epoch {self.epoch} to {shards} shards: {self.next_fresh} were "
+                             "granted")
         extra = shards - self.shards
         for values, fill in ((self.holder, None), (self.expires_at, 0.0), (self.acked_by, None)):
             if extra >= 0:
@@ -139,5 +141,6 @@ def check_consumer(lease_id: str, holder: str | None, consumer: str | None, forc
     if consumer is None or force or holder is None or holder == consumer:
         return
     raise ForbiddenError(f"lease {lease_id} was granted to consumer {holder!r}, not {consumer!r}; only its "
-                         "consumer may ack or renew it (send force: true to override)", code="lease_not_yours",
+                         "consumer may ack or renew it (send force: true to override)",
+                         code="lease_not_yours",
                          detail={"field": "consumer", "value": consumer, "lease_id": lease_id})

@@ -20,7 +20,8 @@ class Metrics:
     def __init__(self, outstanding: Callable[[], int], frontier=None):
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.requests = Counter("paced_http_requests", "HTTP requests", ["method", "route", "status"], registry=reg)
+        self.requests = Counter("paced_http_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=reg)
         self.latency = Histogram("paced_http_request_duration_seconds", "HTTP request latency",
                                  ["method", "route"], buckets=LATENCY_BUCKETS, registry=reg)
         self.leases = Counter("paced_leases", "lease requests by outcome (leased, wait, done)", ["outcome"],
@@ -29,7 +30,8 @@ class Metrics:
         self.items_served = Counter("paced_items_served", "items handed out in leased shards", registry=reg)
         self.outstanding = Gauge("paced_leases_outstanding", "leases live now", registry=reg)
         self.outstanding.set_function(outstanding)
-        self.run_items_served = Counter("paced_run_items_served", "items handed out in leased shards, per run",
+        self.run_items_served = Counter("paced_run_items_served",
+                                        "items handed out in leased shards, per run",
                                         ["run_id"], registry=reg)
         self.run_items_acked = Counter("paced_run_items_acked", "items of acked shards, per run", ["run_id"],
                                        registry=reg)
@@ -54,7 +56,8 @@ class ServiceMiddleware:
         body = _error_json(413, f"request body exceeds {self.max_bytes} bytes", "body_too_large",
                            {"max_request_bytes": self.max_bytes})
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     def _limited(self, receive):
@@ -114,7 +117,8 @@ class FrontierCollector:
 
         bins = GaugeMetricFamily("paced_student_problems", "problems of the newest snapshot by pass-rate bin",
                                  labels=["student_id", "bin"])
-        mean = GaugeMetricFamily("paced_student_mean_pass_rate", "mean p̂ of the newest snapshot", labels=["student_id"])
+        mean = GaugeMetricFamily("paced_student_mean_pass_rate", "mean p̂ of the newest snapshot",
+                                 labels=["student_id"])
         share = GaugeMetricFamily("paced_student_share", "share of measured problems at p̂ = 0 / p̂ = 1",
                                   labels=["student_id", "at"])
         age = GaugeMetricFamily("paced_student_snapshot_age_seconds", "age of the newest snapshot",
@@ -142,7 +146,8 @@ class FrontierCollector:
     def _runs(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        acked = GaugeMetricFamily("paced_run_shards_acked", "shards acked in the current epoch", labels=["run_id"])
+        acked = GaugeMetricFamily("paced_run_shards_acked", "shards acked in the current epoch",
+                                  labels=["run_id"])
         live = GaugeMetricFamily("paced_run_leases_live", "leases live now", labels=["run_id"])
         expired = GaugeMetricFamily("paced_run_leases_expired", "shards whose latest lease expired unacked",
                                     labels=["run_id"])

@@ -111,8 +111,8 @@ def health(request: Request, svc: Service, credentials: Credentials) -> Health:
                   students=students)
 
 
-@router.get("/v1/students/{student_id}/passrates", response_model=PassRates, responses=ERRORS, dependencies=Reads,
-            tags=["students"])
+@router.get("/v1/students/{student_id}/passrates", response_model=PassRates, responses=ERRORS,
+            dependencies=Reads, tags=["students"])
 def passrates(svc: Service, student_id: Annotated[str, Path(pattern=NAME_PATTERN)],
               dataset: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
               snapshot_id: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None) -> dict:
@@ -134,8 +134,8 @@ def create_run(svc: Service, body: RunCreate) -> RunCreated:
     shards not leased yet, are planned again from the student's newest snapshot."""
     record, files = svc.create_run(body.to_config())
     return RunCreated(run_id=record.run_id, snapshot_id=files.snapshot_id, epoch=0, epochs=record.epochs,
-                      shards=files.shards, items=files.items, effective_sample_size=files.effective_sample_size,
-                      warnings=list(files.warnings))
+                      shards=files.shards, items=files.items,
+                      effective_sample_size=files.effective_sample_size, warnings=list(files.warnings))
 
 
 @router.get("/v1/runs/{run_id}", response_model=RunView, responses=ERRORS, dependencies=Reads, tags=["runs"])
@@ -146,8 +146,9 @@ def get_run(svc: Service, run_id: RunId) -> RunView:
     run, progress = view["run"], view["progress"]
     for row in progress + view["history"]:
         row["created_at"] = iso(row["created_at"])
-    history = [{k: row[k] for k in ("epoch", "segment", "from_shard", "snapshot_id", "student_ids", "checkpoint_id",
-                                    "created_at")} for row in view["history"]]
+    history = [{k: row[k]
+                for k in ("epoch", "segment", "from_shard", "snapshot_id", "student_ids", "checkpoint_id",
+                          "created_at")} for row in view["history"]]
     return RunView(run_id=run.run_id, created_at=iso(run.created_at), snapshot_id=run.snapshot_id,
                    config=run.config, epochs=run.epochs, current_epoch=run.current_epoch, done=view["done"],
                    progress=progress, snapshot_history=history)
@@ -168,15 +169,17 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
     metrics = request.app.state.metrics
     metrics.leases.labels(outcome.status).inc()
     if outcome.status == "wait":
-        return JSONResponse({"status": "wait", "run_id": run_id, "retry_after_seconds": outcome.retry_after_seconds},
+        return JSONResponse({"status": "wait", "run_id": run_id,
+                             "retry_after_seconds": outcome.retry_after_seconds},
                             headers={"Retry-After": str(max(1, math.ceil(outcome.retry_after_seconds)))})
     if outcome.status == "done":
         return JSONResponse({"status": "done", "run_id": run_id})
     lease = outcome.lease
     plan = svc.epoch_plan(run_id, lease.epoch, lease.segment + 1)
     head = {"status": "leased", "run_id": run_id, "lease_id": lease.lease_id, "epoch": lease.epoch,
-            "shard": lease.shard, "snapshot_id": plan.snapshot_for(lease.shard), "expires_at": iso(lease.expires_at),
-            "ttl_seconds": round(lease.expires_at - svc.clock(), 3), "num_items": plan.shard_items(lease.shard)}
+            "shard": lease.shard, "snapshot_id": plan.snapshot_for(lease.shard),
+            "expires_at": iso(lease.expires_at), "ttl_seconds": round(lease.expires_at - svc.clock(), 3),
+            "num_items": plan.shard_items(lease.shard)}
     metrics.items_served.inc(head["num_items"])
     metrics.run_items_served.labels(run_id).inc(head["num_items"])
     if not body.include_items:
@@ -187,7 +190,8 @@ def lease(request: Request, svc: Service, run_id: RunId, body: LeaseRequest) -> 
 @router.post("/v1/runs/{run_id}/leases/{lease_id}/ack", response_model=AckResponse, responses=ERRORS,
              dependencies=Guarded, tags=["leases"])
 def ack(request: Request, svc: Service, run_id: RunId,
-        lease_id: Annotated[str, Path(pattern=LEASE_ID_PATTERN)], body: AckRequest | None = None) -> AckResponse:
+        lease_id: Annotated[str, Path(pattern=LEASE_ID_PATTERN)],
+        body: AckRequest | None = None) -> AckResponse:
     """Mark the lease's shard consumed. Acking twice is idempotent; acking a lease that expired
     after its shard was handed out again is a 409 (discard that work); acking an expired lease
     whose shard nobody took since is accepted. A body naming another `consumer` than the
@@ -214,14 +218,16 @@ def renew(svc: Service, run_id: RunId, lease_id: Annotated[str, Path(pattern=LEA
     body = body or RenewRequest()
     renewal = svc.renew(run_id, lease_id, body.ttl_seconds, body.consumer, body.force)
     return RenewResponse(run_id=run_id, lease_id=lease_id, epoch=renewal.epoch, shard=renewal.shard,
-                         expires_at=iso(renewal.expires_at), ttl_seconds=round(renewal.expires_at - svc.clock(), 3))
+                         expires_at=iso(renewal.expires_at),
+                         ttl_seconds=round(renewal.expires_at - svc.clock(), 3))
 
 
 @router.get("/v1/runs/{run_id}/epochs/{epoch}/shards/{shard}", responses={
     **ERRORS, 200: {"content": {MEDIA_TYPES[f]: {} for f in FORMATS}, "description": "the shard's rows"}},
     dependencies=Reads, tags=["runs"])
 def get_shard(svc: Service, run_id: RunId, epoch: Index, shard: Index,
-              fmt: Annotated[Literal[FORMATS], Query(alias="format")] = "json") -> Response:  # type: ignore[valid-type]
+              fmt: Annotated[Literal[FORMATS],
+                             Query(alias="format")] = "json") -> Response:  # type: ignore[valid-type]
     """A shard of a started epoch as JSON, JSONL or Parquet: the same request returns the same bytes.
     Of a run that follows snapshots, a shard is served once it has been leased (before that a
     re-plan may still change it: 404 `shard_not_built`, ask again later)."""

@@ -96,7 +96,8 @@ class _Build:
 
     def __init__(self, target: Callable[[], None]):
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(target,), name="paced-epoch-build", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(target,), name="paced-epoch-build",
+                                       daemon=True)
         self.thread.start()
 
     def _run(self, target: Callable[[], None]) -> None:
@@ -148,21 +149,25 @@ class RunService:
     def close(self) -> None:
         self.state.close()
 
-    def _build_epoch(self, run_id: str, config: RunConfig, epoch: int, snapshot_id: str | None) -> EpochRecord:
+    def _build_epoch(self, run_id: str, config: RunConfig, epoch: int,
+                     snapshot_id: str | None) -> EpochRecord:
         table, snapshot_id = read_snapshot_rows(self.home, config.student_id, snapshot_id, config.dataset)
         manifest = build_manifest(table, config.weights, config.seed, epoch, config.mode, config.num_samples)
         if epoch == 0 and manifest.num_items == 0:
             raise InputError(f"no problem of {config.dataset!r} has a positive weight under scheme "
-                             f"{config.weights.name!r} in snapshot {snapshot_id}; try weight_floor or uniform_mix",
+                             f"{config.weights.name!r} in snapshot {snapshot_id}; try weight_floor or "
+                             "uniform_mix",
                              detail={"field": "scheme", "value": config.weights.name})
         warning = starvation_warning(manifest) if epoch == 0 else None
         if warning:
             log.warning("run %s: %s", run_id, warning)
         student_ids, checkpoint_id = measured_by(self.home, config.student_id, snapshot_id, table)
         files = write_epoch(self.home, run_id, manifest, snapshot_id, config.dataset, config.shard_size,
-                            config.teacher_id, extra={"student_ids": list(student_ids), "checkpoint_id": checkpoint_id})
+                            config.teacher_id,
+                            extra={"student_ids": list(student_ids), "checkpoint_id": checkpoint_id})
         return EpochRecord(files.epoch, files.snapshot_id, files.items, files.shards, files.shard_size,
-                           files.effective_sample_size, student_ids, checkpoint_id, (warning,) if warning else ())
+                           files.effective_sample_size, student_ids, checkpoint_id,
+                           (warning,) if warning else ())
 
     def create_run(self, config: RunConfig) -> tuple[RunRecord, EpochRecord]:
         config.validate(self.settings)
@@ -193,7 +198,8 @@ class RunService:
             return []
         cached = self._listings.get(student_id)
         if cached is None or cached[0] != mtime or cached[1] - mtime < 100_000_000:
-            cached = self._listings[student_id] = (mtime, time.time_ns(), list_snapshots(self.home, student_id))
+            cached = self._listings[student_id] = (mtime, time.time_ns(),
+                                                   list_snapshots(self.home, student_id))
         return cached[2]
 
     def _newest_snapshot(self, config: RunConfig, after: str = "") -> str | None:
@@ -256,7 +262,8 @@ class RunService:
     def _ttl(self, ttl_seconds: float | None) -> float:
         ttl = self.settings.lease_ttl_seconds if ttl_seconds is None else ttl_seconds
         if not 0 < ttl <= self.settings.max_lease_ttl_seconds:
-            raise InputError(f"`ttl_seconds` must be in (0, {self.settings.max_lease_ttl_seconds}], got {ttl}",
+            raise InputError(f"`ttl_seconds` must be in (0, {self.settings.max_lease_ttl_seconds}], got "
+                             f"{ttl}",
                              detail={"field": "ttl_seconds", "value": ttl})
         return ttl
 
@@ -264,11 +271,13 @@ class RunService:
         ttl = self._ttl(ttl_seconds)
         config = self.config(run_id)
         newest = self._newest_snapshot(config) if config.follow_snapshots else None
-        while True:  # each pass returns, or moves the run to a later epoch or plan (bounded: `newest` is fixed)
+        # each pass returns, or moves the run to a later epoch or plan (bounded: `newest` is fixed)
+        while True:
             outcome = self.state.lease(run_id, consumer, ttl, newest)
             if outcome.status in ("next_epoch", "replan"):
                 if outcome.status == "next_epoch":
-                    key, target = (run_id, outcome.next_epoch), partial(self._build_next, run_id, outcome.next_epoch)
+                    key, target = (run_id, outcome.next_epoch), partial(self._build_next, run_id,
+                                                                        outcome.next_epoch)
                 else:
                     key, target = (outcome.replan,), partial(self._build_replan, outcome.replan)
                 if self._await(key, target):
@@ -311,8 +320,8 @@ class RunService:
         plan = self.epoch_plan(run_id, epoch, max(1, segments))
         if out <= shard and out < plan.shards:
             raise NotFoundError(
-                f"shard {shard} of epoch {epoch} of run {run_id} is not built yet: the run follows snapshots, so "
-                f"a shard is planned when it is first leased ({out} so far); ask again later",
+                f"shard {shard} of epoch {epoch} of run {run_id} is not built yet: the run follows "
+                f"snapshots, so a shard is planned when it is first leased ({out} so far); ask again later",
                 code="shard_not_built", detail={"field": "shard", "value": shard, "handed_out": out})
         return plan
 

@@ -42,16 +42,21 @@ class RunCreate(BaseModel):
                                                  description="Beta(a₀, b₀) prior (paced-posterior)")
     mode: Literal[MODES] = "weighted-loss"  # type: ignore[valid-type]
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    shard_size: int = Field(256, ge=1, le=2**31 - 1, description="items per shard (at most the max_shard_size setting)")
+    shard_size: int = Field(256, ge=1, le=2**31 - 1,
+                            description="items per shard (at most the max_shard_size setting)")
     epochs: int = Field(1, ge=1, le=2**31 - 1, description="epochs to serve (at most the max_epochs setting)")
-    weight_floor: Finite = Field(0.0, ge=0, le=1, description="every measured problem gets at least this weight")
+    weight_floor: Finite = Field(0.0, ge=0, le=1,
+                                 description="every measured problem gets at least this weight")
     uniform_mix: Finite = Field(0.0, ge=0, le=1, description="w' = (1−λ)·w/mean(w) + λ")
     follow_snapshots: bool = Field(
-        False, description="take weights from the student's newest snapshot: each new epoch, and within an epoch "
+        False,
+        description="take weights from the student's newest snapshot: each new epoch, and within an epoch "
         "the shards not leased yet are planned again when a newer snapshot appears")
-    num_samples: int | None = Field(None, ge=0, le=2**31 - 1, description="draws per epoch (weighted-sample mode)")
+    num_samples: int | None = Field(None, ge=0, le=2**31 - 1,
+                                    description="draws per epoch (weighted-sample mode)")
     snapshot_id: Name | None = Field(None, description="pin this snapshot (default: the newest)")
-    teacher_id: Name | None = Field(None, description="whose references fill `completion` (default: the first)")
+    teacher_id: Name | None = Field(None,
+                                    description="whose references fill `completion` (default: the first)")
 
 
     def to_config(self) -> RunConfig:
@@ -95,7 +100,8 @@ class PlanSegment(BaseModel):
     from_shard: int = Field(description="the epoch's first shard planned from this snapshot")
     snapshot_id: str
     student_ids: list[str] | None = Field(description="the checkpoints whose rollouts measured the snapshot")
-    checkpoint_id: str | None = Field(description="the lineage's newest checkpoint, when the snapshot records it")
+    checkpoint_id: str | None = Field(description="the lineage's newest checkpoint, when the snapshot "
+                                                  "records it")
     created_at: str
 
 
@@ -108,8 +114,8 @@ class RunView(BaseModel):
     current_epoch: int
     done: bool
     progress: list[EpochProgress]
-    snapshot_history: list[PlanSegment] = Field(description="the snapshot each epoch, and each re-plan within "
-                                                "an epoch, was planned from, in order")
+    snapshot_history: list[PlanSegment] = Field(description="the snapshot each epoch, and each re-plan "
+                                                "within an epoch, was planned from, in order")
 
 
 class LeaseRequest(BaseModel):
@@ -123,15 +129,18 @@ class LeaseRequest(BaseModel):
 class RenewRequest(BaseModel):
     model_config = STRICT
 
-    ttl_seconds: Finite | None = Field(None, gt=0, le=1e7, description="new lifetime from now (default: a setting)")
-    consumer: Consumer | None = Field(None, description="who renews: must be the lease's consumer unless `force`")
+    ttl_seconds: Finite | None = Field(None, gt=0, le=1e7,
+                                       description="new lifetime from now (default: a setting)")
+    consumer: Consumer | None = Field(None,
+                                      description="who renews: must be the lease's consumer unless `force`")
     force: bool = Field(False, description="renew a lease another consumer holds")
 
 
 class AckRequest(BaseModel):
     model_config = STRICT
 
-    consumer: Consumer | None = Field(None, description="who acks: must be the lease's consumer unless `force`")
+    consumer: Consumer | None = Field(None,
+                                      description="who acks: must be the lease's consumer unless `force`")
     force: bool = Field(False, description="ack a lease another consumer holds (e.g. a dead trainer's)")
 
 

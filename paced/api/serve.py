@@ -28,7 +28,8 @@ def add_arguments(parser) -> None:
     add_home_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
 
 
 def is_loopback(host: str) -> bool:
@@ -95,7 +96,8 @@ def json_400_protocol():
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port; one clear line when the port is taken or the host is wrong."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port,
+                                                             type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
     except (OSError, UnicodeError) as err:
         raise InputError(f"cannot listen on {host}:{port}: {err}") from err
@@ -113,7 +115,8 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args) -> int:
     settings = load_settings(args.home)
     if not is_loopback(args.host) and not settings.require_token():
-        raise InputError(f"refusing to serve on non-loopback host {args.host} without a token: set PACED_TOKEN")
+        raise InputError(f"refusing to serve on non-loopback host {args.host} without a token: set "
+                         "PACED_TOKEN")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     import uvicorn
@@ -125,6 +128,7 @@ def run(args) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, workers=1, http=json_400_protocol())
     logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
     host, port = sock.getsockname()[:2]
-    logging.getLogger("paced.api").info("paced serve on http://%s:%d (data home %s)", host, port, app.state.service.home.root)
+    logging.getLogger("paced.api").info("paced serve on http://%s:%d (data home %s)", host, port,
+                                        app.state.service.home.root)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     token: SecretStr | None = Field(
         None, description="bearer token required on every POST (state-changing) endpoint; unset: none")
     lease_ttl_seconds: float = Field(300.0, gt=0, description="lease time-to-live when a request gives none")
-    max_lease_ttl_seconds: float = Field(86400.0, gt=0, description="the longest lease a consumer may ask for")
+    max_lease_ttl_seconds: float = Field(86400.0, gt=0,
+                                         description="the longest lease a consumer may ask for")
     retry_after_seconds: float = Field(
         5.0, gt=0, description="the longest wait suggested when every open shard is under a live lease")
     epoch_build_wait_seconds: float = Field(

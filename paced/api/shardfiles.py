@@ -200,7 +200,8 @@ def _read_range(path: Path, start: int, stop: int) -> bytes:
 
 
 def shard_jsonl(files: EpochFiles, shard: int) -> bytes:
-    return _read_range(files.folder / "shards.jsonl", files.jsonl_offsets[shard], files.jsonl_offsets[shard + 1])
+    return _read_range(files.folder / "shards.jsonl", files.jsonl_offsets[shard],
+                       files.jsonl_offsets[shard + 1])
 
 
 def items_array(jsonl: bytes) -> bytes:

@@ -181,11 +181,13 @@ class StateDB:
         cur, key = batch.sql(), {"run_id": run.run_id, "epoch": run.current_epoch}
         shards, snapshot_id = cur.execute(statement("service.get_epoch_shards"), key).fetchone()
         state = EpochLeases(run.run_id, run.current_epoch, shards, snapshot_id=snapshot_id)
-        for segment, from_shard, snapshot_id in cur.execute(statement("service.epoch_segments"), key).fetchall():
+        for segment, from_shard, snapshot_id in cur.execute(statement("service.epoch_segments"),
+                                                            key).fetchall():
             if segment > 0:
                 state.starts.append(from_shard)
             state.snapshot_id = snapshot_id
-        for lease_id, shard, expires_at, consumer in cur.execute(statement("service.epoch_leases"), key).fetchall():
+        for lease_id, shard, expires_at, consumer in cur.execute(statement("service.epoch_leases"),
+                                                                 key).fetchall():
             state.grant(shard, lease_id, expires_at, consumer)
         for shard, lease_id in cur.execute(statement("service.epoch_acks"), key).fetchall():
             state.record_ack(shard, lease_id)
@@ -195,11 +197,12 @@ class StateDB:
     # ---- writes -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert_segment(cur, replan: Replan, items: int, shards: int, ess: float, student_ids: tuple[str, ...],
-                        checkpoint_id: str | None, now: float) -> None:
+    def _insert_segment(cur, replan: Replan, items: int, shards: int, ess: float,
+                        student_ids: tuple[str, ...], checkpoint_id: str | None, now: float) -> None:
         cur.execute(statement("service.insert_segment"), {
             "run_id": replan.run_id, "epoch": replan.epoch, "segment": replan.segment,
-            "from_shard": replan.from_shard, "snapshot_id": replan.snapshot_id, "items": items, "shards": shards,
+            "from_shard": replan.from_shard, "snapshot_id": replan.snapshot_id, "items": items,
+            "shards": shards,
             "ess": ess, "student_ids": json.dumps(list(student_ids)), "checkpoint_id": checkpoint_id,
             "created_at": now})
 
@@ -208,7 +211,8 @@ class StateDB:
         cur.execute(statement("service.insert_epoch"), {
             "run_id": run_id, "epoch": epoch.epoch, "snapshot_id": epoch.snapshot_id, "items": epoch.items,
             "shards": epoch.shards, "ess": epoch.effective_sample_size, "created_at": now})
-        cls._insert_segment(cur, Replan(run_id, epoch.epoch, 0, 0, epoch.snapshot_id), epoch.items, epoch.shards,
+        cls._insert_segment(cur, Replan(run_id, epoch.epoch, 0, 0, epoch.snapshot_id), epoch.items,
+                            epoch.shards,
                             epoch.effective_sample_size, epoch.student_ids, epoch.checkpoint_id, now)
 
     def insert_run(self, record: RunRecord, epoch0: EpochRecord) -> None:
@@ -237,7 +241,8 @@ class StateDB:
 
         return self._write(op)
 
-    def lease(self, run_id: str, consumer: str, ttl_seconds: float, newest_snapshot: str | None = None) -> LeaseOutcome:
+    def lease(self, run_id: str, consumer: str, ttl_seconds: float,
+              newest_snapshot: str | None = None) -> LeaseOutcome:
         """The next shard for `consumer`. `newest_snapshot`: a snapshot the run's current epoch
         should follow; if it is newer than the plan and some shard was never leased, fresh grants
         stop and the outcome is `replan` (once the shards already out are exhausted)."""
@@ -247,7 +252,8 @@ class StateDB:
             state = self._epoch_leases(batch, run)
             if (newest_snapshot and not state.frozen and newest_snapshot > (state.snapshot_id or "")
                     and newest_snapshot != state.declined and state.next_fresh < state.shards):
-                state.pending = Replan(run_id, state.epoch, len(state.starts), state.next_fresh, newest_snapshot)
+                state.pending = Replan(run_id, state.epoch, len(state.starts), state.next_fresh,
+                                       newest_snapshot)
             shard = state.pick(now)
             if shard is None:
                 if state.frozen:
@@ -270,7 +276,8 @@ class StateDB:
 
         def op(batch: Batch):
             state = self._epoch_leases(batch, self._run(batch, replan.run_id))
-            if (state.epoch, len(state.starts), state.next_fresh) != (replan.epoch, replan.segment, replan.from_shard):
+            if (state.epoch, len(state.starts), state.next_fresh) != (replan.epoch, replan.segment,
+                                                                      replan.from_shard):
                 raise ConflictError(f"re-plan {replan} no longer fits epoch {state.epoch} of {replan.run_id} "
                                     f"({len(state.starts)} segments, {state.next_fresh} shards out)")
             cur, now = batch.sql(), self._clock()
@@ -315,7 +322,8 @@ class StateDB:
                 return self._ack_elsewhere(batch.sql(), run_id, lease_id, consumer, force)
             state.check_consumer(lease_id, consumer, force)
             shard = state.leases[lease_id]
-            ack = Ack(lease_id, run_id, state.epoch, shard, already_acked=state.check_ack(lease_id) == "already")
+            ack = Ack(lease_id, run_id, state.epoch, shard,
+                      already_acked=state.check_ack(lease_id) == "already")
             if not ack.already_acked:
                 batch.add("service.insert_acks", {
                     "run_id": run_id, "epoch": state.epoch, "shard": shard, "lease_id": lease_id,
@@ -337,14 +345,16 @@ class StateDB:
             state.check_consumer(lease_id, consumer, force)
             state.check_renew(lease_id)
             expires_at = self._clock() + ttl_seconds
-            batch.sql().execute(statement("service.renew_lease"), {"lease_id": lease_id, "expires_at": expires_at})
+            batch.sql().execute(statement("service.renew_lease"),
+                                {"lease_id": lease_id, "expires_at": expires_at})
             state.renew(lease_id, expires_at)
             return Renewal(lease_id, run_id, state.epoch, state.leases[lease_id], expires_at)
 
         return self._write(op)
 
     @staticmethod
-    def _ack_elsewhere(cur, run_id: str, lease_id: str, consumer: str | None = None, force: bool = False) -> Ack:
+    def _ack_elsewhere(cur, run_id: str, lease_id: str, consumer: str | None = None,
+                       force: bool = False) -> Ack:
         """A lease not of the current epoch: of an earlier, fully acked one, or unknown."""
         row = cur.execute(statement("service.get_lease"), {"lease_id": lease_id}).fetchone()
         if row is None or row[0] != run_id:
@@ -352,12 +362,14 @@ class StateDB:
                                 detail={"field": "lease_id", "value": lease_id})
         _, epoch, shard, holder_consumer = row
         check_consumer(lease_id, holder_consumer, consumer, force)
-        holder = cur.execute(statement("service.get_ack"), {"run_id": run_id, "epoch": epoch, "shard": shard}).fetchone()
+        holder = cur.execute(statement("service.get_ack"),
+                             {"run_id": run_id, "epoch": epoch, "shard": shard}).fetchone()
         if holder is None or holder[0] != lease_id:
-            raise ConflictError(f"lease {lease_id} expired and shard {shard} of epoch {epoch} was acked under "
-                                f"lease {holder[0] if holder else None}; discard the work done on it",
+            raise ConflictError(f"lease {lease_id} expired and shard {shard} of epoch {epoch} was acked "
+                                f"under lease {holder[0] if holder else None}; discard the work done on it",
                                 code="lease_superseded",
-                                detail={"field": "lease_id", "value": lease_id, "epoch": epoch, "shard": shard})
+                                detail={"field": "lease_id", "value": lease_id, "epoch": epoch,
+                                        "shard": shard})
         return Ack(lease_id, run_id, epoch, shard, already_acked=True)
 
     # ---- reads (any thread) -----------------------------------------------------------------------
@@ -390,7 +402,8 @@ class StateDB:
     def segment_starts(self, run_id: str, epoch: int) -> list[int]:
         """The first shard of each plan segment of an epoch ([0] for one recorded before segments)."""
         with self._reader() as cur:
-            rows = cur.execute(statement("service.epoch_segments"), {"run_id": run_id, "epoch": epoch}).fetchall()
+            rows = cur.execute(statement("service.epoch_segments"),
+                               {"run_id": run_id, "epoch": epoch}).fetchall()
         return [row[1] for row in rows] or [0]
 
     def handed_out(self, run_id: str, epoch: int) -> tuple[int, int]:
@@ -421,4 +434,5 @@ class StateDB:
 
     def outstanding_leases(self) -> int:
         with self._reader() as cur:
-            return int(cur.execute(statement("service.outstanding_leases"), {"now": self._clock()}).fetchone()[0])
+            return int(cur.execute(statement("service.outstanding_leases"),
+                                   {"now": self._clock()}).fetchone()[0])

@@ -47,7 +47,8 @@ class SamplingConfig:
             raise InputError(f"`n` must be >= 1, got {self.n}")
         for name in ("temperature", "top_p"):
             if not math.isfinite(getattr(self, name)):
-                raise InputError(f"`{name}` must be a finite number, got {getattr(self, name)}", detail={"field": name})
+                raise InputError(f"`{name}` must be a finite number, got {getattr(self, name)}",
+                                 detail={"field": name})
         if self.temperature < 0:
             raise InputError(f"`temperature` must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

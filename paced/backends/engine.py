@@ -91,7 +91,8 @@ def add_engine_arguments(parser, *, ray: bool = True) -> None:
                        help="share of GPU memory vLLM may use, in (0, 1] (default 0.85)")
     group.add_argument("--dtype", default=None, help=f"one of {', '.join(DTYPES)} (default: float32 on CPU, "
                                                      "auto on GPU)")
-    group.add_argument("--max-model-len", type=int, default=None, help="engine context length (default: the model's)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="engine context length (default: the model's)")
     group.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     if ray:
         group = parser.add_argument_group("Ray (pip install 'paced[ray]')")

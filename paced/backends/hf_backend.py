@@ -128,8 +128,9 @@ class HFBackend(Backend):
     def _generation_config(self, params: SamplingConfig, max_new_tokens: int):
         from transformers import GenerationConfig
 
-        # Greedy over the processed scores (rows are already repeated n times); neutral values for the knobs a model's own
-        # generation_config.json could otherwise switch on (penalties, minimum lengths).
+        # Greedy over the processed scores (rows are already repeated n times); neutral values for the
+        # knobs a model's own generation_config.json could otherwise switch on (penalties, minimum
+        # lengths).
         return GenerationConfig(
             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id, repetition_penalty=1.0, no_repeat_ngram_size=0,

@@ -34,7 +34,8 @@ class _GenerationActor:
     def ready(self) -> bool:
         return True
 
-    def generate(self, prompts: list[str], params: SamplingConfig, seeds: list[int]) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], params: SamplingConfig,
+                 seeds: list[int]) -> list[list[Completion]]:
         return self.backend.generate(prompts, params, seeds=seeds)
 
     def close(self) -> None:
@@ -54,7 +55,8 @@ def count_actors(ray, gpus_per_actor: int) -> tuple[int, int]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         if gpus < gpus_per_actor:
-            raise InputError(f"the Ray cluster has {gpus} GPUs; --tensor-parallel-size {gpus_per_actor} needs more")
+            raise InputError(f"the Ray cluster has {gpus} GPUs; --tensor-parallel-size {gpus_per_actor} "
+                             "needs more")
         return gpus // gpus_per_actor, gpus_per_actor
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive"))), 0
 
@@ -90,7 +92,8 @@ class RayBackend(Backend):
             raise PacedError(f"a Ray generation actor died: {err}") from err
         except self._ray.exceptions.RayTaskError as err:
             cause = err.as_instanceof_cause()
-            raise (cause if isinstance(cause, PacedError) else PacedError(f"Ray generation failed: {err}")) from err
+            raise (cause if isinstance(cause, PacedError)
+                   else PacedError(f"Ray generation failed: {err}")) from err
 
     def generate(self, prompts: list[str], params: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Completion]]:

@@ -82,7 +82,8 @@ class VLLMBackend(Backend):
                 )
         except (OSError, ValueError, NotImplementedError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise InputError(f"vLLM cannot serve the model in {path}: {first}; try --backend transformers") from err
+            raise InputError(f"vLLM cannot serve the model in {path}: {first}; try --backend "
+                             "transformers") from err
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
@@ -138,8 +139,8 @@ def check_cpu_head_size(path: Path) -> None:
     head_size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_size is not None and head_size not in supported:
-        raise InputError(f"vLLM's CPU attention cannot run the model in {path}: its head size is {head_size}, "
-                         f"supported are {supported}; use --backend transformers",
+        raise InputError(f"vLLM's CPU attention cannot run the model in {path}: its head size is "
+                         f"{head_size}, supported are {supported}; use --backend transformers",
                          code="unsupported_model", detail={"head_size": head_size, "supported": supported})
 
 

@@ -67,7 +67,8 @@ class ServiceClient:
 
     def send(self, method: str, url: str, body: dict | None = None) -> httpx.Response:
         """The answer to one request (below 500 and not 429), after retries."""
-        retrying = Retrying(retry=retry_if_exception_type(_Retryable), stop=stop_after_attempt(self.retries + 1),
+        retrying = Retrying(retry=retry_if_exception_type(_Retryable),
+                            stop=stop_after_attempt(self.retries + 1),
                             wait=wait_exponential(multiplier=self.backoff_seconds, max=30.0), reraise=True)
         try:
             for attempt in retrying:
@@ -83,7 +84,8 @@ class ServiceClient:
         except httpx.TransportError as err:
             raise _Retryable(f"cannot reach the service at {url}: {err}") from err
         if response.status_code >= 500 or response.status_code == 429:
-            raise _Retryable(f"the service answered {response.status_code} to {method} {url}: {response.text[:300]}")
+            raise _Retryable(f"the service answered {response.status_code} to {method} {url}: "
+                             f"{response.text[:300]}")
         return response
 
     def json(self, method: str, url: str, body: dict | None = None, *, what: str | None = None) -> dict:

@@ -62,7 +62,8 @@ class ShardClient:
 
     def __init__(self, run_url: str, *, token: str | None = None, consumer: str | None = None,
                  ttl_seconds: float | None = None, require_completion: bool = True, retries: int = 5,
-                 timeout_seconds: float = 30.0, backoff_seconds: float = 0.5, renew_in_background: bool = True):
+                 timeout_seconds: float = 30.0, backoff_seconds: float = 0.5,
+                 renew_in_background: bool = True):
         base, self.run_id = run_base(run_url)
         self.run_url = f"{base}/v1/runs/{self.run_id}"
         self.service = ServiceClient(base, token=token, retries=retries, timeout_seconds=timeout_seconds,
@@ -72,7 +73,8 @@ class ShardClient:
         self.renew_in_background = renew_in_background
         self.held: dict[str, HeldShard] = {}  # leased and not acked, in lease order
         self.leased = self.acked = self.skipped_rows = 0
-        self.conflicts = self.dropped = 0  # acks refused; leases lost at renewal (their shards went out again)
+        # acks refused; leases lost at renewal (their shards went out again)
+        self.conflicts = self.dropped = 0
         self.done = False  # the service said every shard of every epoch is acked
         self._by_batches = False
         self._lock = threading.Lock()
@@ -177,7 +179,8 @@ class ShardClient:
     def step_done(self) -> int:
         """Call after each optimizer step: acks the shards that step finished; how many."""
         with self._lock:
-            ready = [s.lease_id for s in self.held.values() if (s.consumed if self._by_batches else s.finished)]
+            ready = [s.lease_id for s in self.held.values() if (s.consumed if self._by_batches
+                                                                else s.finished)]
         for lease_id in ready:
             self.ack(lease_id)
         return len(ready)
@@ -256,8 +259,8 @@ class ShardClient:
             "position": datasets.Value("int64"), "problem_id": datasets.Value("string"),
             "prompt": datasets.Value("string"), "completion": datasets.Value("string"),
             "weight": datasets.Value("float64"), "pass_rate": datasets.Value("float64"),
-            "n": datasets.Value("int64"), "dataset": datasets.Value("string"), "guard": datasets.Value("string"),
-            DONE_COLUMN: datasets.Value("string")})
+            "n": datasets.Value("int64"), "dataset": datasets.Value("string"),
+            "guard": datasets.Value("string"), DONE_COLUMN: datasets.Value("string")})
         return datasets.IterableDataset.from_generator(_RowsOf(self), features=features)
 
     def torch_dataset(self):

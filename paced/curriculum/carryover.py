@@ -82,7 +82,8 @@ def uniform_draws(problem_ids: list[str], seed: int, round_index: int) -> np.nda
     return out
 
 
-def select_fresh(problem_ids: list[str], correct, n, age, rate: float, seed: int, round_index: int) -> np.ndarray:
+def select_fresh(problem_ids: list[str], correct, n, age, rate: float, seed: int,
+                 round_index: int) -> np.ndarray:
     """Which problems get fresh samples this round (a boolean mask, see the module doc):
     unmeasured (n = 0) and frontier problems always; settled ones by their age."""
     c, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
@@ -133,7 +134,8 @@ def carry_evidence(previous: pa.Table, fresh: pa.Table, decay: float | None) -> 
         return fresh
     import pyarrow.compute as pc
 
-    at = pc.index_in(fresh["problem_id"], value_set=previous["problem_id"].combine_chunks())  # null: new problem
+    at = pc.index_in(fresh["problem_id"],
+                     value_set=previous["problem_id"].combine_chunks())  # null: new problem
     found = pc.is_valid(at).to_numpy(zero_copy_only=False)
     rows = pc.fill_null(at, 0).to_numpy(zero_copy_only=False)
     oc, on = (np.where(found, previous[c].to_numpy()[rows] if previous.num_rows else 0.0, 0.0)
@@ -141,6 +143,7 @@ def carry_evidence(previous: pa.Table, fresh: pa.Table, decay: float | None) -> 
     c, n, carried = combine_counts(oc, on, fresh["correct"].to_numpy(zero_copy_only=False),
                                    fresh["n"].to_numpy(zero_copy_only=False), decay)
     p = np.divide(c, n, out=np.zeros_like(n), where=n > 0)
-    for name, values in (("evidence_correct", c), ("evidence_n", n), ("carried_share", carried), ("pass_rate", p)):
+    for name, values in (("evidence_correct", c), ("evidence_n", n), ("carried_share", carried),
+                         ("pass_rate", p)):
         fresh = fresh.set_column(fresh.schema.get_field_index(name), name, pa.array(values, pa.float64()))
     return fresh

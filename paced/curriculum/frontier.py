@@ -37,7 +37,8 @@ def compute_frontier(pass_rate, n, stale_age=None, carried_share=None) -> Fronti
     measured = np.asarray(n) > 0
     p = p[measured]
     age = np.zeros_like(p, dtype=np.int64) if stale_age is None else np.asarray(stale_age, np.int64)[measured]
-    share = (age > 0).astype(np.float64) if carried_share is None else np.asarray(carried_share, np.float64)[measured]
+    share = ((age > 0).astype(np.float64) if carried_share is None
+             else np.asarray(carried_share, np.float64)[measured])
     return Frontier(problems=int(p.size), zero=int((p == 0).sum()), mid=int(((p > 0) & (p < 1)).sum()),
                     one=int((p == 1).sum()), mean_pass_rate=float(p.mean()) if p.size else None,
                     carried=int((age > 0).sum()), max_stale_age=int(age.max()) if age.size else 0,

@@ -67,14 +67,16 @@ def _sorted_counts(pass_rates: pa.Table):
     evidence = "evidence_n" in pass_rates.column_names and "evidence_correct" in pass_rates.column_names
     counts = ["evidence_correct", "evidence_n"] if evidence else ["correct", "n"]
     order = pc.sort_indices(pass_rates.column("problem_id"))
-    table = pass_rates.select(["problem_id", *counts, "n"] if evidence else ["problem_id", "correct", "n"]).take(order)
+    table = pass_rates.select(["problem_id", *counts, "n"] if evidence
+                              else ["problem_id", "correct", "n"]).take(order)
     ids = table.column("problem_id").combine_chunks()
     if len(ids) > 1 and pc.any(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))).as_py():
         raise InputError("pass-rate table has duplicate problem ids")
     n = table.column("n").to_numpy().astype(np.int64)
     if not evidence:
         return ids, table.column("correct").to_numpy().astype(np.int64), n, n
-    return ids, table.column(1).to_numpy().astype(np.float64), table.column(2).to_numpy().astype(np.float64), n
+    return (ids, table.column(1).to_numpy().astype(np.float64), table.column(2).to_numpy().astype(np.float64),
+            n)
 
 
 def build_manifest(pass_rates: pa.Table, scheme: WeightScheme, seed: int, epoch: int = 0,

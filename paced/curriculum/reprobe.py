@@ -21,7 +21,8 @@ from paced.errors import InputError
 def select_reprobe(pass_rates: pa.Table, fraction: float, seed: int, round_index: int) -> pa.Array:
     """Problem ids to re-roll this round: every 0 < p̂ < 1, plus a rotating share of the ends."""
     if not 0.0 <= fraction <= 1.0:
-        raise InputError(f"`reprobe_fraction` must be in [0, 1], got {fraction}", detail={"field": "reprobe_fraction"})
+        raise InputError(f"`reprobe_fraction` must be in [0, 1], got {fraction}",
+                         detail={"field": "reprobe_fraction"})
     if round_index < 0:
         raise InputError(f"`round_index` must be >= 0, got {round_index}")
     table = pass_rates.sort_by("problem_id")

@@ -24,7 +24,8 @@ import numpy as np
 from paced.errors import InputError
 
 BINS = ("zero", "low", "mid", "high", "one")  # p̂ = 0, (0, ⅓], (⅓, ⅔), [⅔, 1), 1
-BIN_LABELS = {"zero": "p̂ = 0", "low": "0 < p̂ ≤ ⅓", "mid": "⅓ < p̂ < ⅔", "high": "⅔ ≤ p̂ < 1", "one": "p̂ = 1"}
+BIN_LABELS = {"zero": "p̂ = 0", "low": "0 < p̂ ≤ ⅓", "mid": "⅓ < p̂ < ⅔", "high": "⅔ ≤ p̂ < 1",
+              "one": "p̂ = 1"}
 
 
 def pass_rate_bin(pass_rate) -> np.ndarray:
@@ -99,19 +100,22 @@ def verdict(signals: list[BinSignal]) -> str:
         ref = float(np.mean([s.alignment for s in aligned]))
         ref_sd = float(np.sqrt(np.mean([(s.alignment_sd or 0.0) ** 2 for s in aligned]) / len(aligned)))
         sd = float(np.hypot(zero.alignment_sd or 0.0, ref_sd))
-        figures = f"cos {zero.alignment:+.2f} ± {zero.alignment_sd or 0:.2f} vs the frontier's {ref:+.2f} ± {ref_sd:.2f}"
+        figures = (f"cos {zero.alignment:+.2f} ± {zero.alignment_sd or 0:.2f} vs the frontier's "
+                   f"{ref:+.2f} ± {ref_sd:.2f}")
         if zero.alignment <= 2 * (zero.alignment_sd or 0.0):
-            return (f"never-solved problems show no held-out-aligned signal beyond noise ({figures}): frontier "
-                    "weighting (paced, hard-filter) loses little here")
+            return (f"never-solved problems show no held-out-aligned signal beyond noise ({figures}): "
+                    "frontier weighting (paced, hard-filter) loses little here")
         if zero.alignment - ref > 2 * sd:
-            return (f"never-solved problems point toward the held-out set better than the frontier ({figures}): an "
+            return ("never-solved problems point toward the held-out set better than the frontier "
+                    f"({figures}): an "
                     "exact zero at p̂ = 0 throws that away — prefer paced-posterior or uniform")
         if ref - zero.alignment > 2 * sd:
-            return (f"never-solved problems help the held-out set less than the frontier ({figures}): frontier "
-                    "weighting (paced, hard-filter) fits this student")
-        return (f"never-solved problems point toward the held-out set about as well as the frontier ({figures}; "
-                "equal within noise): an exact zero at p̂ = 0 discards a useful signal — prefer paced-posterior "
-                "or uniform")
+            return (f"never-solved problems help the held-out set less than the frontier ({figures}): "
+                    "frontier weighting (paced, hard-filter) fits this student")
+        return ("never-solved problems point toward the held-out set about as well as the frontier "
+                f"({figures}; "
+                "equal within noise): an exact zero at p̂ = 0 discards a useful signal — prefer "
+                "paced-posterior or uniform")
     if zero.snr >= 0.5 * ref_snr and zero.snr > 0:
         return (f"never-solved problems carry a coherent signal here (SNR {zero.snr:.3f} vs the frontier's "
                 f"{ref_snr:.3f}): prefer paced-posterior or uniform over an exact zero at p̂ = 0")

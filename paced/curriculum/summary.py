@@ -29,13 +29,15 @@ def passrate_summary(pass_rate: np.ndarray, n: np.ndarray) -> dict:
     pass_rate = np.asarray(pass_rate, dtype=np.float64)
     n = np.asarray(n, dtype=np.int64)
     if pass_rate.shape != n.shape or pass_rate.ndim != 1:
-        raise InputError(f"pass_rate and n must be 1-d arrays of one length, got {pass_rate.shape} and {n.shape}")
+        raise InputError(f"pass_rate and n must be 1-d arrays of one length, got {pass_rate.shape} and "
+                         f"{n.shape}")
     measured = n > 0
     p = pass_rate[measured]
     if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
         raise InputError("pass rates must lie in [0, 1]")
     count = int(p.size)
-    histogram = np.bincount(histogram_bin(p), minlength=HISTOGRAM_BINS) if count else np.zeros(HISTOGRAM_BINS, int)
+    histogram = (np.bincount(histogram_bin(p), minlength=HISTOGRAM_BINS) if count
+                 else np.zeros(HISTOGRAM_BINS, int))
     return {
         "problems": count,
         "unmeasured": int((~measured).sum()),

@@ -85,7 +85,8 @@ class WeightScheme:
         except (TypeError, ValueError):
             prior = ()
         if len(prior) != 2 or not all(np.isfinite(prior)) or min(prior) <= 0:
-            raise InputError(f"`prior` must be two numbers > 0, got {self.prior!r}", detail={"field": "prior"})
+            raise InputError(f"`prior` must be two numbers > 0, got {self.prior!r}",
+                             detail={"field": "prior"})
         object.__setattr__(self, "prior", prior)
 
     @property
@@ -108,8 +109,8 @@ class WeightScheme:
         return cls(**given)
 
 
-JSON_KEYS = {"scheme": "name", "alpha": "alpha", "beta": "beta", "prior": "prior", "weight_floor": "weight_floor",
-             "uniform_mix": "uniform_mix"}  # JSON key -> field
+JSON_KEYS = {"scheme": "name", "alpha": "alpha", "beta": "beta", "prior": "prior",
+             "weight_floor": "weight_floor", "uniform_mix": "uniform_mix"}  # JSON key -> field
 
 
 def _paced(c, n, s: WeightScheme):

@@ -215,7 +215,8 @@ def _library_version(distribution: str) -> str:
 VERIFIERS: dict[str, Verifier] = {
     "exact": Verifier("exact", "1", verify_exact, in_process=True),
     "numeric": Verifier("numeric", "1", verify_numeric, in_process=True),
-    "math": Verifier("math", f"2-math-verify-{_library_version('math-verify')}", verify_math, setup=setup_math),
+    "math": Verifier("math", f"2-math-verify-{_library_version('math-verify')}", verify_math,
+                     setup=setup_math),
 }
 
 

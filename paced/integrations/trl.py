@@ -33,10 +33,12 @@ class WeightedCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         if any(WEIGHT not in e for e in examples):
-            raise InputError("an example has no `weight` column: train on paced shards (or add a weight per row)")
+            raise InputError("an example has no `weight` column: train on paced shards (or add a weight per "
+                             "row)")
         weights = [float(e[WEIGHT] if e[WEIGHT] is not None else 0.0) for e in examples]
         done = [e.get(DONE_COLUMN) or "" for e in examples]
-        batch = self.collator([{k: v for k, v in e.items() if k not in (WEIGHT, DONE_COLUMN)} for e in examples])
+        batch = self.collator([{k: v for k, v in e.items()
+                                if k not in (WEIGHT, DONE_COLUMN)} for e in examples])
         batch[WEIGHT] = torch.tensor(weights, dtype=torch.float32)
         batch[DONE_COLUMN] = done
         return batch

@@ -25,7 +25,8 @@ class WeightedGKDTrainer(Weighted, GKDTrainer):
         student = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
-            teacher = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            teacher = self.teacher_model(input_ids=inputs["input_ids"],
+                                         attention_mask=inputs["attention_mask"])
         jsd = self.generalized_jsd_loss(student.logits[:, :-1, :], teacher.logits[:, :-1, :], beta=self.beta,
                                         reduction="none")  # [B, T-1, V]
         labels = inputs["labels"][:, 1:]

@@ -114,8 +114,8 @@ def running_service(home: Path, timeout_seconds: float = 120.0):
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home), "--port", str(port),
-                             "--log-level", "warning"], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home), "--port",
+                             str(port), "--log-level", "warning"], start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_seconds
@@ -168,14 +168,16 @@ def prepare(demo: Demo) -> None:
                *(["--rebuild"] if cfg.rebuild_models else []))
     models = demo.home / "models"
     demo.paced("teacher", "teacher", "--teacher", str(models / teacher), "--teacher-id", "teacher",
-               "--dataset", "arith", "--max-new-tokens", str(cfg.max_new_tokens), "--backend", cfg.rollout_backend)
+               "--dataset", "arith", "--max-new-tokens", str(cfg.max_new_tokens), "--backend",
+               cfg.rollout_backend)
     rollout(demo, "rollout", models / student, "base")
     demo.paced("refresh", "refresh", "--student", "base")
 
 
 def rollout(demo: Demo, stage: str, model_dir: Path, student_id: str) -> None:
     cfg = demo.cfg
-    demo.paced(stage, "rollout", "--student", str(model_dir), "--student-id", student_id, "--dataset", "arith",
+    demo.paced(stage, "rollout", "--student", str(model_dir), "--student-id", student_id, "--dataset",
+               "arith",
                "-k", str(cfg.k), "--max-new-tokens", str(cfg.max_new_tokens), "--seed", str(cfg.seed),
                "--backend", cfg.rollout_backend)
 
@@ -193,10 +195,11 @@ def train_arms(demo: Demo, url: str) -> dict[str, Path]:
         refresh = ["--refresh-every", str(cfg.refresh_every), "--rollout-k", str(cfg.k)] if follow else []
         out = demo.home / "demo" / scheme
         demo.paced(f"train-{scheme}", "train", "--student", str(demo.home / "models" / student),
-                   "--teacher", str(demo.home / "models" / teacher), "--from", f"{url}/v1/runs/{run['run_id']}",
+                   "--teacher", str(demo.home / "models" / teacher), "--from",
+                   f"{url}/v1/runs/{run['run_id']}",
                    "--loss", "forward", "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-                   "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--out", str(out), "--lease-ttl-seconds", "600",
-                   "--max-new-tokens", str(cfg.max_new_tokens), *refresh)
+                   "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--out", str(out), "--lease-ttl-seconds",
+                   "600", "--max-new-tokens", str(cfg.max_new_tokens), *refresh)
         outs[scheme] = out / "final"
     return outs
 
@@ -246,7 +249,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller everything (a few minutes; CI runs it)")
     parser.add_argument(
         "--rebuild-models", action="store_true",
-        help="train the tiny teacher and student on this CPU (minutes) instead of installing the shipped ones",
+        help="train the tiny teacher and student on this CPU (minutes) instead of installing the shipped "
+             "ones",
     )
     add_home_argument(parser)
 

@@ -23,7 +23,8 @@ def plot_histograms(before: list[float], after: list[float], out: Path, alpha=1.
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(0, 1, 11)
-    ax.hist([before, after], bins=bins, label=["base student", "after PACED training"], color=["#888", "#d62"])
+    ax.hist([before, after], bins=bins, label=["base student", "after PACED training"],
+            color=["#888", "#d62"])
     ax.set_xlabel("pass rate p̂ (K rollouts)")
     ax.set_ylabel("problems")
     twin = ax.twinx()
@@ -86,7 +87,8 @@ def result_rows(results: dict, stages: list) -> tuple[list[str], list[list]]:
     levels = sorted(_greedy(results["base"], "arith-heldout")["by_difficulty"], key=str)
     header = ["model", *[f"{lvl}-digit" for lvl in levels], "held-out", "subtraction (unseen skill)",
               "mastered", "forgetting", "steps"]
-    steps = {s.name.removeprefix("train-"): (s.output or {}).get("steps") for s in stages if s.name.startswith("train-")}
+    steps = {s.name.removeprefix("train-"): (s.output or {}).get("steps") for s in stages
+             if s.name.startswith("train-")}
     base_mastered = _greedy(results["base"], "mastered")["accuracy"]
     rows = []
     for name, res in results.items():
@@ -109,7 +111,8 @@ def write_report(demo, results: dict, failure: str | None) -> str:
         header, rows = result_rows(results, demo.stages)
         table = markdown_table(header, rows)
         text = table
-        parts += ["## Greedy accuracy (held-out addition by digits; subtraction never trained)", "", table, "",
+        parts += ["## Greedy accuracy (held-out addition by digits; subtraction never trained)", "", table,
+                  "",
                   "Forgetting: the base student's greedy accuracy on the problems it had mastered (p̂ = 1) "
                   "minus the model's.", ""]
         acc = {r[0]: {h: v for h, v in zip(header[1:], r[1:]) if h.endswith("-digit")} for r in rows}
@@ -119,7 +122,8 @@ def write_report(demo, results: dict, failure: str | None) -> str:
     if before:
         plot_histograms(before, after, home / "passrate_histogram.png")
         parts += ["## Pass rates before and after PACED training, with the weight curve", "",
-                  f"Mean pass rate: base {np.mean(before):.3f}" + (f", after {np.mean(after):.3f}" if after else ""),
+                  f"Mean pass rate: base {np.mean(before):.3f}" + (f", after {np.mean(after):.3f}" if after
+                                                                   else ""),
                   "", "![pass-rate histogram](passrate_histogram.png)", ""]
     stage_rows = [[s.name, round(s.seconds, 1), "ok" if s.ok else "FAILED"] for s in demo.stages]
     parts += ["## Stages", "", markdown_table(["stage", "seconds", "status"], stage_rows), ""]

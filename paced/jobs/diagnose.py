@@ -92,7 +92,8 @@ def choose_problems(home, config: DiagnoseConfig) -> dict[str, list[dict]]:
     for name in BINS:
         ids = [pid for pid, b in zip(measured["problem_id"].to_pylist(), bins, strict=True) if b == name]
         order = rng.permutation(len(ids))
-        chosen[name] = [{**problems[ids[i]], "reference": refs.get(ids[i])} for i in order[: config.per_bin * 4]
+        chosen[name] = [{**problems[ids[i]],
+                         "reference": refs.get(ids[i])} for i in order[: config.per_bin * 4]
                         if ids[i] in problems]
     return chosen
 
@@ -118,7 +119,8 @@ def measure(config: DiagnoseConfig, home) -> dict:
     chosen = choose_problems(home, config)
     result = {"config": asdict(config), "regimes": {}}
     for regime in config.regimes:
-        rows = {b: [r for r in chosen[b] if regime == "on-policy" or r["reference"] is not None] for b in BINS}
+        rows = {b: [r for r in chosen[b] if regime == "on-policy" or r["reference"] is not None]
+                for b in BINS}
         signals = []
         for name in BINS:
             picked = rows[name][:config.per_bin]
@@ -164,7 +166,8 @@ def write_plot(result: dict, out: Path) -> None:
         x = np.arange(len(BINS)) + k * width
         axes[0].bar(x, [b["snr"] or 0 for b in r["bins"]], width, label=regime)
         axes[1].bar(x, [b["alignment"] or 0 for b in r["bins"]], width, label=regime)
-    for ax, title in zip(axes, ("gradient SNR by pass-rate bin", "cosine with the held-out gradient"), strict=True):
+    for ax, title in zip(axes, ("gradient SNR by pass-rate bin", "cosine with the held-out gradient"),
+                         strict=True):
         ax.set_xticks(np.arange(len(BINS)) + width / 2, [BIN_LABELS[b] for b in BINS], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
@@ -182,7 +185,8 @@ def add_arguments(parser) -> None:
     add_home_argument(parser)
     parser.add_argument("--student", required=True, metavar="DIR", help="the student model folder")
     parser.add_argument("--teacher", required=True, metavar="DIR", help="the teacher model folder")
-    parser.add_argument("--student-id", required=True, help="whose newest pass-rate snapshot bins the problems")
+    parser.add_argument("--student-id", required=True,
+                        help="whose newest pass-rate snapshot bins the problems")
     parser.add_argument("--dataset", required=True, help="the training problems (with teacher references)")
     parser.add_argument("--heldout", required=True, help="held-out problems: the direction to align with")
     parser.add_argument("--regime", default="both", choices=[*REGIMES, "both"], help="(default: both)")
@@ -191,7 +195,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dim", type=int, default=4096, help="sketch dimension (default: 4096)")
     parser.add_argument("--params", default=None, metavar="REGEX", help="only parameters whose name matches")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="on-policy sample length (default: 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="on-policy sample length (default: 32)")
     parser.add_argument("--out", default=None, metavar="PNG", help="write the chart here")
 
 

@@ -67,8 +67,8 @@ def compute_accuracy(correct: np.ndarray, difficulty: list, modules: list | None
     and difficulty too when `modules` names any."""
     values = correct.tolist()
     levels = ["all" if d is None else int(d) for d in difficulty]
-    out = {"problems": int(len(correct)), "accuracy": round(float(np.mean(correct)), 6) if len(correct) else None,
-           "by_difficulty": _mean_by(values, levels)}
+    out = {"problems": int(len(correct)), "accuracy": round(float(np.mean(correct)), 6) if len(correct)
+           else None, "by_difficulty": _mean_by(values, levels)}
     if modules and any(m is not None for m in modules):
         out["by_module"] = {str(m): _mean_by([v for v, mm in zip(values, modules) if mm == m],
                                              [lv for lv, mm in zip(levels, modules) if mm == m])
@@ -113,8 +113,8 @@ def evaluate_backend(backend, sets: dict[str, tuple[pa.Table, str]], cfg: EvalCo
             continue
         seeds = [cfg.seed + i for i in range(problems.num_rows)]
         difficulty, modules = problems["difficulty"].to_pylist(), problem_modules(problems)
-        entry = {"greedy": compute_accuracy(_grade_share(backend, problems, grader, greedy, seeds), difficulty,
-                                            modules)}
+        entry = {"greedy": compute_accuracy(_grade_share(backend, problems, grader, greedy, seeds),
+                                            difficulty, modules)}
         if cfg.sampled:
             entry[f"mean@{cfg.k}"] = compute_accuracy(
                 _grade_share(backend, problems, grader, sampled, seeds), difficulty, modules)
@@ -137,8 +137,10 @@ def load_sets(home: Home, datasets: list[str], cfg: EvalConfig, mastered: tuple[
         sets[name] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, name)["grader"])
     if mastered:
         student, dataset, snapshot_id = mastered
-        table = mastered_problems(home, student, dataset, snapshot_id)  # may be empty: forgetting is then null
-        sets["mastered"] = (table.slice(0, cfg.limit) if cfg.limit else table, dataset_info(home, dataset)["grader"])
+        table = mastered_problems(home, student, dataset,
+                                  snapshot_id)  # may be empty: forgetting is then null
+        sets["mastered"] = (table.slice(0, cfg.limit) if cfg.limit else table,
+                            dataset_info(home, dataset)["grader"])
     return sets
 
 
@@ -146,7 +148,8 @@ def evaluate_model(model_dir: str, sets: dict, cfg: EvalConfig) -> dict:
     from paced.backends import model_id
 
     with open_backend(cfg.backend, model_dir, cfg.engine) as backend:
-        return {"model_id": model_id(model_dir), "dir": str(model_dir), "sets": evaluate_backend(backend, sets, cfg)}
+        return {"model_id": model_id(model_dir), "dir": str(model_dir),
+                "sets": evaluate_backend(backend, sets, cfg)}
 
 
 def forgetting(model: dict, base: dict) -> dict | None:
@@ -163,22 +166,27 @@ def forgetting(model: dict, base: dict) -> dict | None:
 def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
-    parser.add_argument("--model", required=True, help="model to evaluate: a folder (save_pretrained) or a Hugging "
+    parser.add_argument("--model", required=True,
+                        help="model to evaluate: a folder (save_pretrained) or a Hugging "
                         "Face Hub id (org/name, from the Hugging Face cache)")
     parser.add_argument("--base", default=None, help="base model (folder or Hub id), reported side by side")
     parser.add_argument("--dataset", action="append", required=True, help="held-out data set (repeatable)")
-    parser.add_argument("--mastered-student", default=None, help="student id whose p̂=1 problems measure forgetting")
+    parser.add_argument("--mastered-student", default=None,
+                        help="student id whose p̂=1 problems measure forgetting")
     parser.add_argument("--mastered-dataset", default=None, help="data set those problems come from")
-    parser.add_argument("--mastered-snapshot", default=None, help="that student's snapshot id (default: newest)")
+    parser.add_argument("--mastered-snapshot", default=None,
+                        help="that student's snapshot id (default: newest)")
     parser.add_argument("-k", "--k", type=int, default=8, help="samples per problem for mean@k")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each set")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N problems of each set")
     parser.add_argument("--greedy-only", action="store_true", help="skip mean@k")
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
     parser.add_argument("--chat-template", action="store_true",
-                        help="render prompts with the model's chat template (as `paced rollout --chat-template`)")
+                        help="render prompts with the model's chat template (as `paced rollout "
+                             "--chat-template`)")
     add_engine_arguments(parser, ray=False)
     add_home_argument(parser)
 
@@ -188,9 +196,10 @@ def run(args) -> int:
     if bool(args.mastered_student) != bool(args.mastered_dataset):
         raise InputError("--mastered-student and --mastered-dataset go together")
     cfg = EvalConfig(args.k, args.temperature, args.max_new_tokens, args.seed, args.limit,
-                     None if args.backend == "auto" else args.backend, not args.greedy_only, args.chat_template,
-                     engine_options(args))
-    mastered = (args.mastered_student, args.mastered_dataset, args.mastered_snapshot) if args.mastered_student else None
+                     None if args.backend == "auto" else args.backend, not args.greedy_only,
+                     args.chat_template, engine_options(args))
+    mastered = (args.mastered_student, args.mastered_dataset,
+                args.mastered_snapshot) if args.mastered_student else None
     sets = load_sets(home, args.dataset, cfg, mastered)
     model = evaluate_model(args.model, sets, cfg)
     base = evaluate_model(args.base, sets, cfg) if args.base else None

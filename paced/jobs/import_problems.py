@@ -57,7 +57,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise InputError(f"{path}: line {line_no}: not valid UTF-8 (byte {err.start + 1} of the line)") from err
+                raise InputError(f"{path}: line {line_no}: not valid UTF-8 (byte {err.start + 1} of the "
+                                 "line)") from err
             if not line.strip():
                 continue
             try:
@@ -65,7 +66,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str]:
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from err
             except ValueError as err:  # NaN / Infinity
-                raise InputError(f"{path}: line {line_no}: {err}; write the value as text or leave it out") from err
+                raise InputError(f"{path}: line {line_no}: {err}; write the value as text or leave it "
+                                 "out") from err
             except RecursionError as err:
                 raise InputError(f"{path}: line {line_no}: JSON nested too deeply") from err
             if not isinstance(row, dict):
@@ -135,7 +137,8 @@ def _difficulty(row: dict, column: str, where: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InputError(f"{where}: field {column!r} must be an integer, got {value!r}", detail={"field": column})
+        raise InputError(f"{where}: field {column!r} must be an integer, got {value!r}",
+                         detail={"field": column})
     if not INT32[0] <= value <= INT32[1]:
         raise InputError(f"{where}: field {column!r} must be in {INT32[0]}..{INT32[1]}, got {value}",
                          detail={"field": column})
@@ -154,7 +157,8 @@ def _json_value(value, where: str, key: str, depth: int = 0):
     if isinstance(value, bytes):
         return _text({key: value}, key, where, required=False)
     if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"{where}: field {key!r} holds {value!r}, which JSON cannot store", detail={"field": key})
+        raise InputError(f"{where}: field {key!r} holds {value!r}, which JSON cannot store",
+                         detail={"field": key})
     return value
 
 
@@ -191,7 +195,8 @@ def new_rows(home, dataset: str, table: pa.Table, source: str) -> pa.Table:
     if not part_files(home, dataset):
         return table
     existing = read_problems(home, dataset)
-    known = dict(zip(existing["id"].to_pylist(), zip(existing["prompt"].to_pylist(), existing["answer"].to_pylist())))
+    known = dict(zip(existing["id"].to_pylist(),
+                     zip(existing["prompt"].to_pylist(), existing["answer"].to_pylist())))
     keep = []
     for i, (pid, prompt, answer) in enumerate(zip(table["id"].to_pylist(), table["prompt"].to_pylist(),
                                                   table["answer"].to_pylist())):
@@ -238,18 +243,22 @@ def _add_mathematics_arguments(parser) -> None:
     group = parser.add_argument_group(
         f"{MATHEMATICS} options", f"supported modules: {', '.join(SUPPORTED_MODULES)}")
     group.add_argument("--modules", default="arithmetic__add_or_sub",
-                       help="comma-separated modules; an area (e.g. 'arithmetic') means all its supported ones")
-    group.add_argument("--levels", default="easy", help="comma-separated levels: easy, medium, hard (or 1, 2, 3)")
+                       help="comma-separated modules; an area (e.g. 'arithmetic') means all its supported "
+                            "ones")
+    group.add_argument("--levels", default="easy",
+                       help="comma-separated levels: easy, medium, hard (or 1, 2, 3)")
     group.add_argument("--per-level", type=int, default=100, help="training problems per module and level")
 
 
 def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
-    parser.add_argument("path", help=f"a .jsonl/.parquet/.csv file, a datasets folder, {BUILTIN} or {MATHEMATICS}")
+    parser.add_argument("path",
+                        help=f"a .jsonl/.parquet/.csv file, a datasets folder, {BUILTIN} or {MATHEMATICS}")
     parser.add_argument("--dataset", required=True, help="name of the data set to import into")
     parser.add_argument("--grader", choices=GRADERS, default=None,
-                        help="verifier for this data set (default: numeric for builtin:arithmetic, else math)")
+                        help="verifier for this data set (default: numeric for builtin:arithmetic, else "
+                             "math)")
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--answer-column", default="answer")
     parser.add_argument("--id-column", default="id")
@@ -269,7 +278,8 @@ def check_builtin_args(args) -> None:
     for name, low in (("n", 1), ("holdout", 0), ("max_digits", 1)):
         value = getattr(args, name)
         if value < low:
-            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}", detail={"field": name})
+            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}",
+                             detail={"field": name})
     if not 0 <= args.seed < 2**63:
         raise InputError(f"--seed must be in 0..2**63-1, got {args.seed}", detail={"field": "seed"})
 

@@ -5,8 +5,8 @@ DIR/manifest.parquet (epoch order, weights), DIR/shard-00000.parquet … (prompt
 any trainer can read), DIR/manifest.json (inputs, snapshot id, counts, effective sample size
 (Σw)²/Σw², sha256 of every shard file) and DIR/README.md (a dataset card whose `configs` block
 names the shards: `datasets.load_dataset(DIR)` loads them). In weighted-loss mode rows without
-a teacher reference are left out and counted (`--no-require-reference` keeps them). The folder is built under a temporary name and renamed
-into place; rebuilding with the same inputs is a no-op.
+a teacher reference are left out and counted (`--no-require-reference` keeps them). The folder is
+built under a temporary name and renamed into place; rebuilding with the same inputs is a no-op.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ class ManifestInputs:
                              f"({FORMAT_VERSION}): upgrade paced")
         missing = [k for k in ("student_id", "dataset", "snapshot_id") if k not in data]
         if missing:
-            raise InputError(f"{where}: inputs lack {', '.join(missing)}; rebuild it with `paced manifest build`")
+            raise InputError(f"{where}: inputs lack {', '.join(missing)}; rebuild it with `paced manifest "
+                             "build`")
         return cls(student_id=data["student_id"], dataset=data["dataset"], snapshot_id=data["snapshot_id"],
                    weights=WeightScheme.from_json(data), mode=data.get("mode", "weighted-loss"),
                    seed=int(data.get("seed", 0)), epoch=int(data.get("epoch", 0)))
@@ -202,17 +203,19 @@ def add_arguments(parser) -> None:
     build = sub.add_parser("build", help="build a manifest and its shards")
     build.add_argument("--student", required=True, help="student id whose pass rates weight the problems")
     build.add_argument("--dataset", required=True, help="data set to draw problems from")
-    build.add_argument("--out", required=True, help="folder to write (must not exist, or hold the same build)")
+    build.add_argument("--out", required=True,
+                       help="folder to write (must not exist, or hold the same build)")
     add_scheme_arguments(build)
     build.add_argument("--mode", choices=MODES, default="weighted-loss")
     build.add_argument("--seed", type=int, default=0, help="seed of the epoch's order and draws (default: 0)")
-    build.add_argument("--epoch", type=int, default=0, help="epoch number: another order per epoch (default: 0)")
+    build.add_argument("--epoch", type=int, default=0,
+                       help="epoch number: another order per epoch (default: 0)")
     build.add_argument("--shard-size", type=int, default=256)
     build.add_argument("--snapshot", default=None, help="snapshot id (default: the newest)")
     build.add_argument("--require-reference", action=argparse.BooleanOptionalAction, default=None,
                        help="leave out (and count) rows without a teacher reference: off-policy trainers "
-                       "(TRL's SFTTrainer) need a completion on every row. Default: on in weighted-loss mode; "
-                       "--no-require-reference keeps them (on-policy training needs only prompts)")
+                       "(TRL's SFTTrainer) need a completion on every row. Default: on in weighted-loss "
+                       "mode; --no-require-reference keeps them (on-policy training needs only prompts)")
     build.add_argument("--form", choices=FORMS, default="text",
                        help="text: prompt and completion strings; conversational: each a list of "
                        "{role, content} turns (TRL applies the model's chat template)")
@@ -222,8 +225,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     home = open_home(args.home, create=False)
     asked = ManifestInputs(student_id=args.student, dataset=args.dataset, snapshot_id=args.snapshot,
-                           weights=WeightScheme.from_json(scheme_settings(args)), mode=args.mode, seed=args.seed,
-                           epoch=args.epoch)
+                           weights=WeightScheme.from_json(scheme_settings(args)), mode=args.mode,
+                           seed=args.seed, epoch=args.epoch)
     manifest, inputs = snapshot_manifest(home, asked)
     require = args.mode == "weighted-loss" if args.require_reference is None else args.require_reference
     form = ShardForm(require, args.form, measured_chat_template(home, args.student, inputs.snapshot_id))
@@ -231,7 +234,8 @@ def run(args) -> int:
     if out.exists():
         previous = read_json(out / "manifest.json") if (out / "manifest.json").exists() else None
         same = previous and same_build(previous, inputs, args.shard_size, out) \
-            and previous.get("require_reference", False) == require and previous.get("form", "text") == args.form
+            and previous.get("require_reference", False) == require and previous.get("form",
+                                                                                     "text") == args.form
         if same:
             print(json.dumps({**previous, "out": str(out), "already_built": True}))
             return 0
@@ -243,12 +247,15 @@ def run(args) -> int:
     if summary["left_out_without_reference"]:
         print(f"paced manifest: left out {summary['left_out_without_reference']} of "
               f"{summary['items'] + summary['left_out_without_reference']} rows without a teacher reference "
-              "(`paced teacher` adds references; --no-require-reference keeps the rows, for on-policy training)",
+              "(`paced teacher` adds references; --no-require-reference keeps the rows, for on-policy "
+              "training)",
               file=sys.stderr)
     if require and summary["items"] == 0:
-        raise InputError(f"no row of {args.dataset} with a weight > 0 has a teacher reference: run `paced teacher` "
+        raise InputError(f"no row of {args.dataset} with a weight > 0 has a teacher reference: run `paced "
+                         "teacher` "
                          "first, or pass --no-require-reference (on-policy training needs only prompts)")
-    print(json.dumps({**{k: v for k, v in summary.items() if k != "sha256"}, "out": str(out)}), file=sys.stdout)
+    print(json.dumps({**{k: v for k, v in summary.items() if k != "sha256"}, "out": str(out)}),
+          file=sys.stdout)
     return 0
 
 

@@ -61,7 +61,8 @@ def _problem_groups(home: Home, dataset: str) -> dict[str, tuple[str | None, str
     for pid, difficulty, meta in zip(problems["id"].to_pylist(), problems["difficulty"].to_pylist(),
                                      problems["metadata"].to_pylist()):
         module = json.loads(meta).get("module") if meta else None
-        out[pid] = (module if isinstance(module, str) else None, "none" if difficulty is None else str(difficulty))
+        out[pid] = (module if isinstance(module, str) else None,
+                    "none" if difficulty is None else str(difficulty))
     return out
 
 
@@ -72,7 +73,8 @@ def group_summaries(home: Home, dataset: str, table: pa.Table) -> dict:
     if not groups:
         return {}
     by_level, by_module = defaultdict(list), defaultdict(lambda: defaultdict(list))
-    for pid, p, n in zip(table["problem_id"].to_pylist(), table["pass_rate"].to_pylist(), table["n"].to_pylist()):
+    for pid, p, n in zip(table["problem_id"].to_pylist(), table["pass_rate"].to_pylist(),
+                         table["n"].to_pylist()):
         if n == 0 or pid not in groups:
             continue
         module, level = groups[pid]
@@ -109,12 +111,14 @@ def format_summary(summary: dict) -> str:
 
     mean = summary["mean_pass_rate"]
     lines = [
-        f"student {summary['student_id']}  snapshot {summary['snapshot_id']}  sampling {summary['sampling_hash']}",
+        f"student {summary['student_id']}  snapshot {summary['snapshot_id']}  sampling "
+        f"{summary['sampling_hash']}",
         f"problems {summary['problems']}  rollouts {summary['rollouts']}  "
         f"mean pass rate {'n/a' if mean is None else f'{mean:.4f}'}  "
         f"never solved {pct(summary['share_zero'])}  always solved {pct(summary['share_one'])}",
         f"carried from earlier checkpoints: {summary['carried_rows']} rows, "
-        f"mean carried share {pct(summary['carried_share'])} (evidence samples {summary['evidence_samples']:g})",
+        f"mean carried share {pct(summary['carried_share'])} (evidence samples "
+        f"{summary['evidence_samples']:g})",
     ]
     for name, part in summary["by_dataset"].items():
         m = part["mean_pass_rate"]
@@ -128,7 +132,8 @@ def format_summary(summary: dict) -> str:
 
 def format_groups(part: dict) -> list[str]:
     """A table of pass rates by module and level (or by level alone)."""
-    rows = [(module, level, g) for module, levels in part.get("by_module", {}).items() for level, g in levels.items()]
+    rows = [(module, level, g) for module, levels in part.get("by_module",
+                                                              {}).items() for level, g in levels.items()]
     if not rows:
         rows = [("", level, g) for level, g in part.get("by_level", {}).items()]
     if not rows or (len(rows) == 1 and rows[0][1] == "none"):
@@ -137,7 +142,8 @@ def format_groups(part: dict) -> list[str]:
     lines = [f"    {'module':<{width}}  level  problems    mean   p=0  0<p<1   p=1"]
     for module, level, g in rows:
         lines.append(f"    {module:<{width}}  {level:>5}  {g['problems']:>8}  {g['mean_pass_rate']:.4f}  "
-                     f"{100 * g['share_zero']:3.0f}%  {100 * g['share_frontier']:4.0f}%  {100 * g['share_one']:3.0f}%")
+                     f"{100 * g['share_zero']:3.0f}%  {100 * g['share_frontier']:4.0f}%  "
+                     f"{100 * g['share_one']:3.0f}%")
     return lines
 
 

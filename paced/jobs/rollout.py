@@ -199,9 +199,11 @@ class RolloutTarget:
     grader: str
 
 
-def grade_rows(pool, items: list[WorkItem], completions: list[list[Completion]], target: RolloutTarget) -> pa.Table:
+def grade_rows(pool, items: list[WorkItem], completions: list[list[Completion]],
+               target: RolloutTarget) -> pa.Table:
     """ROLLOUT_SCHEMA rows of a generated batch, graded by `pool`."""
-    flat = [(item, item.first + i, c) for item, cs in zip(items, completions, strict=True) for i, c in enumerate(cs)]
+    flat = [(item, item.first + i, c) for item, cs in zip(items, completions,
+                                                          strict=True) for i, c in enumerate(cs)]
     verdicts = pool.grade([(c.text, item.answer) for item, _, c in flat])
     rows = len(flat)
     return pa.table({
@@ -302,8 +304,8 @@ def rollout(home: Home | str | Path, student_dir: str | Path | None, dataset: st
     keep = [i for i, pid in enumerate(counts["problem_id"].to_pylist()) if pid in in_run]
     n, correct = (np.asarray(counts[c].to_pylist(), dtype=np.int64)[keep] for c in ("n", "correct"))
     seconds = time.perf_counter() - start
-    return {"student_id": student_id, "sampling_hash": config.sampling_hash, "dataset": dataset, "k": config.k,
-            "round": config.round, "shard": str(shard), "problems": problems.num_rows,
+    return {"student_id": student_id, "sampling_hash": config.sampling_hash, "dataset": dataset,
+            "k": config.k, "round": config.round, "shard": str(shard), "problems": problems.num_rows,
             "rolled_out": len({i.problem_id for i in items}), "samples": stats["samples"],
             "tokens": stats["tokens"], "batches": stats["batches"], "seconds": round(seconds, 3),
             "samples_per_second": round(stats["samples"] / seconds, 2),
@@ -337,10 +339,11 @@ def _roll(items: list[WorkItem], target: RolloutTarget, config: RolloutConfig, b
             stats["batches"] += 1
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.update(len({i.problem_id for i in batch}))
-            bar.set_postfix(samples_s=f"{stats['samples'] / elapsed:.1f}", tokens_s=f"{stats['tokens'] / elapsed:.0f}")
+            bar.set_postfix(samples_s=f"{stats['samples'] / elapsed:.1f}",
+                            tokens_s=f"{stats['tokens'] / elapsed:.0f}")
 
-        run_batches(chunk_batches(items, config.batch_size), lambda b: generate_items(backend, b, base), commit,
-                    on_commit)
+        run_batches(chunk_batches(items, config.batch_size), lambda b: generate_items(backend, b, base),
+                    commit, on_commit)
 
 
 def add_sampling_arguments(parser, *, temperature: float = 1.0) -> None:
@@ -363,8 +366,10 @@ def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
     parser.add_argument("--student", required=True, metavar="MODEL",
-                        help="the student model: a folder, or a Hugging Face Hub id (org/name) from the HF cache")
-    parser.add_argument("--student-id", default=None, help="id to file rollouts under (default: hash of the model files)")
+                        help="the student model: a folder, or a Hugging Face Hub id (org/name) from the HF "
+                             "cache")
+    parser.add_argument("--student-id", default=None,
+                        help="id to file rollouts under (default: hash of the model files)")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("-k", "--k", type=int, default=8, help="rollouts per problem")
     parser.add_argument("--round", type=int, default=0, help="re-probe round (> 0: fresh draws)")
@@ -375,7 +380,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     config = RolloutConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, round=args.round,
-                           stop=tuple(args.stop), chat_template=args.chat_template, batch_size=args.batch_size,
+                           stop=tuple(args.stop), chat_template=args.chat_template,
+                           batch_size=args.batch_size,
                            grader_workers=args.grader_workers, grading_timeout_seconds=args.grading_timeout)
     home = open_home(args.home, create=False)
     summary = rollout(home, args.student, args.dataset, config, student_id=args.student_id, limit=args.limit,

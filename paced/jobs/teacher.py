@@ -104,8 +104,8 @@ def solve_batch(backend, pool, problems: list[WorkItem], config: TeacherConfig) 
 
 def _reference_table(dataset: str, teacher_id: str, solved: dict) -> pa.Table:
     ids = sorted(solved)
-    return pa.table({"problem_id": ids, "dataset": [dataset] * len(ids), "teacher_id": [teacher_id] * len(ids),
-                     "response": [solved[i][0] for i in ids],
+    return pa.table({"problem_id": ids, "dataset": [dataset] * len(ids),
+                     "teacher_id": [teacher_id] * len(ids), "response": [solved[i][0] for i in ids],
                      "attempt": pa.array([solved[i][1] for i in ids], pa.int32())}, schema=REFERENCE_SCHEMA)
 
 
@@ -126,7 +126,8 @@ def collect_references(home: Home | str | Path, teacher_dir: str | Path | None, 
         problems = select_problems(home, dataset, None, limit, shard)
         done = done_problems(folder)
         todo = [WorkItem(pid, prompt, answer, 0, 1) for pid, prompt, answer in zip(
-            problems["id"].to_pylist(), problems["prompt"].to_pylist(), problems["answer"].to_pylist(), strict=True)
+            problems["id"].to_pylist(), problems["prompt"].to_pylist(), problems["answer"].to_pylist(),
+            strict=True)
             if pid not in done]
         if todo and backend is None:
             with open_backend(backend_name, teacher_dir, engine) as loaded:
@@ -134,7 +135,8 @@ def collect_references(home: Home | str | Path, teacher_dir: str | Path | None, 
         elif todo:
             _run(target, todo, config, backend, totals, progress, shard)
         else:
-            print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by {teacher_id}",
+            print(f"paced teacher: nothing to do: all {problems.num_rows} problems were tried by "
+                  f"{teacher_id}",
                   file=sys.stderr)
         unsolved_all = unsolved_problems(folder)
     in_run = set(problems["id"].to_pylist())
@@ -151,7 +153,8 @@ def _run(target: RolloutTarget, todo: list[WorkItem], config: TeacherConfig, bac
     """Solve and commit the batches, with a progress bar."""
     from paced.grading import GradingPool
 
-    settings = {"tries": config.tries, "k": config.k, "temperature": config.temperature, "top_p": config.top_p,
+    settings = {"tries": config.tries, "k": config.k, "temperature": config.temperature,
+                "top_p": config.top_p,
                 "max_new_tokens": config.max_new_tokens, "seed": config.seed, "stop": list(config.stop),
                 "chat_template": config.chat_template, "grader": target.grader}
     with GradingPool(target.grader, config.grader_workers, config.grading_timeout_seconds) as pool, \
@@ -176,8 +179,10 @@ def add_arguments(parser) -> None:
     from paced.store.home import add_home_argument
 
     parser.add_argument("--teacher", required=True, metavar="MODEL",
-                        help="the teacher model: a folder, or a Hugging Face Hub id (org/name) from the HF cache")
-    parser.add_argument("--teacher-id", default=None, help="id to file references under (default: hash of the model files)")
+                        help="the teacher model: a folder, or a Hugging Face Hub id (org/name) from the HF "
+                             "cache")
+    parser.add_argument("--teacher-id", default=None,
+                        help="id to file references under (default: hash of the model files)")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--tries", type=int, default=4, help="tries per problem: one greedy, then sampled")
     parser.add_argument("-k", "--k", type=int, default=1, help="samples per sampled try")
@@ -192,7 +197,9 @@ def run(args) -> int:
                            grader_workers=args.grader_workers, grading_timeout_seconds=args.grading_timeout)
     home = open_home(args.home, create=False)
     summary = collect_references(home, args.teacher, args.dataset, config, teacher_id=args.teacher_id,
-                                 limit=args.limit, backend_name=None if args.backend == "auto" else args.backend,
-                                 shard=announce_shard(resolve_shard(args.shard), "teacher"), engine=engine_options(args))
+                                 limit=args.limit,
+                                 backend_name=None if args.backend == "auto" else args.backend,
+                                 shard=announce_shard(resolve_shard(args.shard), "teacher"),
+                                 engine=engine_options(args))
     print(json.dumps(summary), file=sys.stdout)
     return 0

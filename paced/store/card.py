@@ -23,7 +23,8 @@ def conversational_rows(rows: pa.Table) -> pa.Table:
     """`prompt` and `completion` as one-turn conversations (a null completion stays null)."""
     def turns(column: str, role: str) -> pa.Array:
         texts = rows[column].to_pylist()
-        return pa.array([None if t is None else [{"role": role, "content": t}] for t in texts], pa.list_(MESSAGE))
+        return pa.array([None if t is None else [{"role": role, "content": t}] for t in texts],
+                        pa.list_(MESSAGE))
 
     prompt, completion = turns("prompt", "user"), turns("completion", "assistant")
     rows = rows.set_column(rows.schema.get_field_index("prompt"), "prompt", prompt)
@@ -38,7 +39,8 @@ def dataset_card(summary: dict) -> str:
                                         "require_reference", "left_out_without_reference",
                                         "measured_with_chat_template", "paced_version") if k in summary}}
     table = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in facts.items())
-    form = ("conversational prompt–completion (lists of {role, content}: the trainer applies the chat template)"
+    form = ("conversational prompt–completion (lists of {role, content}: the trainer applies the chat "
+            "template)"
             if summary.get("form") == "conversational" else "prompt–completion text")
     # A config name unique to the shards' bytes: `datasets` caches a folder's data under its
     # folder name and config name only, so two folders named alike would share a cache.

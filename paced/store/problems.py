@@ -53,7 +53,8 @@ def write_problem_part(home: Home, dataset: str, table: pa.Table, grader: str, s
     """Commit new problems as the next immutable part file, then record the import."""
     folder = home.problems_dir(dataset)
     info_path = folder / "dataset.json"
-    info = read_json_object(info_path, PART_HINT) if info_path.exists() else {"name": dataset, "grader": grader, "imports": []}
+    info = read_json_object(info_path, PART_HINT) if info_path.exists() else {"name": dataset,
+                                                                              "grader": grader, "imports": []}
     if info["grader"] != grader:
         raise InputError(f"data set {dataset!r} is graded with {info['grader']!r}; "
                          f"cannot import with --grader {grader}", detail={"field": "grader"})

@@ -179,8 +179,8 @@ def committed_samples(files: list[Path], con=None) -> dict[str, list[int]]:
     """problem_id -> sorted sample indices committed in `files`."""
     if not files:
         return {}
-    table = query_files(con or connect(), statement("rollouts.samples"), {"files": [str(f) for f in files]}, files,
-                        BATCH_HINT)
+    table = query_files(con or connect(), statement("rollouts.samples"), {"files": [str(f) for f in files]},
+                        files, BATCH_HINT)
     return dict(zip(table["problem_id"].to_pylist(), table["samples"].to_pylist(), strict=True))
 
 

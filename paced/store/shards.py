@@ -35,7 +35,8 @@ SHARD_SCHEMA = pa.schema([
     ("n", pa.int64()),
     ("dataset", pa.string()),
     ("guard", pa.string()),
-    ("answer", pa.string()),  # the problem's reference answer: the grader's key and {answer} of a teacher template
+    ("answer",
+     pa.string()),  # the problem's reference answer: the grader's key and {answer} of a teacher template
 ])
 
 
@@ -57,7 +58,8 @@ def assemble_rows(home: Home, items: pa.Table, dataset: str, guard: str = "none"
     """SHARD_SCHEMA rows for manifest `items` (position, problem_id, weight, pass_rate, n)."""
     con = con or connect()
     refs = [str(p) for p in reference_files(home, dataset, teacher_id)]
-    params = {"problem_files": [str(p) for p in part_files(home, dataset)], "dataset": dataset, "guard": guard}
+    params = {"problem_files": [str(p) for p in part_files(home, dataset)], "dataset": dataset,
+              "guard": guard}
     con.register("items", items)
     try:
         if refs:

@@ -89,7 +89,8 @@ def file_sha256(path: Path) -> str:
 def compute_file_hashes(model_dir: Path) -> dict[str, str]:
     """sha256 of every file of a model folder except `build.json`, by file name."""
     return {
-        p.name: file_sha256(p) for p in sorted(Path(model_dir).iterdir()) if p.is_file() and p.name != BUILD_FILE
+        p.name: file_sha256(p) for p in sorted(Path(model_dir).iterdir()) if p.is_file()
+        and p.name != BUILD_FILE
     }
 
 
@@ -224,7 +225,8 @@ def _gated_build(
         if not failures:
             return tmp, record | {"attempts": tried}
         shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("%s (seed %d) missed its accuracy gate: %s", recipe.name, record["seed"], "; ".join(failures))
+        log.warning("%s (seed %d) missed its accuracy gate: %s", recipe.name, record["seed"],
+                    "; ".join(failures))
     seeds = ", ".join(str(t["seed"]) for t in tried)
     raise GateError(
         f"{recipe.name} missed its accuracy gate with every seed tried ({seeds}; last: "
@@ -250,12 +252,14 @@ def build_model(
     models_dir = Path(models_dir)
     final = models_dir / recipe.name
     record = read_build_record(final)
-    if record is not None and record.get("config") == recipe.to_json() and not record.get("installed") and not force:
+    if (record is not None and record.get("config") == recipe.to_json() and not record.get("installed")
+            and not force):
         log.info("reusing the local build of %s at %s (build.json matches its recipe)", recipe.name, final)
         return BuildResult(recipe.name, final, reused=True, record=record)
     source = None
     if recipe.init_from is not None:  # the model it starts from: what the home has, else built first
-        source = _source_model(recipe.init_from, models_dir, threads=threads, progress=progress, attempts=attempts)
+        source = _source_model(recipe.init_from, models_dir, threads=threads, progress=progress,
+                               attempts=attempts)
     gate = gate if gate is not None else GATES.get(recipe.name)
     log.info("building %s into %s (%d steps)", recipe.name, final, recipe.pretrain.steps)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +287,8 @@ def _source_model(recipe: ModelRecipe, models_dir: Path, **kwargs) -> BuildResul
     path = models_dir / recipe.name
     record = read_build_record(path)
     if record is not None and record.get("config") == recipe.to_json():
-        return BuildResult(recipe.name, path, reused=True, record=record, installed=bool(record.get("installed")))
+        return BuildResult(recipe.name, path, reused=True, record=record,
+                           installed=bool(record.get("installed")))
     return build_model(recipe, models_dir, **kwargs)
 
 

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument(
         "--force", action="store_true",
-        help="replace what DIR/models holds even if it is already the shipped (or, with --rebuild, a local) build",
+        help="replace what DIR/models holds even if it is already the shipped (or, with --rebuild, a local) "
+             "build",
     )
     build.add_argument("--threads", type=int, default=2, help="--rebuild: torch CPU threads (default: 2)")
     build.add_argument(
@@ -118,7 +119,8 @@ def run_real_model(args: argparse.Namespace) -> int:
     home = open_home(args.home)
     result = build_real_model(home.models_dir, gguf=args.gguf, force=args.force)
     if args.json:
-        print(json.dumps({"path": str(result.path), "reused": result.reused, **result.record}, sort_keys=True))
+        print(json.dumps({"path": str(result.path), "reused": result.reused, **result.record},
+                         sort_keys=True))
     else:
         print(result.path)
     return 0

@@ -30,7 +30,8 @@ class AccuracyGate:
 
     def __post_init__(self):
         if self.operation not in OPERATION_NAMES:
-            raise InputError(f"gate `operation` must be one of {sorted(OPERATION_NAMES)}, got {self.operation!r}")
+            raise InputError(f"gate `operation` must be one of {sorted(OPERATION_NAMES)}, got "
+                             f"{self.operation!r}")
         for bound in (self.minimum, self.maximum):
             for level, value in bound.items():
                 if not 0.0 <= value <= 1.0:

@@ -31,8 +31,8 @@ uniformly shuffled, so the questions' distribution is unchanged).
 Determinism: each (module, level) is generated from Python's and numpy's global generators
 seeded from (seed, module, level). The generators also pick variable names from sets, whose
 order follows Python's string hashing, so `generate_mathematics` runs them in a child process
-with PYTHONHASHSEED=0: the same config gives the same rows in any process. A question is never repeated: not within a (module, level), not
-across them, not between training and held-out rows.
+with PYTHONHASHSEED=0: the same config gives the same rows in any process. A question is never
+repeated: not within a (module, level), not across them, not between training and held-out rows.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def parse_modules(text: str) -> tuple[str, ...]:
             continue
         matches = [m for m in SUPPORTED_MODULES if m == part or m.startswith(f"{part}__")]
         if not matches:
-            raise InputError(f"unknown or unsupported module {part!r}; supported: {', '.join(SUPPORTED_MODULES)}")
+            raise InputError(f"unknown or unsupported module {part!r}; supported: "
+                             f"{', '.join(SUPPORTED_MODULES)}")
         names += [m for m in matches if m not in names]
     if not names:
         raise InputError("--modules names no module")
@@ -210,7 +211,8 @@ def draw_problems(generator, count: int, seed: int, where: str, seen: set[str]) 
             try:
                 problem = generator()
                 question, answer = str(problem.question).strip(), str(problem.answer).strip()
-            except (AttributeError, TypeError, ValueError, ZeroDivisionError):  # numpy-2 breakage (module doc)
+            except (AttributeError, TypeError, ValueError,
+                    ZeroDivisionError):  # numpy-2 breakage (module doc)
                 question = answer = ""
             too_long = len(question) > generate_settings.MAX_QUESTION_LENGTH or \
                 len(answer) > generate_settings.MAX_ANSWER_LENGTH
@@ -242,7 +244,8 @@ def _split_holdout(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     import pyarrow.compute as pc
 
     is_held = pc.equal(table["split"], "heldout")
-    return table.filter(pc.invert(is_held)).drop_columns(["split"]), table.filter(is_held).drop_columns(["split"])
+    return (table.filter(pc.invert(is_held)).drop_columns(["split"]),
+            table.filter(is_held).drop_columns(["split"]))
 
 
 def compute_rows(config: MathematicsConfig) -> pa.Table:
@@ -267,7 +270,8 @@ def _compute_rows(config: MathematicsConfig, schema: pa.Schema) -> pa.Table:
             meta = json.dumps({"module": module, "level": level}, sort_keys=True)
             for i, (question, answer) in enumerate(pairs):
                 split = "train" if i < config.per_level else "heldout"
-                for key, value in (("id", problem_id(question, answer)), ("prompt", question), ("answer", answer),
+                for key, value in (("id", problem_id(question, answer)), ("prompt", question),
+                                   ("answer", answer),
                                    ("difficulty", level), ("metadata", meta), ("split", split)):
                     rows[key].append(value)
     return pa.table(rows, schema=schema.append(pa.field("split", pa.string())))

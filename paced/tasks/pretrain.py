@@ -63,8 +63,10 @@ class PretrainConfig:
             raise InputError(f"`decay_fraction` must be in (0, 1], got {self.decay_fraction}")
         if not 0 <= self.subtraction_fraction <= 1:
             raise InputError(f"`subtraction_fraction` must be in [0, 1], got {self.subtraction_fraction}")
-        if len(self.digit_weights) != self.max_digits or min(self.digit_weights) < 0 or not any(self.digit_weights):
-            raise InputError(f"`digit_weights` needs {self.max_digits} weights >= 0, got {self.digit_weights}")
+        if (len(self.digit_weights) != self.max_digits or min(self.digit_weights) < 0
+                or not any(self.digit_weights)):
+            raise InputError(f"`digit_weights` needs {self.max_digits} weights >= 0, got "
+                             f"{self.digit_weights}")
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,8 @@ def _generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def accuracy_by_difficulty(model, tokenizer, problems: pa.Table, *, batch_size: int = 512) -> dict[str, float]:
+def accuracy_by_difficulty(model, tokenizer, problems: pa.Table, *, batch_size: int = 512) -> dict[str,
+                                                                                                   float]:
     """Greedy-decoding accuracy per difficulty (keys "1".."n") and over all problems ("all").
 
     `problems` has columns prompt, answer, difficulty. An answer counts when the decoded
@@ -304,12 +307,15 @@ def evaluate_model(model, tokenizer, recipe: ModelRecipe) -> dict:
     cfg = recipe.pretrain
     n = recipe.eval_problems_per_operation
     accuracy = {
-        op: accuracy_by_difficulty(model, tokenizer, generate_problems(n, EVAL_SEED, max_digits=cfg.max_digits, operations=op))
+        op: accuracy_by_difficulty(model, tokenizer,
+                                   generate_problems(n, EVAL_SEED, max_digits=cfg.max_digits, operations=op))
         for op in ("+", "-")
     }
-    pool = generate_problems(recipe.passrate_problems, EVAL_SEED + 1, max_digits=cfg.max_digits, operations="+")
+    pool = generate_problems(recipe.passrate_problems, EVAL_SEED + 1, max_digits=cfg.max_digits,
+                             operations="+")
     rates = sample_pass_rates(model, tokenizer, pool, k=recipe.passrate_samples, seed=cfg.seed)
-    spread = compute_spread(rates) | {"k": recipe.passrate_samples, "temperature": 1.0, "problems": len(rates)}
+    spread = compute_spread(rates) | {"k": recipe.passrate_samples, "temperature": 1.0,
+                                      "problems": len(rates)}
     return {"accuracy": accuracy, "pass_rate_spread": spread}
 
 

@@ -144,8 +144,10 @@ def convert_gguf(gguf_path: Path, out: Path, *, force: bool = False) -> RealMode
     tmp.chmod(0o755)
     try:
         facts = _load_and_save(gguf_path, tmp)
-        record = {"recipe": RECIPE, "source": source, **facts, "seconds": round(time.perf_counter() - start, 1),
-                  "versions": {k: _library_version(k) for k in ("transformers", "gguf", "torch", DISTRIBUTION)}}
+        record = {"recipe": RECIPE, "source": source, **facts,
+                  "seconds": round(time.perf_counter() - start, 1),
+                  "versions": {k: _library_version(k)
+                               for k in ("transformers", "gguf", "torch", DISTRIBUTION)}}
         write_json_atomic(tmp / "build.json", record)
         if out.exists():
             shutil.rmtree(out)

@@ -229,7 +229,8 @@ def test_a_scheme_leaving_no_weight_is_a_clear_422(client, home):
 def test_routing_errors_and_oversized_bodies_have_the_error_shape(client):
     for r, status in ((client.get("/nope"), 404), (client.delete("/v1/health"), 405),
                       (client.get("/v1/runs/r-zz"), 422), (client.get("/v1/runs/r-000000000000"), 404),
-                      (client.post("/v1/runs", content=b"{", headers={"content-type": "application/json"}), 422),
+                      (client.post("/v1/runs", content=b"{", headers={"content-type": "application/json"}),
+                       422),
                       (client.post("/v1/runs", content=b"x" * 70000), 413)):
         assert r.status_code == status and set(r.json()) == {"error", "code", "detail"}, r.text
 
@@ -257,7 +258,8 @@ def test_metrics_count_requests_items_and_outstanding_leases(client):
     held = lease(client, run)
     text = client.get("/metrics").text
     assert "paced_items_served_total 10.0" in text and "paced_leases_outstanding 1.0" in text
-    assert 'paced_http_requests_total{method="POST",route="/v1/runs/{run_id}/leases",status="200"} 1.0' in text
+    assert ('paced_http_requests_total{method="POST",route="/v1/runs/{run_id}/leases",status="200"} 1.0'
+            in text)
     ack(client, run, held["lease_id"])
     assert "paced_leases_outstanding 0.0" in client.get("/metrics").text
 
@@ -275,4 +277,5 @@ def test_a_run_that_leaves_most_of_the_pool_untrained_is_logged(client, home, ca
         guarded = new_run(client, student_id="s3", scheme="paced-posterior")
     warned = [r.getMessage() for r in caplog.records if "weight 0" in r.getMessage()]
     assert len(warned) == 1 and "paced-posterior" in warned[0]
-    assert len(starved["warnings"]) == 1 and "weight 0" in starved["warnings"][0] and guarded["warnings"] == []
+    assert (len(starved["warnings"]) == 1 and "weight 0" in starved["warnings"][0]
+            and guarded["warnings"] == [])

@@ -24,8 +24,9 @@ def test_concurrent_consumers_ack_every_item_exactly_once(tmp_path):
     home, _ = make_service_home(tmp_path, n=n)
     app = create_app(Settings(home=home.root, retry_after_seconds=0.2))
     with ServerThread(app) as server:
-        run = httpx.post(f"{server.url}/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 5,
-                                                        "epochs": 2, "seed": 1}).json()
+        run = httpx.post(f"{server.url}/v1/runs",
+                         json={"student_id": "s1", "dataset": "arith", "shard_size": 5,
+                               "epochs": 2, "seed": 1}).json()
         leases, errors = run_consumers(server.url, run["run_id"], THREADS, ttl=TTL, abandon=0.15, late=0.15,
                                        late_factor=1.3, max_wait=0.2, timeout=30)
         assert not errors
@@ -78,8 +79,9 @@ def test_requests_never_fail_while_refresh_writes_snapshots(tmp_path):
             r = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 16,
                                               "epochs": 2, "follow_snapshots": True, "scheme": "uniform"})
             statuses.append(r.status_code)
-            while r.status_code < 300 and (got := client.post(f"/v1/runs/{r.json()['run_id']}/leases",
-                                                              json={"consumer": "t"})).json()["status"] == "leased":
+            while (r.status_code < 300
+                   and (got := client.post(f"/v1/runs/{r.json()['run_id']}/leases",
+                                           json={"consumer": "t"})).json()["status"] == "leased"):
                 statuses.append(got.status_code)
                 statuses.append(client.post(f"/v1/runs/{got.json()['run_id']}/leases/{got.json()['lease_id']}/ack").status_code)
         stop.set()

@@ -75,31 +75,37 @@ def test_a_prior_is_a_json_array_of_numbers(home):
 
 def test_leases_are_acked_and_renewed_only_by_their_consumer(home):
     with client_for(home) as client:
-        run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 5}).json()["run_id"]
+        run = client.post("/v1/runs",
+                          json={"student_id": "s1", "dataset": "arith", "shard_size": 5}).json()["run_id"]
         first, second = (client.post(f"/v1/runs/{run}/leases", json={"consumer": "a"}).json()["lease_id"]
                          for _ in range(2))
         url = f"/v1/runs/{run}/leases/{first}"
         body = assert_error(client.post(f"{url}/ack", json={"consumer": "b"}), 403, "lease_not_yours")
         assert "'a'" in body["error"] and body["detail"]["field"] == "consumer"
-        assert_error(client.post(f"{url}/renew", json={"consumer": "b", "ttl_seconds": 60}), 403, "lease_not_yours")
+        assert_error(client.post(f"{url}/renew", json={"consumer": "b", "ttl_seconds": 60}), 403,
+                     "lease_not_yours")
         assert client.post(f"{url}/renew", json={"consumer": "a", "ttl_seconds": 60}).status_code == 200
         assert client.post(f"{url}/ack", json={"consumer": "a"}).json()["acked"]
-        assert_error(client.post(f"{url}/ack", json={"consumer": "b"}), 403, "lease_not_yours")  # acked: still a's
+        assert_error(client.post(f"{url}/ack", json={"consumer": "b"}), 403,
+                     "lease_not_yours")  # acked: still a's
         assert client.post(f"{url}/ack", json={"consumer": "a"}).json()["already_acked"]
         forced = client.post(f"/v1/runs/{run}/leases/{second}/ack", json={"consumer": "ops", "force": True})
         assert forced.status_code == 200 and not forced.json()["already_acked"]
         third = client.post(f"/v1/runs/{run}/leases", json={"consumer": "a"}).json()["lease_id"]
-        assert client.post(f"/v1/runs/{run}/leases/{third}/ack").status_code == 200  # no consumer named: as before
+        # no consumer named: as before
+        assert client.post(f"/v1/runs/{run}/leases/{third}/ack").status_code == 200
 
 
 def test_reads_need_the_token_when_asked_and_health_hides_the_home(home):
     with client_for(home, token=TOKEN, token_reads=True) as client:
-        run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith"}, headers=AUTH).json()["run_id"]
-        for url in ("/v1/students/s1/passrates", f"/v1/runs/{run}", f"/v1/runs/{run}/epochs/0/shards/0", "/metrics",
-                    "/"):
+        run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith"},
+                          headers=AUTH).json()["run_id"]
+        for url in ("/v1/students/s1/passrates", f"/v1/runs/{run}", f"/v1/runs/{run}/epochs/0/shards/0",
+                    "/metrics", "/"):
             assert_error(client.get(url), 401, "unauthorized")
             assert client.get(url, headers=AUTH).status_code == 200, url
-        assert client.get("/v1/health").json() == {"status": "ok", "version": client.get("/v1/health").json()["version"],
+        assert client.get("/v1/health").json() == {"status": "ok",
+                                                   "version": client.get("/v1/health").json()["version"],
                                                    "home": None, "students": None}
         full = client.get("/v1/health", headers=AUTH).json()
         assert full["home"] == str(home[0].root) and full["students"] == {"s1": home[1]}
@@ -144,8 +150,8 @@ def test_serve_busy_port_bad_content_length_and_no_token_in_the_access_log(tmp_p
     port = free_port()
     env = {**os.environ, "PACED_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home.root), "--port",
-                             str(port), "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+                             str(port), "--log-level", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
     try:
         start_wait(proc, port)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

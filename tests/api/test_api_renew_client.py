@@ -30,7 +30,9 @@ def test_http_source_renews_the_leases_it_holds_and_not_the_acked_ones(tmp_path)
         stale = ShardClient(f"{server.url}/v1/runs/{run}", ttl_seconds=0.2, renew_in_background=False)
         held = stale.lease()
         time.sleep(0.4)
-        assert httpx.post(f"{server.url}/v1/runs/{run}/leases", json={"consumer": "x"}).json()["shard"] == held.index
-        assert stale.renew() == 0 and not stale.held and stale.dropped == 1  # the shard went out again: dropped
+        assert httpx.post(f"{server.url}/v1/runs/{run}/leases",
+                          json={"consumer": "x"}).json()["shard"] == held.index
+        # the shard went out again: dropped
+        assert stale.renew() == 0 and not stale.held and stale.dropped == 1
         source.close()
         stale.close()

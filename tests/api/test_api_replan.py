@@ -43,7 +43,8 @@ def ack(c, run, got):
 
 
 def shard_bytes(c, run, epoch, shard):
-    return [c.get(f"/v1/runs/{run}/epochs/{epoch}/shards/{shard}?format={f}").content for f in ("json", "parquet")]
+    return [c.get(f"/v1/runs/{run}/epochs/{epoch}/shards/{shard}?format={f}").content for f in ("json",
+                                                                                                "parquet")]
 
 
 def consume(c, run, acked):
@@ -57,7 +58,8 @@ def consume(c, run, acked):
 def expected_weights(correct: list[int], ids: list[str]) -> dict[str, float]:
     """compute_weights (paced, α = β = 1) on the counts of `ids`, kept where > 0 and normalised
     to mean 1 over those, as a manifest does."""
-    w = compute_weights(np.array([correct[int(pid[1:])] for pid in ids]), np.full(len(ids), 8), WeightScheme())
+    w = compute_weights(np.array([correct[int(pid[1:])] for pid in ids]), np.full(len(ids), 8),
+                        WeightScheme())
     keep = w > 0
     return {pid: x / w[keep].mean() for pid, x, k in zip(ids, w, keep, strict=True) if k}
 
@@ -92,7 +94,8 @@ def test_a_following_run_replans_the_shards_not_leased_yet_from_a_newer_snapshot
             assert it["weight"] == pytest.approx(remainder[it["problem_id"]], rel=1e-12)
             assert it["pass_rate"] == NEWER[int(it["problem_id"][1:])] / 8
         ack(c, follow, switched)
-        clock.advance(31)  # shard 2's lease (granted before the re-plan) expires: it goes out again, same rows
+        # shard 2's lease (granted before the re-plan) expires: it goes out again, same rows
+        clock.advance(31)
         again = lease(c, follow)
         assert again["shard"] == 2 and again["items"] == first[2]["items"] and again["snapshot_id"] == home[1]
         acked = first[:2] + [switched, again]
@@ -104,13 +107,15 @@ def test_a_following_run_replans_the_shards_not_leased_yet_from_a_newer_snapshot
         assert all(shard_bytes(c, follow, 0, k) == before[k] for k in range(3))
         assert len(items) == 30 + len(remainder)
         view = c.get(f"/v1/runs/{follow}").json()
-        assert [(h["segment"], h["from_shard"], h["snapshot_id"], h["student_ids"]) for h in view["snapshot_history"]] \
+        assert [(h["segment"], h["from_shard"], h["snapshot_id"],
+                 h["student_ids"]) for h in view["snapshot_history"]] \
             == [(0, 0, home[1], ["s1"]), (1, 3, newer, ["s1"])]
         assert view["done"] and view["progress"][0]["items"] == len(items)
         pinned_items = []
         consume(c, pinned, pinned_items)
         rows = [it for got in pinned_items for it in got["items"]]
-        assert len(rows) == eligible(N) and all(it["pass_rate"] == BASE[int(it["problem_id"][1:])] / 8 for it in rows)
+        assert len(rows) == eligible(N) and all(it["pass_rate"] == BASE[int(it["problem_id"][1:])] / 8
+                                                for it in rows)
         assert {got["snapshot_id"] for got in pinned_items} == {home[1]}
         assert len(c.get(f"/v1/runs/{pinned}").json()["snapshot_history"]) == 1
 
@@ -121,7 +126,8 @@ def test_a_replan_that_leaves_no_weight_ends_the_epoch_at_the_shards_already_out
         got = lease(c, run)
         add_snapshot(home[0], "s1", [8] * N)  # every problem solved: weight 0 under paced
         ack(c, run, got)
-        after = lease(c, run)  # epoch 0 ends after shard 0; epoch 1 is built from the newer snapshot: no items
+        after = lease(c,
+                      run)  # epoch 0 ends after shard 0; epoch 1 is built from the newer snapshot: no items
         assert after["status"] == "done"
         view = c.get(f"/v1/runs/{run}").json()
         assert view["progress"][0]["shards"] == 1 and view["progress"][0]["items"] == 10
@@ -136,7 +142,8 @@ def test_weighted_sample_runs_replan_the_remaining_draws(home, clock):
         newer = add_snapshot(home[0], "s1", NEWER)
         consume(c, run, acked)
         rows = [it for got in acked for it in got["items"]]
-        assert sorted(it["position"] for it in rows) == list(range(25)) and {it["weight"] for it in rows} == {1.0}
+        assert sorted(it["position"] for it in rows) == list(range(25)) and {it["weight"]
+                                                                             for it in rows} == {1.0}
         assert [got["snapshot_id"] for got in acked] == [home[1], newer, newer]
         assert all(NEWER[int(it["problem_id"][1:])] not in (0, 8) for it in rows[10:])
 
@@ -217,8 +224,10 @@ def test_renew_refuses_superseded_unknown_and_bad_requests(home, clock):
 def test_renew_needs_the_token_and_survives_a_restart(home, clock):
     good = {"Authorization": "Bearer s3cret"}
     with open_client(home[0], clock, token="s3cret") as c:
-        run = c.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 10}, headers=good).json()
-        held = c.post(f"/v1/runs/{run['run_id']}/leases", json={"consumer": "a", "ttl_seconds": 5}, headers=good).json()
+        run = c.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 10},
+                     headers=good).json()
+        held = c.post(f"/v1/runs/{run['run_id']}/leases", json={"consumer": "a", "ttl_seconds": 5},
+                      headers=good).json()
         url = f"/v1/runs/{run['run_id']}/leases/{held['lease_id']}/renew"
         assert c.post(url, json={"ttl_seconds": 100}).status_code == 401
         assert c.post(url, json={"ttl_seconds": 100}, headers=good).status_code == 200

@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 def start(home, port, env=None):
-    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home), "--port",
+                             str(port),
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 60
@@ -75,7 +76,8 @@ def test_restart_keeps_leases_and_acks_and_serves_each_item_once(tmp_path):
         with httpx.Client(base_url=url, timeout=30) as c:
             view = c.get(f"/v1/runs/{rid}").json()
             epoch0 = view["progress"][0]
-            assert epoch0["acked"] == 2 and epoch0["acked"] + epoch0["leased"] + epoch0["pending"] == run["shards"]
+            assert (epoch0["acked"] == 2
+                    and epoch0["acked"] + epoch0["leased"] + epoch0["pending"] == run["shards"])
             assert c.get(f"/v1/runs/{rid}/epochs/0/shards/0?format=parquet").content == shard0
             again = c.post(f"/v1/runs/{rid}/leases/{held[0]['lease_id']}/ack")
             assert again.status_code == 200 and again.json()["already_acked"] is True
@@ -97,7 +99,8 @@ def test_restart_keeps_leases_and_acks_and_serves_each_item_once(tmp_path):
 def test_serve_refuses_a_public_host_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PACED_TOKEN"}
     r = subprocess.run([sys.executable, "-m", "paced.cli", "serve", "--home", str(tmp_path / "h"), "--host",
-                        "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=60)
+                        "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, env=env,
+                       timeout=60)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "non-loopback" in r.stderr and "PACED_TOKEN" in r.stderr
 

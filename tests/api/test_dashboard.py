@@ -96,8 +96,8 @@ def test_metrics_carry_the_frontier_and_run_gauges(served):
     text = client.get("/metrics").text
     for i, count in enumerate(summary["histogram"]):
         edges = summary["bin_edges"]
-        assert f'paced_student_problems{{bin="{edges[i]:.1f}-{edges[i + 1]:.1f}",student_id="s1"}} {float(count)}' \
-            in text
+        assert (f'paced_student_problems{{bin="{edges[i]:.1f}-{edges[i + 1]:.1f}",student_id="s1"}} '
+                f'{float(count)}' in text)
     mean = float(re.search(r'paced_student_mean_pass_rate\{student_id="s1"\} (\S+)', text).group(1))
     assert mean == pytest.approx(summary["mean_pass_rate"])
     assert f'paced_run_leases_live{{run_id="{rid}"}} 1.0' in text

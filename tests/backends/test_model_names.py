@@ -41,11 +41,12 @@ def test_evaluate_takes_a_hub_id_and_a_chat_template_flag(hub_cache, tiny_model_
     home = str(tmp_path / "h")
     assert main(["import", "builtin:arithmetic", "--n", "4", "--dataset", "a", "--home", home]) == 0
     capsys.readouterr()
-    args = ["evaluate", "--model", "paced-test/tiny", "--dataset", "a", "--greedy-only", "--max-new-tokens", "2",
-            "--backend", "transformers", "--home", home]
+    args = ["evaluate", "--model", "paced-test/tiny", "--dataset", "a", "--greedy-only", "--max-new-tokens",
+            "2", "--backend", "transformers", "--home", home]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["model"]["model_id"] == model_id(tiny_model_dir) and report["model"]["sets"]["a"]["greedy"]["problems"] == 4
+    assert (report["model"]["model_id"] == model_id(tiny_model_dir)
+            and report["model"]["sets"]["a"]["greedy"]["problems"] == 4)
     assert main([*args, "--chat-template"]) == 1  # the tiny tokenizer has no template: said in one line
     assert "has no chat template" in capsys.readouterr().err
 
@@ -61,9 +62,11 @@ def test_train_takes_hub_ids_and_warns_when_the_snapshot_saw_other_prompts(hub_c
     assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(shards),
                  "--home", str(home.root)]) == 0
     assert json.loads(capsys.readouterr().out)["measured_with_chat_template"] is True
-    assert main(["train", "--student", "paced-test/tiny", "--teacher", "paced-test/tiny", "--from", str(shards),
+    assert main(["train", "--student", "paced-test/tiny", "--teacher", "paced-test/tiny", "--from",
+                 str(shards),
                  "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--no-progress",
                  "--home", str(home.root)]) == 0
     err = capsys.readouterr().err
-    assert "warning: snapshot" in err and "rendered with the chat template" in err and "add --chat-template" in err
+    assert ("warning: snapshot" in err and "rendered with the chat template" in err
+            and "add --chat-template" in err)
     assert (tmp_path / "out" / "final" / "config.json").is_file()

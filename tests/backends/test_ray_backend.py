@@ -14,16 +14,19 @@ from tests.jobs.test_rollout import CONFIG, make_home, rows_of
 
 def test_engine_options_are_validated_and_only_go_to_the_vllm_backend():
     for kwargs, message in (({"tensor_parallel_size": 0}, "--tensor-parallel-size must be an integer >= 1"),
-                            ({"gpu_memory_utilization": 1.5}, r"--gpu-memory-utilization must be in \(0, 1\]"),
+                            ({"gpu_memory_utilization": 1.5},
+                             r"--gpu-memory-utilization must be in \(0, 1\]"),
                             ({"dtype": "fp8"}, "--dtype must be one of auto, float32"),
                             ({"max_model_len": -4}, "--max-model-len must be"),
                             ({"ray_actors": 2}, "--ray-actors needs --ray")):
         with pytest.raises(InputError, match=message):
             EngineOptions(**kwargs)
     options = EngineOptions(tensor_parallel_size=2, dtype="bfloat16", enforce_eager=True)
-    assert options.backend_kwargs("vllm") == {"tensor_parallel_size": 2, "dtype": "bfloat16", "enforce_eager": True}
+    assert options.backend_kwargs("vllm") == {"tensor_parallel_size": 2, "dtype": "bfloat16",
+                                              "enforce_eager": True}
     assert EngineOptions().backend_kwargs("transformers") == {}
-    with pytest.raises(InputError, match="--tensor-parallel-size, --dtype, --enforce-eager only apply to the vllm"):
+    with pytest.raises(InputError,
+                       match="--tensor-parallel-size, --dtype, --enforce-eager only apply to the vllm"):
         options.backend_kwargs("transformers")
 
 

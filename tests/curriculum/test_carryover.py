@@ -34,11 +34,15 @@ def test_old_counts_are_discounted_by_lambda_and_fresh_samples_added():
 
 def test_settled_problems_are_reprobed_with_a_probability_growing_with_age():
     p = reprobe_probability([0, 1, 4, 30], 0.2)
-    assert p[0] == pytest.approx(0.2) and p[1] == pytest.approx(0.36) and np.all(np.diff(p) > 0) and p[-1] > 0.99
+    assert (p[0] == pytest.approx(0.2) and p[1] == pytest.approx(0.36) and np.all(np.diff(p) > 0)
+            and p[-1] > 0.99)
     ids = [f"p{i}" for i in range(4000)]
-    settled_young = select_fresh(ids, np.zeros(4000), np.full(4000, 8), np.zeros(4000), 0.2, seed=0, round_index=1)
-    settled_old = select_fresh(ids, np.full(4000, 8), np.full(4000, 8), np.full(4000, 5), 0.2, seed=0, round_index=1)
-    assert 0.17 < settled_young.mean() < 0.23 and 0.71 < settled_old.mean() < 0.77  # 0.2 and 1 - 0.8^6 = 0.738
+    settled_young = select_fresh(ids, np.zeros(4000), np.full(4000, 8), np.zeros(4000), 0.2, seed=0,
+                                 round_index=1)
+    settled_old = select_fresh(ids, np.full(4000, 8), np.full(4000, 8), np.full(4000, 5), 0.2, seed=0,
+                               round_index=1)
+    # 0.2 and 1 - 0.8^6 = 0.738
+    assert 0.17 < settled_young.mean() < 0.23 and 0.71 < settled_old.mean() < 0.77
     frontier = select_fresh(ids[:3], [1, 0, 2], [4, 0, 2], [9, 9, 0], 0.0, seed=0, round_index=1)
     assert frontier.tolist() == [True, True, False]  # frontier and unmeasured always; settled at rate 0 never
     assert np.array_equal(uniform_draws(ids[:5], 0, 1), uniform_draws(ids[:5], 0, 1))
@@ -66,8 +70,10 @@ def test_carry_evidence_discounts_the_previous_row_and_a_new_problem_keeps_its_f
     previous = table(["a", "b", "c"], [8, 3, 0], [8, 8, 8], [0, 2, 1])
     assert previous["carried_share"].to_pylist() == [0.0, 1.0, 1.0]
     fresh = carry_evidence(previous, table(["b", "z"], [1, 2], [4, 4], [0, 0]), 0.5)
-    assert fresh["evidence_n"].to_pylist() == [8.0, 4.0] and fresh["evidence_correct"].to_pylist() == [2.5, 2.0]
-    assert fresh["carried_share"].to_pylist() == [0.5, 0.0] and fresh["pass_rate"].to_pylist() == [2.5 / 8, 0.5]
+    assert fresh["evidence_n"].to_pylist() == [8.0, 4.0] and fresh["evidence_correct"].to_pylist() == [2.5,
+                                                                                                       2.0]
+    assert fresh["carried_share"].to_pylist() == [0.5, 0.0] and fresh["pass_rate"].to_pylist() == [2.5 / 8,
+                                                                                                   0.5]
     assert fresh["n"].to_pylist() == [4, 4]  # the integer counts stay the fresh samples'
     untouched = table(["b"], [1], [4], [0])
     assert carry_evidence(previous, untouched, None).equals(untouched)

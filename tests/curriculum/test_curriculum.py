@@ -32,7 +32,8 @@ def test_beta_weight_lies_between_zero_and_its_maximum(p, a, b):
     w = beta_weight(p, a, b)
     # the maximum, at the mode a/(a+b), in closed form: a^a b^b / (a+b)^(a+b) (0^0 = 1). Evaluating
     # the weight at a float mode is not enough: with b = 1e-300 the mode rounds to 1.0, where w = 0.
-    peak = float(np.exp(xlogy(a, a) + xlogy(b, b) - xlogy(a + b, a + b)))  # in logs: no 0 from a/(a+b) underflowing
+    peak = float(np.exp(xlogy(a, a)
+                        + xlogy(b, b) - xlogy(a + b, a + b)))  # in logs: no 0 from a/(a+b) underflowing
     assert np.all(w >= 0) and np.all(w <= peak + 1e-12)
 
 
@@ -199,7 +200,8 @@ def test_unmeasured_problems_are_counted_not_served():
 
 def test_duplicate_ids_are_rejected():
     with pytest.raises(InputError, match="duplicate"):
-        build_manifest(pa.table({"problem_id": ["a", "a"], "correct": [1, 1], "n": [2, 2]}), WeightScheme(), 0)
+        build_manifest(pa.table({"problem_id": ["a", "a"], "correct": [1, 1], "n": [2, 2]}), WeightScheme(),
+                       0)
 
 
 @given(st.integers(0, 5000), st.integers(1, 700))

@@ -20,8 +20,8 @@ from paced.integrations.trl import WeightedSFTTrainer
 
 def config_kwargs(tmp_path, **overrides) -> dict:
     base = {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 6,
-            "learning_rate": 1e-3, "logging_steps": 1, "report_to": [], "save_strategy": "no", "use_cpu": True,
-            "dataloader_num_workers": 0, "seed": 0, "max_length": 64, "disable_tqdm": True,
+            "learning_rate": 1e-3, "logging_steps": 1, "report_to": [], "save_strategy": "no",
+            "use_cpu": True, "dataloader_num_workers": 0, "seed": 0, "max_length": 64, "disable_tqdm": True,
             "bf16": False}
     return {**base, **overrides}
 
@@ -47,11 +47,12 @@ def hand_loss(model, examples, weights) -> tuple[float, float]:
 
 def test_sft_trainer_loss_is_the_weighted_mean_of_row_losses(tmp_path, tiny_model_dir):
     weights = [1.0, 0.0, 0.25, 2.0, 0.5, 1.5]
-    rows = [{"prompt": f"{i}+{i + 1}=", "completion": str(2 * i + 1), "weight": w} for i, w in enumerate(weights)]
+    rows = [{"prompt": f"{i}+{i + 1}=", "completion": str(2 * i + 1),
+             "weight": w} for i, w in enumerate(weights)]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    trainer = WeightedSFTTrainer(model=model, args=sft_config(tmp_path), train_dataset=datasets.Dataset.from_list(rows),
-                                 processing_class=tokenizer)
+    trainer = WeightedSFTTrainer(model=model, args=sft_config(tmp_path),
+                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
     prepared = list(trainer.train_dataset)
     assert [e["weight"] for e in prepared] == weights  # TRL kept the column
     expected, unweighted = hand_loss(model, prepared, weights)
@@ -82,7 +83,8 @@ def test_sft_trainer_over_http_leases_once_and_acks_every_shard_after_steps(tmp_
         view = httpx.get(run).json()
         client.close()
     assert view["done"] and client.done and elapsed < 120  # no stall for a lease TTL
-    assert client.acked == client.leased == view["progress"][0]["shards"] and client.conflicts == client.dropped == 0
+    assert (client.acked == client.leased == view["progress"][0]["shards"]
+            and client.conflicts == client.dropped == 0)
     assert 0 < trainer.state.global_step < 50  # the run ended the training
 
 
@@ -92,17 +94,19 @@ def test_gkd_trainer_loss_is_the_weighted_mean_of_row_jsds(tmp_path, tiny_model_
     from paced.integrations.trl_gkd import WeightedGKDTrainer
 
     weights = [0.5, 2.0, 0.0, 1.0]
-    rows = [{"messages": [{"role": "user", "content": f"{i}+{i}="}, {"role": "assistant", "content": str(2 * i)}],
+    rows = [{"messages": [{"role": "user", "content": f"{i}+{i}="},
+                          {"role": "assistant", "content": str(2 * i)}],
              "weight": w} for i, w in enumerate(weights)]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32) for _ in range(2))
+    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+                        for _ in range(2))
     with torch.no_grad():  # a teacher unlike the student: the divergence is not 0
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     config = GKDConfig(**config_kwargs(tmp_path, per_device_train_batch_size=4, lmbda=0.0, beta=0.5))
-    trainer = WeightedGKDTrainer(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
-                                 train_dataset=datasets.Dataset.from_list(rows))
+    trainer = WeightedGKDTrainer(model=student, teacher_model=teacher, args=config,
+                                 processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(rows))
     batch = trainer.data_collator(rows)
     per_row = []
     with torch.no_grad():

@@ -14,7 +14,8 @@ from paced.tasks.pretrain import RECIPES
 pytestmark = pytest.mark.slow
 
 STAGES = ["import", "import-skill", "build-models", "teacher", "rollout", "refresh", "train-paced",
-          "train-uniform", "evaluate-base", "evaluate-paced", "evaluate-uniform", "round2-rollout", "round2-refresh"]
+          "train-uniform", "evaluate-base", "evaluate-paced", "evaluate-uniform", "round2-rollout",
+          "round2-refresh"]
 
 
 def servers_for(home) -> list:

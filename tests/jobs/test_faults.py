@@ -88,8 +88,8 @@ def test_a_damaged_problems_part_or_dataset_record_is_named(measured, capsys, tm
     assert str(part) in line
     part.write_bytes(good)
     (home.problems_dir("d") / "dataset.json").write_text("{not json")
-    line = fails(capsys, "rollout", "--student", tmp_path / "no-model", "--student-id", "s2", "--dataset", "d",
-                 "--home", home.root)
+    line = fails(capsys, "rollout", "--student", tmp_path / "no-model", "--student-id", "s2", "--dataset",
+                 "d", "--home", home.root)
     assert "dataset.json" in line and "not valid JSON" in line
 
 
@@ -125,7 +125,8 @@ BAD_SOURCES = {
     "utf8.csv": (b"prompt,answer\n1+1=\xff,2\n", "UTF-8"),
     "big.jsonl": (json.dumps({"prompt": "1+1=", "answer": "2", "difficulty": 2**80}).encode(), "difficulty"),
     "nested.jsonl": (json.dumps(NESTED).encode(), "nested"),
-    "deep.jsonl": (b'{"prompt": "a", "answer": "b", "m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    "deep.jsonl": (b'{"prompt": "a", "answer": "b", "m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                   "nested"),
 }
 
 
@@ -158,8 +159,8 @@ def test_rollout_flag_errors_are_one_line_and_leave_no_folder(measured, capsys):
     before = sorted(p.relative_to(home.root) for p in (home.root / "rollouts").rglob("*"))
     for flags, words in ((["--temperature", "nan"], "temperature"), (["--temperature", "inf"], "temperature"),
                          (["-k", "100000"], "`k` must be <= 1024"), (["--limit", "0"], "--limit")):
-        line = fails(capsys, "rollout", "--student", home.root / "no-model", "--student-id", "s2", "--dataset", "d",
-                     *flags, "--home", home.root)
+        line = fails(capsys, "rollout", "--student", home.root / "no-model", "--student-id", "s2",
+                     "--dataset", "d", *flags, "--home", home.root)
         assert words in line
     with pytest.raises(InputError):
         RolloutConfig(k=1025)
@@ -202,18 +203,21 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
     with small_tmpfs(tmp_path / "disk") as disk:
         open_home(disk / "h")
         filler = fill(disk)
-        line = fails(capsys, "import", "builtin:arithmetic", "--n", "2000", "--dataset", "d", "--home", disk / "h")
+        line = fails(capsys, "import", "builtin:arithmetic", "--n", "2000", "--dataset", "d", "--home",
+                     disk / "h")
         assert "No space left on device" in line and "free some space" in line
         assert not list((disk / "h").rglob(".tmp-*")) and not list((disk / "h").rglob("part-*"))
         filler.unlink()
-        assert main(["import", "builtin:arithmetic", "--n", "2000", "--dataset", "d", "--home", str(disk / "h")]) == 0
+        assert main(["import", "builtin:arithmetic", "--n", "2000", "--dataset", "d", "--home",
+                     str(disk / "h")]) == 0
 
 
 def test_a_read_only_filesystem_is_one_line(tmp_path, capsys):
     with small_tmpfs(tmp_path / "disk") as disk:
         open_home(disk / "h")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        line = fails(capsys, "import", "builtin:arithmetic", "--n", "20", "--dataset", "d", "--home", disk / "h")
+        line = fails(capsys, "import", "builtin:arithmetic", "--n", "20", "--dataset", "d", "--home",
+                     disk / "h")
         assert "Read-only file system" in line and "read-only" in line
 
 

@@ -41,7 +41,8 @@ def write_parquet(path, rows):
 def write_hf(path, rows):
     from datasets import Dataset
 
-    Dataset.from_list([{"id": r.get("id"), "prompt": r["prompt"], "answer": r["answer"]} for r in rows]).save_to_disk(str(path))
+    Dataset.from_list([{"id": r.get("id"), "prompt": r["prompt"],
+                        "answer": r["answer"]} for r in rows]).save_to_disk(str(path))
     return path
 
 
@@ -109,7 +110,8 @@ def test_conflicting_reimport_is_refused(tmp_path, capsys):
     home = str(tmp_path / "home")
     main(["import", str(write_jsonl(tmp_path / "a.jsonl", [{"id": "q", "prompt": "a", "answer": "1"}])),
           "--dataset", "d", "--home", home])
-    src = write_jsonl(tmp_path / "b.jsonl", [{"id": "q", "prompt": "a", "answer": "2"}, {"prompt": "b", "answer": "3"}])
+    src = write_jsonl(tmp_path / "b.jsonl",
+                      [{"id": "q", "prompt": "a", "answer": "2"}, {"prompt": "b", "answer": "3"}])
     assert main(["import", str(src), "--dataset", "d", "--home", home]) == 1
     assert "already in 'd'" in capsys.readouterr().err
     assert read_problems(open_home(home), "d").num_rows == 1

@@ -17,7 +17,8 @@ from paced.store.snapshots import new_snapshot_id, write_snapshot
 
 def make_home(tmp_path, n=60, with_refs=True, correct_of=lambda i: i % 9):
     home_dir = tmp_path / "home"
-    assert main(["import", "builtin:arithmetic", "--n", str(n), "--dataset", "arith", "--home", str(home_dir)]) == 0
+    assert main(["import", "builtin:arithmetic", "--n", str(n), "--dataset", "arith", "--home",
+                 str(home_dir)]) == 0
     home = open_home(home_dir)
     problems = read_problems(home, "arith")
     ids = problems["id"].to_pylist()
@@ -119,7 +120,8 @@ def test_weighted_loss_shards_keep_only_referenced_rows_and_load_as_a_dataset(tm
     info = json.loads((tmp_path / "m" / "manifest.json").read_text())
     eligible = [i for i in range(problems.num_rows) if 0 < i % 9 < 8]
     referenced = [i for i in eligible if i % 2 == 0]  # make_home gives even ids a reference
-    assert (info["items"], info["left_out_without_reference"]) == (len(referenced), len(eligible) - len(referenced))
+    assert (info["items"], info["left_out_without_reference"]) == (len(referenced),
+                                                                   len(eligible) - len(referenced))
     assert info["require_reference"] and info["with_reference"] == info["items"]
     assert pq.read_table(tmp_path / "m" / "manifest.parquet").num_rows == info["items"]
     card = (tmp_path / "m" / "README.md").read_text()
@@ -135,8 +137,10 @@ def test_conversational_shards_hold_one_turn_each_and_a_pool_without_references_
     home_dir, _, _ = make_home(tmp_path)
     assert build(home_dir, tmp_path / "m", "--form", "conversational", keep_unreferenced=False) == 0
     row = datasets.load_dataset(str(tmp_path / "m"), split="train")[0]
-    assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]  # TRL's conversational form
-    assert row["completion"][0]["role"] == "assistant" and row["completion"][0]["content"] and row["weight"] > 0
+    assert row["prompt"] == [{"role": "user",
+                              "content": row["prompt"][0]["content"]}]  # TRL's conversational form
+    assert (row["completion"][0]["role"] == "assistant" and row["completion"][0]["content"]
+            and row["weight"] > 0)
     bare, _, _ = make_home(tmp_path / "bare", with_refs=False)
     assert build(bare, tmp_path / "none", keep_unreferenced=False) == 1
     assert "--no-require-reference" in capsys.readouterr().err
@@ -157,13 +161,14 @@ def test_manifest_inputs_read_the_inputs_of_older_manifests_and_refuse_newer_one
     from paced.errors import InputError
     from paced.jobs.manifest import ManifestInputs
 
-    inputs = ManifestInputs(student_id="s", dataset="d", snapshot_id="x", weights=WeightScheme(uniform_mix=0.1),
-                            seed=3, epoch=2)
+    inputs = ManifestInputs(student_id="s", dataset="d", snapshot_id="x",
+                            weights=WeightScheme(uniform_mix=0.1), seed=3, epoch=2)
     assert ManifestInputs.from_json(inputs.to_json()) == inputs
     # written before format_version and the guards: student, data set, snapshot, scheme, seed
-    old = {"student_id": "s", "dataset": "d", "snapshot_id": "x", "scheme": "paced", "alpha": 1.0, "beta": 1.0,
-           "prior": [1.0, 1.0], "seed": 3}
-    assert ManifestInputs.from_json(old) == ManifestInputs(student_id="s", dataset="d", snapshot_id="x", seed=3)
+    old = {"student_id": "s", "dataset": "d", "snapshot_id": "x", "scheme": "paced", "alpha": 1.0,
+           "beta": 1.0, "prior": [1.0, 1.0], "seed": 3}
+    assert ManifestInputs.from_json(old) == ManifestInputs(student_id="s", dataset="d", snapshot_id="x",
+                                                           seed=3)
     with pytest.raises(InputError, match="format 2 is newer"):
         ManifestInputs.from_json({**inputs.to_json(), "format_version": 2})
     with pytest.raises(InputError, match="lack snapshot_id"):

@@ -68,7 +68,8 @@ def test_pending_work_splits_missing_samples_into_runs_and_batches_by_problem():
     assert [(i.problem_id, i.first, i.count) for i in items] == [("b", 0, 1), ("c", 0, 2)]
     many = pending_work(problems, {"b": [1]}, 3)
     batches = chunk_batches(many, 2)
-    assert [[(i.problem_id, i.first) for i in b] for b in batches] == [[("a", 0), ("b", 0), ("b", 2)], [("c", 0)]]
+    assert [[(i.problem_id, i.first) for i in b] for b in batches] == [[("a", 0), ("b", 0), ("b", 2)],
+                                                                       [("c", 0)]]
 
 
 def test_rollout_writes_graded_rows_and_sampling_json(tmp_path, student_dir, hf_backend):
@@ -77,7 +78,8 @@ def test_rollout_writes_graded_rows_and_sampling_json(tmp_path, student_dir, hf_
     from paced.backends.base import model_id
 
     assert summary["student_id"] == model_id(student_dir)
-    assert (summary["problems"], summary["rolled_out"], summary["samples"], summary["batches"]) == (12, 12, 24, 3)
+    assert (summary["problems"], summary["rolled_out"], summary["samples"], summary["batches"]) == (12, 12,
+                                                                                                    24, 3)
     assert summary["pass_rates"]["problems"] == 12 and summary["pass_rates"]["rollouts"] == 24
     table = rows_of(home_dir, summary["student_id"])
     assert table.num_rows == 24 and sum(table["tokens"].to_pylist()) == summary["tokens"]
@@ -91,7 +93,8 @@ def test_rollout_writes_graded_rows_and_sampling_json(tmp_path, student_dir, hf_
     assert "n" not in recorded and recorded["max_new_tokens"] == 6
 
 
-def test_raising_k_rolls_out_only_the_missing_samples_and_equals_a_direct_run(tmp_path, student_dir, hf_backend):
+def test_raising_k_rolls_out_only_the_missing_samples_and_equals_a_direct_run(tmp_path, student_dir,
+                                                                              hf_backend):
     a, b = make_home(tmp_path / "a"), make_home(tmp_path / "b")
     rollout(open_home(a), None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
     raised = RolloutConfig(k=4, max_new_tokens=6, batch_size=4, grader_workers=1)
@@ -111,14 +114,17 @@ def test_new_problems_only_roll_out_the_new_ones_and_done_is_a_no_op(tmp_path, s
     home_dir = make_home(tmp_path, n=8)
     home = open_home(home_dir)
     rollout(home, None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
-    before = {p.name: p.read_bytes() for p in batch_files(home.rollouts_dir("s1", CONFIG.sampling_hash, "arith"))}
+    before = {p.name: p.read_bytes()
+              for p in batch_files(home.rollouts_dir("s1", CONFIG.sampling_hash, "arith"))}
     make_home(tmp_path, n=12)  # same generator, 4 more problems
     assert read_problems(home, "arith").num_rows == 12
     more = rollout(home, None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
     assert (more["rolled_out"], more["samples"], more["pass_rates"]["problems"]) == (4, 8, 12)
-    after = {p.name: p.read_bytes() for p in batch_files(home.rollouts_dir("s1", CONFIG.sampling_hash, "arith"))}
+    after = {p.name: p.read_bytes()
+             for p in batch_files(home.rollouts_dir("s1", CONFIG.sampling_hash, "arith"))}
     assert {k: after[k] for k in before} == before  # committed batches never change
-    again = rollout(home, None, "arith", CONFIG, student_id="s1", backend=None, backend_name="no-such-backend",
+    again = rollout(home, None, "arith", CONFIG, student_id="s1", backend=None,
+                    backend_name="no-such-backend",
                     progress=False)  # nothing pending: the backend is never loaded
     assert again["already_done"] and again["samples"] == 0 and again["pass_rates"]["rollouts"] == 24
 
@@ -126,16 +132,19 @@ def test_new_problems_only_roll_out_the_new_ones_and_done_is_a_no_op(tmp_path, s
 def test_subset_and_round_roll_out_fresh_samples_of_only_those_problems(tmp_path, hf_backend):
     home = open_home(make_home(tmp_path))
     ids = read_problems(home, "arith")["id"].to_pylist()[:3]
-    base = rollout(home, None, "arith", CONFIG, student_id="s1", problem_ids=ids, backend=hf_backend, progress=False)
+    base = rollout(home, None, "arith", CONFIG, student_id="s1", problem_ids=ids, backend=hf_backend,
+                   progress=False)
     round1 = RolloutConfig(**{**CONFIG.__dict__, "round": 1})
-    again = rollout(home, None, "arith", round1, student_id="s1", problem_ids=ids, backend=hf_backend, progress=False)
+    again = rollout(home, None, "arith", round1, student_id="s1", problem_ids=ids, backend=hf_backend,
+                    progress=False)
     assert base["problems"] == again["problems"] == again["rolled_out"] == 3
     assert round1.sampling_hash != CONFIG.sampling_hash
     t0, t1 = rows_of(home.root, "s1"), rows_of(home.root, "s1", round1)
     assert set(t0["problem_id"].to_pylist()) == set(t1["problem_id"].to_pylist()) == set(ids)
     assert t0["completion"].to_pylist() != t1["completion"].to_pylist()
     with pytest.raises(Exception, match="not in data set"):
-        rollout(home, None, "arith", CONFIG, student_id="s1", problem_ids=["nope"], backend=hf_backend, progress=False)
+        rollout(home, None, "arith", CONFIG, student_id="s1", problem_ids=["nope"], backend=hf_backend,
+                progress=False)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, student_dir):
@@ -151,7 +160,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, student_dir):
     proc.wait()
     committed = len(batch_files(folder))
     assert 1 <= committed < 12, f"kill landed after {committed} of 12 batches"
-    resumed = subprocess.run(cli(killed, student_dir, "--batch-size", "4"), env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(cli(killed, student_dir, "--batch-size", "4"), env=ENV, capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(resumed.stdout)
     assert summary["rolled_out"] == n - 4 * committed and summary["pass_rates"]["rollouts"] == 2 * n
@@ -168,8 +178,8 @@ def test_rerun_when_done_starts_no_engine_and_says_so(tmp_path, student_dir, hf_
     home_dir = make_home(tmp_path, n=4)
     rollout(open_home(home_dir), None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
     code = ("import sys; from paced.cli import main; rc = main(sys.argv[1:]); "
-            "sys.stderr.write(f'HEAVY={sorted(m for m in (\"torch\", \"vllm\", \"transformers\") if m in sys.modules)}'); "
-            "sys.exit(rc)")
+            "sys.stderr.write(f'HEAVY={sorted(m for m in (\"torch\", \"vllm\", \"transformers\") if m in "
+            "sys.modules)}'); sys.exit(rc)")
     args = cli(home_dir, tmp_path / "no-model-here")[3:]
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code, *args], env=ENV, capture_output=True, text=True)
@@ -205,16 +215,18 @@ def test_vllm_rollout_is_resumable_and_raising_k_equals_a_direct_run(tmp_path, v
 
 def test_rollouts_feed_refresh_passrates_and_a_manifest(tmp_path, hf_backend, capsys):
     home_dir = make_home(tmp_path)
-    summary = rollout(open_home(home_dir), None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
+    summary = rollout(open_home(home_dir), None, "arith", CONFIG, student_id="s1", backend=hf_backend,
+                      progress=False)
     capsys.readouterr()
     assert main(["refresh", "--home", str(home_dir)]) == 0
     refreshed = json.loads(capsys.readouterr().out)
-    assert (refreshed["student_id"], refreshed["sampling_hash"], refreshed["rollouts"]) == ("s1", CONFIG.sampling_hash, 24)
+    assert (refreshed["student_id"], refreshed["sampling_hash"],
+            refreshed["rollouts"]) == ("s1", CONFIG.sampling_hash, 24)
     assert main(["passrates", "show", "--student", "s1", "--json", "--home", str(home_dir)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["snapshot_id"] == refreshed["snapshot_id"]
     assert {k: shown[k] for k in summary["pass_rates"]} == summary["pass_rates"]
     out = tmp_path / "manifest"
-    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--scheme", "uniform", "--no-require-reference",
-                 "--out", str(out), "--home", str(home_dir)]) == 0
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--scheme", "uniform",
+                 "--no-require-reference", "--out", str(out), "--home", str(home_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["items"] == 12

@@ -97,7 +97,8 @@ def test_concurrent_shards_one_killed_and_resumed_equal_the_single_process_rollo
     resumed = subprocess.run(cli(sharded, student_dir, "--batch-size", "2", "--shard", "0/2"), env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads(resumed.stdout)["rolled_out"] == json.loads(resumed.stdout)["problems"] - 2 * killed_batches
+    assert (json.loads(resumed.stdout)["rolled_out"]
+            == json.loads(resumed.stdout)["problems"] - 2 * killed_batches)
     rollout(open_home(whole), None, "arith", CONFIG, student_id="s1", backend=hf_backend, progress=False)
     a, b = rows_of(sharded, "s1"), rows_of(whole, "s1")
     assert a.num_rows == 2 * n and a.equals(b)  # the same samples: none lost, none doubled

@@ -45,7 +45,8 @@ def problems_file(teacher, tmp_path_factory) -> tuple[str, dict]:
     prompts = [f"{a}+{b}=" for a in range(1, 9) for b in (3, 57)]
     ids = [f"p{i:02d}" for i in range(len(prompts))]
     greedy = backend.generate(prompts, CONFIG.sampling(0))
-    sampled = backend.generate(prompts, CONFIG.sampling(1), seeds=[sample_seed(CONFIG.seed, pid, 0) for pid in ids])
+    sampled = backend.generate(prompts, CONFIG.sampling(1),
+                               seeds=[sample_seed(CONFIG.seed, pid, 0) for pid in ids])
     rows, expect = [], {}
     for i, (pid, prompt, [g], [s]) in enumerate(zip(ids, prompts, greedy, sampled, strict=True)):
         if i % 3 == 0 and g.text.strip():
@@ -69,9 +70,11 @@ def home_and_expect(tmp_path, problems_file):
     return open_home(home_dir), expect
 
 
-def test_references_hold_only_verified_correct_responses_at_the_first_successful_try(home_and_expect, teacher):
+def test_references_hold_only_verified_correct_responses_at_the_first_successful_try(home_and_expect,
+                                                                                     teacher):
     home, expect = home_and_expect
-    summary = collect_references(home, None, "t", CONFIG, teacher_id="tiny", backend=teacher[1], progress=False)
+    summary = collect_references(home, None, "t", CONFIG, teacher_id="tiny", backend=teacher[1],
+                                 progress=False)
     solved = {pid: a for pid, a in expect.items() if a is not None}
     unsolved = sorted(pid for pid, a in expect.items() if a is None)
     assert summary["solved"] == len(solved) and summary["unsolved"] == len(unsolved)
@@ -81,7 +84,8 @@ def test_references_hold_only_verified_correct_responses_at_the_first_successful
     assert table.schema == REFERENCE_SCHEMA
     refs = {r["problem_id"]: r for r in table.to_pylist()}
     assert {pid: r["attempt"] for pid, r in refs.items()} == solved
-    answers = {r["id"]: r["answer"] for r in pq.read_table(home.problems_dir("t") / "part-00000.parquet").to_pylist()}
+    answers = {r["id"]: r["answer"]
+               for r in pq.read_table(home.problems_dir("t") / "part-00000.parquet").to_pylist()}
     for pid, r in refs.items():
         assert verify("exact", r["response"], answers[pid]) == "correct"
         assert r["teacher_id"] == "tiny" and r["dataset"] == "t"
@@ -100,7 +104,8 @@ def test_rerun_retries_nothing_and_a_lost_done_marker_retries_only_that_batch(ho
     last_marker = sorted(folder.glob("done-*.json"))[-1]
     lost = json.loads(last_marker.read_text())
     last_marker.unlink()
-    resumed = collect_references(home, None, "t", CONFIG, teacher_id="tiny", backend=teacher[1], progress=False)
+    resumed = collect_references(home, None, "t", CONFIG, teacher_id="tiny", backend=teacher[1],
+                                 progress=False)
     assert resumed["tried"] == len(lost["unsolved"]) and resumed["solved"] == 0
     table = pq.read_table(batch_files(folder))
     ids = table["problem_id"].to_pylist()
@@ -114,7 +119,8 @@ def test_rerun_retries_nothing_and_a_lost_done_marker_retries_only_that_batch(ho
 def test_one_greedy_try_solves_only_the_greedy_problems(home_and_expect, teacher):
     home, expect = home_and_expect
     greedy_only = replace(CONFIG, tries=1)
-    summary = collect_references(home, None, "t", greedy_only, teacher_id="g", backend=teacher[1], progress=False)
+    summary = collect_references(home, None, "t", greedy_only, teacher_id="g", backend=teacher[1],
+                                 progress=False)
     assert summary["solved"] == sum(v == 0 for v in expect.values())
     assert summary["samples"] == len(expect)  # one greedy sample per problem
 
@@ -123,8 +129,8 @@ def test_teacher_cli_through_the_transformers_backend(home_and_expect, teacher, 
     home, expect = home_and_expect
     model_dir = teacher[0]
     args = ["teacher", "--teacher", str(model_dir), "--dataset", "t", "--tries", "3", "-k", "2",
-            "--max-new-tokens", "6", "--batch-size", "5", "--backend", "transformers", "--grader-workers", "1",
-            "--home", str(home.root)]
+            "--max-new-tokens", "6", "--batch-size", "5", "--backend", "transformers", "--grader-workers",
+            "1", "--home", str(home.root)]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     from paced.backends.base import model_id
@@ -141,13 +147,15 @@ def test_sharded_teacher_jobs_together_equal_the_whole_pool_run(home_and_expect,
     home, expect = home_and_expect
     summaries = [collect_references(home, None, "t", CONFIG, teacher_id="sharded", backend=teacher[1],
                                     progress=False, shard=Shard(r, 3)) for r in range(3)]
-    assert sum(s["tried"] for s in summaries) == len(expect) and [s["shard"] for s in summaries] == ["0/3", "1/3", "2/3"]
+    assert sum(s["tried"]
+               for s in summaries) == len(expect) and [s["shard"] for s in summaries] == ["0/3", "1/3", "2/3"]
     collect_references(home, None, "t", CONFIG, teacher_id="whole", backend=teacher[1], progress=False)
-    sharded, whole = (pq.read_table(reference_files(home, "t", t)).sort_by("problem_id") for t in ("sharded", "whole"))
+    sharded, whole = (pq.read_table(reference_files(home, "t", t)).sort_by("problem_id")
+                      for t in ("sharded", "whole"))
     assert sharded.drop(["teacher_id"]).equals(whole.drop(["teacher_id"]))
     folder = home.references_dir("t", "sharded")
     assert set(done_problems(folder)) == set(expect)
     assert all("-s0000" in p.name for p in folder.glob("done-*.json"))
-    again = collect_references(home, None, "t", CONFIG, teacher_id="sharded", backend=None, backend_name="none",
-                               progress=False, shard=Shard(1, 3))
+    again = collect_references(home, None, "t", CONFIG, teacher_id="sharded", backend=None,
+                               backend_name="none", progress=False, shard=Shard(1, 3))
     assert again["already_done"]

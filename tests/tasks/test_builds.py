@@ -102,8 +102,10 @@ def test_a_damaged_shipped_file_is_named_and_nothing_is_installed(tmp_path):
 def test_gate_failures_name_each_missed_bound():
     gate = AccuracyGate(minimum={"1": 0.9, "4": 0.6}, maximum={"2": 0.5})
     accuracy = {"+": {"1": 1.0, "2": 0.7, "4": 0.12, "all": 0.5}}
-    assert compute_gate_failures(gate, accuracy) == ["4-digit addition 12 % < 60 %", "2-digit addition 70 % > 50 %"]
-    assert compute_gate_failures(AccuracyGate(minimum={"3": 0.1}), accuracy) == ["3-digit addition not measured < 10 %"]
+    assert compute_gate_failures(gate, accuracy) == ["4-digit addition 12 % < 60 %",
+                                                     "2-digit addition 70 % > 50 %"]
+    assert compute_gate_failures(AccuracyGate(minimum={"3": 0.1}),
+                                 accuracy) == ["3-digit addition not measured < 10 %"]
     with pytest.raises(PacedError, match="must be in"):
         AccuracyGate(minimum={"1": 1.5})
 
@@ -138,7 +140,8 @@ def test_build_writes_a_loadable_model_and_reuses_the_cache(tmp_path, torch_thre
 
 def test_a_build_that_misses_its_gate_on_every_seed_fails_clearly_and_leaves_nothing(tmp_path, torch_threads):
     impossible = AccuracyGate(minimum={"4": 1.0})  # a 20-step model of 30k parameters does not carry
-    with pytest.raises(GateError, match=r"tiny missed its accuracy gate with every seed tried \(0, 1;") as err:
+    with pytest.raises(GateError,
+                       match=r"tiny missed its accuracy gate with every seed tried \(0, 1;") as err:
         build_model(tiny_recipe(), tmp_path, threads=1, progress=False, gate=impossible, attempts=2)
     assert "4-digit addition" in err.value.message and "without --rebuild" in err.value.message
     assert [a["seed"] for a in err.value.detail["attempts"]] == [0, 1]
@@ -168,12 +171,14 @@ def gate_only(seed: int, accuracy: dict[int, dict]) -> AccuracyGate | None:
 def test_a_gate_missed_by_the_first_seeds_is_retried_with_the_next_and_recorded(tmp_path, torch_threads):
     # Measure what seeds 0, 1, 2 reach, then ask for a bound only a later seed meets.
     accuracy = {
-        seed: build_model(learning_recipe(seed), tmp_path / f"s{seed}", threads=1, progress=False).record["accuracy"]
+        seed: build_model(learning_recipe(seed), tmp_path / f"s{seed}", threads=1,
+                          progress=False).record["accuracy"]
         for seed in range(3)
     }
     kept, gate = next((s, g) for s in (1, 2) if (g := gate_only(s, accuracy)) is not None)
 
-    built = build_model(learning_recipe(), tmp_path / "gated", threads=1, progress=False, gate=gate, attempts=3)
+    built = build_model(learning_recipe(), tmp_path / "gated", threads=1, progress=False, gate=gate,
+                        attempts=3)
     record = read_build_record(built.path)
     assert record["seed"] == kept and record["accuracy"] == accuracy[kept]
     assert [(a["seed"], a["passed"]) for a in record["attempts"]] == [(s, s == kept) for s in range(kept + 1)]
@@ -184,7 +189,8 @@ def test_a_gate_missed_by_the_first_seeds_is_retried_with_the_next_and_recorded(
 
 def test_building_a_student_builds_its_teacher_first(tmp_path, torch_threads):
     teacher = tiny_recipe("tiny-teacher", steps=6)
-    student = build_model(tiny_recipe("tiny-student", 6, init_from=teacher), tmp_path, threads=1, progress=False)
+    student = build_model(tiny_recipe("tiny-student", 6, init_from=teacher), tmp_path, threads=1,
+                          progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-student", "tiny-teacher"]
     teacher_record = read_build_record(tmp_path / "tiny-teacher")
     assert student.record["init_from"] == {"name": "tiny-teacher", "keep_layers": [1],
@@ -215,7 +221,8 @@ def test_cli_installs_the_shipped_quick_models_by_default(tmp_path, capsys):
     assert "--attempts must be >= 1" in capsys.readouterr().err
 
 
-def test_cli_rebuild_trains_then_reuses_and_prints_a_json_summary(tmp_path, capsys, monkeypatch, torch_threads):
+def test_cli_rebuild_trains_then_reuses_and_prints_a_json_summary(tmp_path, capsys, monkeypatch,
+                                                                  torch_threads):
     # The real command on recipes small enough for a test (the registry is a plain dict).
     teacher = tiny_recipe("quick-teacher", steps=8)
     monkeypatch.setitem(pretrain.RECIPES, "quick-teacher", teacher)

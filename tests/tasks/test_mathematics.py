@@ -95,7 +95,8 @@ def test_rows_cover_every_module_and_level_without_repeats():
 
 def test_flags_parse_areas_and_level_names():
     assert parse_modules("arithmetic__mul, numbers__gcd") == ("arithmetic__mul", "numbers__gcd")
-    assert set(parse_modules("probability")) == {"probability__swr_p_level_set", "probability__swr_p_sequence"}
+    assert set(parse_modules("probability")) == {"probability__swr_p_level_set",
+                                                 "probability__swr_p_sequence"}
     assert parse_levels("easy,3,medium") == (1, 3, 2)
     with pytest.raises(InputError, match="unsupported module 'numbers__is_prime'"):
         parse_modules("numbers__is_prime")
@@ -107,7 +108,8 @@ def test_flags_parse_areas_and_level_names():
 
 def test_import_cli_writes_rows_once_and_reports_bad_flags(tmp_path, capsys):
     argv = ["import", "builtin:mathematics", "--modules", "arithmetic__add_or_sub", "--levels", "easy,medium",
-            "--per-level", "3", "--holdout", "2", "--seed", "1", "--dataset", "school", "--home", str(tmp_path)]
+            "--per-level", "3", "--holdout", "2", "--seed", "1", "--dataset", "school", "--home",
+            str(tmp_path)]
     assert main(argv) == 0
     first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(s["dataset"], s["added"], s["grader"]) for s in first] == [("school", 6, "math"),

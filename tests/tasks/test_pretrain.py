@@ -123,4 +123,5 @@ def test_student_starts_from_the_chosen_teacher_layers(torch_threads):
     assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     with pytest.raises(InputError, match="keep_layers"):
-        ModelRecipe("bad", replace(TINY, num_layers=1), PretrainConfig(), init_from=tiny_recipe(), keep_layers=(2,))
+        ModelRecipe("bad", replace(TINY, num_layers=1), PretrainConfig(), init_from=tiny_recipe(),
+                    keep_layers=(2,))

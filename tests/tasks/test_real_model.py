@@ -35,7 +35,8 @@ def test_a_missing_package_names_the_install_command():
 def test_a_missing_gguf_file_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(InputError, match="no such GGUF file"):
         convert_gguf(tmp_path / "nothing.gguf", tmp_path / "models" / "m")
-    assert main(["tasks", "real-model", "--gguf", str(tmp_path / "nothing.gguf"), "--home", str(tmp_path)]) == 1
+    assert main(["tasks", "real-model", "--gguf", str(tmp_path / "nothing.gguf"), "--home",
+                 str(tmp_path)]) == 1
     assert "no such GGUF file" in capsys.readouterr().err
 
 
@@ -75,11 +76,13 @@ def test_conversion_writes_an_hf_folder_and_a_second_call_is_a_no_op(real_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert config.model_type == "llama" and config.vocab_size == 49152 == len(tokenizer)
     assert real_model.record["parameters"] == 134_515_008
-    assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False)
+    assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}],
+                                                           tokenize=False)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
     again = build_real_model(path.parent)
-    assert again.reused and again.path == path and again.record == json.loads((path / "build.json").read_text())
+    assert (again.reused and again.path == path
+            and again.record == json.loads((path / "build.json").read_text()))
     assert time.perf_counter() - start < 30 and (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -114,7 +117,8 @@ def school_home(tmp_path_factory):
 @pytest.mark.slow
 def test_real_model_smoke_transformers_rollouts_refresh_and_passrates(real_model, school_home):
     home = school_home
-    summary = _cli("rollout", "--student", str(real_model.path), "--student-id", "smol-hf", "--dataset", "school",
+    summary = _cli("rollout", "--student", str(real_model.path), "--student-id", "smol-hf", "--dataset",
+                   "school",
                    "-k", "2", "--max-new-tokens", "24", "--chat-template", "--backend", "transformers",
                    "--home", home)
     assert summary["samples"] == 6 and summary["tokens"] > 0
@@ -153,7 +157,8 @@ def test_real_model_group_self_distillation_with_the_chat_template(real_model, s
          "--no-require-reference", "--out", str(tmp_path / "m"), "--home", home)
     summary = _cli("train", "--student", model, "--teacher", model, "--from", str(tmp_path / "m"),
                    "--out", str(tmp_path / "out"), "--loss", "reverse", "--steps", "1", "--batch-size", "3",
-                   "--group-size", "2", "--group-scheme", "uniform", "--max-new-tokens", "8", "--chat-template",
+                   "--group-size", "2", "--group-scheme", "uniform", "--max-new-tokens", "8",
+                   "--chat-template",
                    "--teacher-prompt-template", "{prompt}\n(The correct answer is {answer}.)", "--lr", "1e-5",
                    "--grader-workers", "1", "--no-progress", "--home", home)
     group = summary["group"]
@@ -161,7 +166,8 @@ def test_real_model_group_self_distillation_with_the_chat_template(real_model, s
     assert summary["total_flops"] > 0 and summary["steps"] == 1
     refreshed = _cli("refresh", "--student", "smol-group-step0", "--home", home)
     assert refreshed["rollouts"] == 6
-    report = _cli("evaluate", "--model", str(tmp_path / "out" / "final"), "--dataset", "school", "--chat-template",
+    report = _cli("evaluate", "--model", str(tmp_path / "out" / "final"), "--dataset", "school",
+                  "--chat-template",
                   "--greedy-only", "--max-new-tokens", "8", "--backend", "transformers", "--home", home)
     assert report["model"]["sets"]["school"]["greedy"]["by_difficulty"].keys() == {"1"}
 
@@ -176,12 +182,14 @@ def test_the_real_model_bench_quick_mode_runs_every_arm(real_model, tmp_path):
     models.mkdir(parents=True)
     shutil.copytree(real_model.path, models / MODEL_NAME)  # the bench finds it built: no conversion
     bench = Path(__file__).resolve().parents[2] / "bench" / "real_model.py"
-    done = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], capture_output=True,
+    done = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)],
+                          capture_output=True,
                           text=True, timeout=3600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["arm"] for r in saved["results"]] == ["uniform-group", "hard-filter-group", "paced-group"]
     for r in saved["results"]:
         assert [e["step"] for e in r["curve"]] == [0, 1] and r["summary"]["group"]["samples"] == 4
-        assert r["curve"][1]["total_flops"] > 0 and r["curve"][0] == {**saved["setup"]["step0"], **r["curve"][0]}
+        assert r["curve"][1]["total_flops"] > 0 and r["curve"][0] == {**saved["setup"]["step0"],
+                                                                      **r["curve"][0]}
     assert "| uniform-group |" in done.stdout and "| base model (step 0) |" in done.stdout
