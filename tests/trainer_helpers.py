@@ -20,7 +20,8 @@ TINY = ModelSize(hidden_size=32, num_layers=1, num_heads=1, intermediate_size=64
 
 def build_models(root: Path) -> tuple[Path, Path]:
     """A tiny random student and a tiny random teacher sharing the built-in tokenizer."""
-    return build_random_model(root / "student", TINY, seed=0), build_random_model(root / "teacher", TINY, seed=1)
+    student = build_random_model(root / "student", TINY, seed=0)
+    return student, build_random_model(root / "teacher", TINY, seed=1)
 
 
 def make_rows(n: int, weights=None, completion_every: int = 1) -> list[dict]:

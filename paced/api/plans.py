@@ -57,7 +57,8 @@ class EpochPlan:
     def locate(self, shard: int) -> tuple[EpochFiles, int]:
         """The segment holding the epoch's shard `shard`, and the shard's index in it."""
         if not 0 <= shard < self.shards:
-            raise NotFoundError(f"epoch {self.epoch} of run {self.run_id} has {self.shards} shards; no shard {shard}",
+            raise NotFoundError(f"epoch {self.epoch} of run {self.run_id} has {self.shards} shards; "
+                                f"no shard {shard}",
                                 detail={"field": "shard", "value": shard})
         files = next(f for f in reversed(self.segments) if f.from_shard <= shard)
         return files, shard - files.from_shard
@@ -93,8 +94,8 @@ def load_plan(home: Home, run_id: str, epoch: int, starts: list[int]) -> EpochPl
     segments = tuple(read_epoch(epoch_folder(home, run_id, epoch, k)) for k in range(len(starts)))
     found = [files.from_shard for files in segments]
     if found != list(starts):
-        raise PacedError(f"the segments of epoch {epoch} of {run_id} start at {found} on disk, {starts} in the "
-                         "state database", code="internal")
+        raise PacedError(f"the segments of epoch {epoch} of {run_id} start at {found} on disk, {starts} in "
+                         "the state database", code="internal")
     return EpochPlan(run_id, epoch, segments)
 
 
@@ -116,7 +117,8 @@ def remainder_manifest(table: pa.Table, served: pa.Array, scheme: WeightScheme, 
                           max(0, draws) if mode == "weighted-sample" else None)
 
 
-def measured_by(home: Home, student_id: str, snapshot_id: str, table: pa.Table) -> tuple[tuple[str, ...], str | None]:
+def measured_by(home: Home, student_id: str, snapshot_id: str,
+                table: pa.Table) -> tuple[tuple[str, ...], str | None]:
     """The checkpoints whose rollouts measured `table` (its distinct `student_id`s), and the
     lineage's newest checkpoint if a lineage refresh wrote the snapshot (its side file)."""
     record = read_snapshot_record(home, student_id, snapshot_id)
@@ -139,10 +141,11 @@ def build_segment(home: Home, config, plan: EpochPlan, replan: Replan) -> Segmen
     manifest = remainder_manifest(table, plan.problem_ids(replan.from_shard), config.weights, config.seed,
                                   replan.epoch, replan.segment, config.mode, draws)
     student_ids, checkpoint_id = measured_by(home, config.student_id, sid, table)
-    files = write_epoch(home, replan.run_id, manifest, sid, config.dataset, config.shard_size, config.teacher_id,
-                        segment=replan.segment, from_shard=replan.from_shard,
+    files = write_epoch(home, replan.run_id, manifest, sid, config.dataset, config.shard_size,
+                        config.teacher_id, segment=replan.segment, from_shard=replan.from_shard,
                         extra={"student_ids": list(student_ids), "checkpoint_id": checkpoint_id})
-    return SegmentRecord(replan, files.items, files.shards, files.effective_sample_size, student_ids, checkpoint_id)
+    ess = files.effective_sample_size
+    return SegmentRecord(replan, files.items, files.shards, ess, student_ids, checkpoint_id)
 
 
 def remove_segment(home: Home, replan: Replan) -> None:

@@ -100,7 +100,8 @@ class RolloutSink:
             folder = self.home.rollouts_dir(student, config.sampling_hash, dataset)
             with folder_lock(folder, "trainer's sample commit"):
                 have = {(pid, i) for pid, idx in committed_samples(batch_files(folder)).items() for i in idx}
-                new = [r for r in records if r.dataset == dataset and (r.problem_id, r.sample_idx) not in have]
+                new = [r for r in records
+                       if r.dataset == dataset and (r.problem_id, r.sample_idx) not in have]
                 if new:
                     write_sampling_config(folder, config.record())
                     write_rollout_batch(folder, records_table(new, student, config.sampling_hash))
@@ -116,7 +117,8 @@ def lineage_of(source: str, token: str | None = None) -> str:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = httpx.get(source, headers=headers, timeout=30.0)
         if response.status_code != 200:
-            raise InputError(f"--group-size: cannot read run {source} ({response.status_code}): {response.text[:200]}")
+            raise InputError(f"--group-size: cannot read run {source} ({response.status_code}): "
+                             f"{response.text[:200]}")
         return response.json()["config"]["student_id"]
     from pathlib import Path
 
@@ -136,5 +138,6 @@ def grading_and_sink(config, home: str | None) -> tuple[HomeGrading, RolloutSink
     store = open_home(home, create=False)
     grading = HomeGrading(store, config.grader_workers, config.grading_timeout_seconds)
     token = config.token or os.environ.get("PACED_TOKEN")
-    sink = RolloutSink(store, lineage_of(config.source, token)) if int(os.environ.get("RANK", "0")) == 0 else None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    sink = RolloutSink(store, lineage_of(config.source, token)) if rank0 else None
     return grading, sink

@@ -96,7 +96,8 @@ def _fresh_rows(home: Home, files: list[Path], checkpoint_id: str, sampling_hash
         return SNAPSHOT_SCHEMA.empty_table(), 0
     params = {"files": [str(f) for f in files], "student_id": checkpoint_id, "sampling_hash": sampling_hash,
               "snapshot_id": snapshot_id}
-    table = fill_evidence(query_arrow(connect(), statement("passrates.aggregate"), params).cast(COUNTS_SCHEMA))
+    rows = query_arrow(connect(), statement("passrates.aggregate"), params)
+    table = fill_evidence(rows.cast(COUNTS_SCHEMA))
     wanted = pa.array(problem_ids, pa.string())
     table = table.filter(pc.is_in(table["problem_id"], value_set=wanted))
     missing = set(problem_ids) - set(table["problem_id"].to_pylist())
@@ -136,7 +137,8 @@ def _own_fingerprint(home: Home, lineage_id: str) -> str | None:
 def stale_stats(table: pa.Table) -> dict:
     ages = np.asarray(table["stale_age"].to_pylist(), dtype=np.int64)
     values, counts = np.unique(ages, return_counts=True)
-    return {"max": int(ages.max()) if len(ages) else 0, "mean": round(float(ages.mean()), 6) if len(ages) else 0.0,
+    return {"max": int(ages.max()) if len(ages) else 0,
+            "mean": round(float(ages.mean()), 6) if len(ages) else 0.0,
             "rows_by_age": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}}
 
 
@@ -149,8 +151,9 @@ def carried_stats(table: pa.Table) -> dict:
             "evidence_samples": round(float(pc.sum(table["evidence_n"]).as_py() or 0.0), 6)}
 
 
-def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str, dataset: str, sampling_hash: str,
-                    previous_snapshot_id: str | None, *, problem_ids=None, previous_student_id: str | None = None,
+def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str, dataset: str,
+                    sampling_hash: str, previous_snapshot_id: str | None, *, problem_ids=None,
+                    previous_student_id: str | None = None,
                     step: int | None = None, sampling: dict | None = None, decay: float | None = None) -> str:
     """Write (or find) the snapshot of lineage L measured on `checkpoint_id`; its snapshot id.
 
@@ -166,12 +169,13 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
     previous_student_id = previous_student_id or lineage_id
     files = batch_files(home.rollouts_dir(checkpoint_id, sampling_hash, dataset))
     if problem_ids is None:
-        problem_ids = sorted(set(pq.read_table(files, columns=["problem_id"])["problem_id"].to_pylist())) if files else []
+        problem_ids = pq.read_table(files, columns=["problem_id"])["problem_id"].to_pylist() if files else []
     problem_ids = sorted(set(problem_ids))
     if decay is not None:
         CarryOver(decay=decay)  # validates λ
     key = hashlib.sha256(json.dumps({
-        "lineage_id": lineage_id, "checkpoint_id": checkpoint_id, "dataset": dataset, "sampling_hash": sampling_hash,
+        "lineage_id": lineage_id, "checkpoint_id": checkpoint_id, "dataset": dataset,
+        "sampling_hash": sampling_hash,
         "previous": [previous_student_id, previous_snapshot_id], "problem_ids": problem_ids,
         "inputs": keyed_inputs(home, files),
         **({"decay": decay} if decay is not None else {}),
@@ -179,7 +183,9 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
     found, snapshot_id, done = resolve_snapshot(home, lineage_id, key)
     if done:
         return found
-    previous = read_snapshot(home, previous_student_id, previous_snapshot_id) if previous_snapshot_id else None
+    previous = None
+    if previous_snapshot_id:
+        previous = read_snapshot(home, previous_student_id, previous_snapshot_id)
     fresh, tokens = _fresh_rows(home, files, checkpoint_id, sampling_hash, dataset, problem_ids, snapshot_id)
     table = _merge(previous, fresh, dataset, snapshot_id, decay)
     if not found:
@@ -203,7 +209,7 @@ def _write_side(home: Home, lineage_id: str, snapshot_id: str, table: pa.Table, 
         previous = read_snapshot_record(home, record["previous_student_id"], record["previous_snapshot_id"])
         history = (previous.history or []) if previous else []
     write_snapshot_record(home, SnapshotRecord(
-        snapshot_id=snapshot_id, student_id=lineage_id, sampling_hash=record["sampling_hash"], sampling=sampling,
-        fingerprint=_own_fingerprint(home, lineage_id), problems=table.num_rows,
+        snapshot_id=snapshot_id, student_id=lineage_id, sampling_hash=record["sampling_hash"],
+        sampling=sampling, fingerprint=_own_fingerprint(home, lineage_id), problems=table.num_rows,
         datasets=sorted(set(table["dataset"].to_pylist())), lineage=record,
         history=[*history, {k: v for k, v in record.items() if k != "key"}]))

@@ -99,7 +99,8 @@ def _aggregate(home: Home, student_id: str, chosen: str, inputs: list[dict], sna
     return aggregate_passrates(con or connect(), params)
 
 
-def _repair(home: Home, student_id: str, side: SnapshotRecord, chosen: str, inputs: list[dict], con=None) -> bool:
+def _repair(home: Home, student_id: str, side: SnapshotRecord, chosen: str, inputs: list[dict],
+            con=None) -> bool:
     """Rebuild the newest snapshot from its own inputs if its Parquet file is damaged; False if
     it reads. A lineage snapshot (rows carried from earlier checkpoints) cannot be rebuilt here."""
     sid = side.snapshot_id
@@ -108,8 +109,8 @@ def _repair(home: Home, student_id: str, side: SnapshotRecord, chosen: str, inpu
     if reason is None:
         return False
     if side.lineage is not None:
-        raise damaged(path, reason, "it was written by a training refresh and cannot be rebuilt from rollouts "
-                      "alone: move it aside and rerun that refresh")
+        raise damaged(path, reason, "it was written by a training refresh and cannot be rebuilt from "
+                                    "rollouts alone: move it aside and rerun that refresh")
     print(f"paced refresh: {path} {reason}; rebuilding it from its rollouts", file=sys.stderr)
     write_snapshot(home, student_id, _aggregate(home, student_id, chosen, inputs, sid, con), sid, repair=True)
     return True
@@ -153,8 +154,8 @@ def _refresh_locked(home: Home, student_id: str, sampling_hash: str | None, con=
     table = _aggregate(home, student_id, chosen, inputs, snapshot_id, con)
     sampling = read_sampling_config(home.rollouts_dir(student_id, chosen, sets[0].dataset))
     write_snapshot_record(home, SnapshotRecord(
-        snapshot_id=snapshot_id, student_id=student_id, sampling_hash=chosen, sampling=sampling, fingerprint=key,
-        inputs=inputs, problems=table.num_rows, datasets=sorted({s.dataset for s in sets})))
+        snapshot_id=snapshot_id, student_id=student_id, sampling_hash=chosen, sampling=sampling,
+        fingerprint=key, inputs=inputs, problems=table.num_rows, datasets=sorted({s.dataset for s in sets})))
     write_snapshot(home, student_id, table, snapshot_id)
     return {**base, "snapshot_id": snapshot_id, "written": True, "problems": table.num_rows,
             "rollouts": sum(table["n"].to_pylist()), "batch_files": len(inputs)}
@@ -181,7 +182,8 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--student", default=None, help="refresh only this student (default: every student)")
     parser.add_argument("--sampling-hash", default=None,
-                        help="use the rollouts of this sampling config (default: the one with the most rollouts)")
+                        help="use the rollouts of this sampling config (default: the one with the most "
+                             "rollouts)")
     add_home_argument(parser)
 
 
@@ -192,5 +194,6 @@ def run(args) -> int:
     for result in results:
         print(json.dumps({**result, "seconds": round(time.perf_counter() - start, 3)}), file=sys.stdout)
     if not results:
-        print(f"paced refresh: no rollouts under {Path(home.root) / 'rollouts'}; nothing to do", file=sys.stderr)
+        print(f"paced refresh: no rollouts under {Path(home.root) / 'rollouts'}; nothing to do",
+              file=sys.stderr)
     return 0

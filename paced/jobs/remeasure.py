@@ -63,7 +63,8 @@ def _shared(default: Any) -> Any:
 
 def own_fields(config) -> dict:
     """The fields with flags of their own: what trainer_state.json records for --resume checks."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata.get("shared")}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if not f.metadata.get("shared")}
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,17 @@ class RemeasureConfig:
     """What a re-measurement is told: where the data home is, how to roll out, how to weigh."""
 
     home: str | None = _flag("data home for refreshes and evals (default: $PACED_HOME)", None)
-    reprobe_fraction: float = _flag("--refresh-every: share of the p=0/p=1 problems re-rolled each refresh, in "
-                                    "rotation (every 0<p<1 one always is; 1.0: a full refresh); with "
-                                    "--carry-over-decay: the base rate r of re-probing a settled problem of age a "
-                                    "with probability 1-(1-r)^(a+1)", 0.1)
-    carry_over_decay: float | None = _flag("--refresh-every: carry each problem's evidence across refreshes as "
-                                           "discounted counts, old x λ + fresh, for this λ in [0, 1] (default: off, "
-                                           "fresh counts replace the old)", None)
+    reprobe_fraction: float = _flag("--refresh-every: share of the p=0/p=1 problems re-rolled each refresh, "
+                                    "in rotation (every 0<p<1 one always is; 1.0: a full refresh); with "
+                                    "--carry-over-decay: the base rate r of re-probing a settled problem of "
+                                    "age a with probability 1-(1-r)^(a+1)", 0.1)
+    carry_over_decay: float | None = _flag("--refresh-every: carry each problem's evidence across refreshes "
+                                           "as discounted counts, old x λ + fresh, for this λ in [0, 1] "
+                                           "(default: off, fresh counts replace the old)", None)
     fresh_samples: int | None = _flag("--carry-over-decay: fresh samples per re-probed problem (default 4; "
                                       "--rollout-k stays the samples of a full refresh between stages)", None)
-    refresh_backend: str = _flag("refresh rollouts: transformers on the in-memory student, or vllm on the saved "
-                                 "checkpoint in a subprocess (auto: vllm on a GPU when installed, else "
+    refresh_backend: str = _flag("refresh rollouts: transformers on the in-memory student, or vllm on the "
+                                 "saved checkpoint in a subprocess (auto: vllm on a GPU when installed, else "
                                  "transformers)", "auto")
     rollout_k: int = _flag("refresh rollouts: samples per problem", 8)
     rollout_temperature: float | None = _flag("refresh rollouts: temperature (default: the base snapshot's "
@@ -90,10 +91,10 @@ class RemeasureConfig:
                                                "snapshot's sampling, else --max-new-tokens)", None)
     rollout_batch_size: int = _flag("refresh rollouts: problems per committed batch", 256)
     tensor_parallel_size: int | None = _flag("vLLM refresh: GPUs per engine (default 1)", None)
-    gpu_memory_utilization: float | None = _flag("vLLM refresh: share of GPU memory the engine may take, in (0, 1] "
-                                                 "(default: 0.9 × what the trainer leaves free)", None)
-    dtype: str | None = _flag("vLLM refresh: auto, float32, float16 or bfloat16 (default: float32 on the CPU, "
-                              "auto on a GPU)", None)
+    gpu_memory_utilization: float | None = _flag("vLLM refresh: share of GPU memory the engine may take, in "
+                                                 "(0, 1] (default: 0.9 × what the trainer leaves free)", None)
+    dtype: str | None = _flag("vLLM refresh: auto, float32, float16 or bfloat16 (default: float32 on the "
+                              "CPU, auto on a GPU)", None)
     max_model_len: int | None = _flag("vLLM refresh: engine context length (default: the model's)", None)
     enforce_eager: bool | None = _flag("vLLM refresh: no CUDA graphs", None)
     weights: dict = field(default_factory=dict, metadata={
@@ -114,7 +115,8 @@ class RemeasureConfig:
         if not 0 <= self.reprobe_fraction <= 1:
             raise InputError(f"`reprobe_fraction` must be in [0, 1], got {self.reprobe_fraction}")
         if self.fresh_samples is not None and self.carry_over_decay is None:
-            raise InputError("--fresh-samples needs --carry-over-decay (without it a refresh rolls out --rollout-k)")
+            raise InputError("--fresh-samples needs --carry-over-decay (without it a refresh rolls out "
+                             "--rollout-k)")
         if self.carry_over_decay is not None and not 0 <= self.carry_over_decay <= 1:
             raise InputError(f"`carry_over_decay` must be in [0, 1], got {self.carry_over_decay}")
         if self.fresh_samples is not None and self.fresh_samples < 1:
@@ -138,8 +140,8 @@ class RemeasureConfig:
         """The carry-over settings of --refresh-every refreshes (None: off)."""
         if self.carry_over_decay is None:
             return None
-        return CarryOver(decay=self.carry_over_decay, fresh=4 if self.fresh_samples is None else self.fresh_samples,
-                         reprobe_rate=self.reprobe_fraction)
+        fresh = 4 if self.fresh_samples is None else self.fresh_samples
+        return CarryOver(decay=self.carry_over_decay, fresh=fresh, reprobe_rate=self.reprobe_fraction)
 
     def engine(self) -> EngineOptions:
         """The vLLM engine options of the refresh rollouts (validated)."""
@@ -163,12 +165,13 @@ def read_manifest_inputs(folder: str | Path) -> tuple[ManifestInputs, dict]:
     path = Path(folder) / "manifest.json"
     built = read_json(path) if path.is_file() else {}
     if "inputs" not in built:
-        raise InputError(f"{path} is missing or has no inputs: refreshes and --scheme/--weight-floor/... need a "
-                         "manifest folder from `paced manifest build`")
+        raise InputError(f"{path} is missing or has no inputs: refreshes and --scheme/--weight-floor/... "
+                         "need a manifest folder from `paced manifest build`")
     return ManifestInputs.from_json(built["inputs"], str(path)), built
 
 
-def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path, *, snapshot_id: str | None = None,
+def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path, *,
+                     snapshot_id: str | None = None,
                      epoch: int | None = None, weights: WeightScheme | None = None) -> str:
     """The manifest of `folder` rebuilt from a snapshot of `student_id` (default: its newest),
     with epoch `epoch` (default: the folder's) and `weights` (default: the folder's), written
@@ -177,17 +180,19 @@ def rebuild_manifest(home: Home, folder: str | Path, student_id: str, out: Path,
     from paced.store.snapshots import measured_chat_template
 
     built, written = read_manifest_inputs(folder)
-    asked = dataclasses.replace(built, student_id=student_id, snapshot_id=snapshot_id, weights=weights or built.weights,
-                                epoch=built.epoch if epoch is None else epoch)
+    epoch = built.epoch if epoch is None else epoch
+    asked = dataclasses.replace(built, student_id=student_id, snapshot_id=snapshot_id,
+                                weights=weights or built.weights, epoch=epoch)
     manifest, inputs = snapshot_manifest(home, asked)
     if manifest.num_items == 0:
-        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {inputs.snapshot_id}) leave no problem "
-                         f"with a weight > 0 under scheme {inputs.weights.name!r}; add a guard (--weight-floor, "
-                         "--uniform-mix) or use --scheme paced-posterior")
+        raise InputError(f"the refreshed pass rates of {student_id} (snapshot {inputs.snapshot_id}) leave no "
+                         f"problem with a weight > 0 under scheme {inputs.weights.name!r}; add a guard "
+                         "(--weight-floor, --uniform-mix) or use --scheme paced-posterior")
     if out.exists():  # left by an interrupted earlier attempt at this refresh
         shutil.rmtree(out)
     form = ShardForm(bool(written.get("require_reference")), written.get("form", "text"),
-                     measured_chat_template(home, student_id, inputs.snapshot_id))  # as the folder was written
+                     # as the folder was written
+                     measured_chat_template(home, student_id, inputs.snapshot_id))
     write_manifest_dir(home, manifest, inputs, out, int(written["shard_size"]), form)
     return str(out)
 
@@ -196,8 +201,8 @@ def service_for(url: str, http: dict):
     """A `paced.client.ServiceClient` for the service `url` (a run URL) belongs to."""
     from paced.client import ServiceClient, run_base
 
-    return ServiceClient(run_base(url)[0], token=http.get("token"), timeout_seconds=http.get("timeout_seconds", 30.0),
-                         retries=http.get("retries", 5))
+    return ServiceClient(run_base(url)[0], token=http.get("token"),
+                         timeout_seconds=http.get("timeout_seconds", 30.0), retries=http.get("retries", 5))
 
 
 def get_run(run_url: str, http: dict) -> dict:
@@ -282,7 +287,8 @@ class RemeasureJob:
             view = get_run(source, self.config.http())
             if not view["config"].get("follow_snapshots"):
                 raise InputError(f"--refresh-every over the service: run {source} must follow snapshots "
-                                 "(create it with follow_snapshots: true) to take up the refreshed pass rates")
+                                 "(create it with follow_snapshots: true) to take up the refreshed "
+                                 "pass rates")
 
     def starting_source(self, source: str, out: Path) -> str:
         """Files with --scheme/--weight-floor/...: OUT/manifest-step0, the `source` manifest
@@ -313,23 +319,26 @@ class RemeasureJob:
         rollout = rollout_config(config, home, cursor, round_)
         if carry is not None:
             rollout = dataclasses.replace(rollout, k=carry.fresh)
-        rolled = roll(config, runtime, home, checkpoint_dir, checkpoint_id, cursor.dataset, rollout, ids, student,
-                      tokenizer)
+        rolled = roll(config, runtime, home, checkpoint_dir, checkpoint_id, cursor.dataset, rollout, ids,
+                      student, tokenizer)
         lineage = checkpoint_id if kind == STAGE else cursor.student_id
         snapshot_id = refresh_lineage(home, lineage, checkpoint_id, cursor.dataset, rollout.sampling_hash,
-                                      cursor.snapshot_id, problem_ids=ids, previous_student_id=cursor.student_id,
-                                      step=step, sampling=rollout.record(), decay=carry.decay if carry else None)
+                                      cursor.snapshot_id, problem_ids=ids,
+                                      previous_student_id=cursor.student_id, step=step,
+                                      sampling=rollout.record(), decay=carry.decay if carry else None)
         entry = read_lineage(home, lineage, snapshot_id)
         record = {"kind": kind, "step": step, "round": round_, "checkpoint": checkpoint_dir.name,
                   "checkpoint_id": checkpoint_id, "student_id": lineage, "snapshot_id": snapshot_id,
                   "previous_snapshot_id": cursor.snapshot_id, "dataset": cursor.dataset,
-                  "sampling_hash": rollout.sampling_hash, "rerolled": entry["rerolled"], "carried": entry["carried"],
-                  "stale_age_max": entry["stale_age"]["max"], "stale_age_mean": entry["stale_age"]["mean"],
+                  "sampling_hash": rollout.sampling_hash, "rerolled": entry["rerolled"],
+                  "carried": entry["carried"], "stale_age_max": entry["stale_age"]["max"],
+                  "stale_age_mean": entry["stale_age"]["mean"],
                   "rollout_samples": entry["samples"], "rollout_tokens": entry["tokens"],
                   "rollout_seconds": rolled["seconds"], "backend": rolled["backend"]}
         if carry is not None:
             record |= {"carry_over_decay": carry.decay, "carried_share_mean": entry["carried_share"]["mean"]}
-        record["frontier"] = snapshot_frontier(read_snapshot(home, lineage, snapshot_id, dataset=cursor.dataset))
+        fresh = read_snapshot(home, lineage, snapshot_id, dataset=cursor.dataset)
+        record["frontier"] = snapshot_frontier(fresh)
         if kind == STAGE:
             record["after_stage"] = stage
         record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, stage)
@@ -352,34 +361,42 @@ class RemeasureJob:
         cursor = current_cursor(self.config, source, previous)
         sets = [sample_set(self.sample_lineage, s, sampling) for s, sampling in samples]
         sampling = sample_config(samples[-1][1]).record() if samples else None
-        snapshot_id = refresh_lineage_from_samples(home, cursor.student_id, cursor.dataset, sets, cursor.snapshot_id,
-                                                   step=step, sampling=sampling)
+        snapshot_id = refresh_lineage_from_samples(home, cursor.student_id, cursor.dataset, sets,
+                                                   cursor.snapshot_id, step=step, sampling=sampling)
         entry = read_lineage(home, cursor.student_id, snapshot_id) if snapshot_id else None
         record = {"kind": "samples", "step": step, "round": round_, "checkpoint": checkpoint_dir.name,
                   "checkpoint_id": entry["checkpoint_id"] if entry else None, "student_id": cursor.student_id,
-                  "snapshot_id": snapshot_id or cursor.snapshot_id, "previous_snapshot_id": cursor.snapshot_id,
+                  "snapshot_id": snapshot_id or cursor.snapshot_id,
+                  "previous_snapshot_id": cursor.snapshot_id,
                   "dataset": cursor.dataset, "sampling_hash": entry["sampling_hash"] if entry else None,
                   "sample_steps": [samples[0][0], samples[-1][0]] if samples else [],
                   "rerolled": entry["rerolled"] if entry else 0, "carried": entry["carried"] if entry else 0,
                   "stale_age_max": entry["stale_age"]["max"] if entry else None,
                   "stale_age_mean": entry["stale_age"]["mean"] if entry else None,
-                  "samples": entry["samples"] if entry else 0, "sample_tokens": entry["tokens"] if entry else 0,
+                  "samples": entry["samples"] if entry else 0,
+                  "sample_tokens": entry["tokens"] if entry else 0,
                   "rollout_samples": 0, "rollout_tokens": 0, "rollout_seconds": 0.0, "backend": None}
-        record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, 0) if entry else source
+        record["source"] = source
+        if entry:
+            record["source"] = self.next_source(home, checkpoint_dir.parent, source, record, 0)
         return record
 
     def next_source(self, home: Home, out: Path, source: str, record: dict, stage: int) -> str:
         """Step 4: the data source after the re-measurement."""
         kind = record["kind"]
         if is_http(source):
-            return create_run_like(source, record["student_id"], **self.config.http()) if kind == STAGE else source
+            if kind != STAGE:
+                return source
+            return create_run_like(source, record["student_id"], **self.config.http())
         name = f"manifest-stage{stage + 1}" if kind == STAGE else f"manifest-step{record['step']}"
         inputs, _ = read_manifest_inputs(source)
-        return rebuild_manifest(home, source, record["student_id"], out / name, snapshot_id=record["snapshot_id"],
+        return rebuild_manifest(home, source, record["student_id"], out / name,
+                                snapshot_id=record["snapshot_id"],
                                 epoch=inputs.epoch + 1, weights=self.config.weighed(inputs.weights))
 
 
-def choose_problems(current, config: RemeasureConfig, carry: CarryOver | None, kind: str, round_: int) -> list[str]:
+def choose_problems(current, config: RemeasureConfig, carry: CarryOver | None, kind: str,
+                    round_: int) -> list[str]:
     """Step 1: the problems to roll out. Between stages all of them; every N steps every
     0 < p < 1 and, of p in {0, 1}, a rotating share (`select_reprobe`) or, with carry-over, each
     with a probability growing with its stale age (`select_fresh`, on the carried evidence)."""
@@ -406,7 +423,8 @@ def rollout_config(config: RemeasureConfig, home: Home, cursor: Cursor, round_: 
     if temperature is None:
         temperature = s.get("temperature", config.sample_temperature)
     return RolloutConfig(
-        k=config.rollout_k, round=round_, batch_size=config.rollout_batch_size, seed=s.get("base_seed", config.seed),
+        k=config.rollout_k, round=round_, batch_size=config.rollout_batch_size,
+        seed=s.get("base_seed", config.seed),
         temperature=temperature, max_new_tokens=config.rollout_max_new_tokens or s.get("max_new_tokens",
                                                                                       config.max_new_tokens),
         top_p=s.get("top_p", config.sample_top_p), stop=tuple(s.get("stop") or ()),
@@ -418,18 +436,20 @@ def backend_name(config: RemeasureConfig, device: str) -> str:
         return config.refresh_backend
     import importlib.util
 
-    return "vllm" if device.startswith("cuda") and importlib.util.find_spec("vllm") is not None else "transformers"
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    return "vllm" if device.startswith("cuda") and has_vllm else "transformers"
 
 
-def roll(config: RemeasureConfig, runtime, home: Home, checkpoint: Path, checkpoint_id: str, dataset: str, rollout_cfg,
-         ids: list[str], student, tokenizer) -> dict:
+def roll(config: RemeasureConfig, runtime, home: Home, checkpoint: Path, checkpoint_id: str, dataset: str,
+         rollout_cfg, ids: list[str], student, tokenizer) -> dict:
     """Step 2: roll `checkpoint` out on `ids` (what is committed already is skipped)."""
     from paced.jobs.rollout import rollout
 
     name = backend_name(config, runtime.device)
     engine = config.engine().backend_kwargs(name)
     if name == "vllm":
-        return {**vllm_rollout(home, checkpoint, checkpoint_id, dataset, rollout_cfg, ids, config.progress, engine),
+        return {**vllm_rollout(home, checkpoint, checkpoint_id, dataset, rollout_cfg, ids,
+                               config.progress, engine),
                 "backend": name}
     from paced.backends.hf_backend import HFBackend
 
@@ -454,7 +474,8 @@ def vllm_rollout(home: Home, checkpoint: Path, checkpoint_id: str, dataset: str,
     proc = subprocess.run([sys.executable, "-m", "paced.jobs.remeasure"], input=json.dumps(request),
                           stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
-        raise PacedError(f"the vLLM rollout of {checkpoint} failed (exit {proc.returncode}); see its log above",
+        raise PacedError(f"the vLLM rollout of {checkpoint} failed (exit {proc.returncode}); "
+                         "see its log above",
                          code="refresh_failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -540,8 +561,8 @@ class HeldOutEval:
         problems = problems.slice(0, config.eval_limit) if config.eval_limit else problems
         sets = {config.eval_dataset: (problems, dataset_info(home, config.eval_dataset)["grader"])}
         backend = HFBackend.from_model(student, tokenizer, batch_size=256)
-        eval_config = EvalConfig(k=1, max_new_tokens=config.eval_max_new_tokens, seed=config.seed, sampled=False,
-                                 chat_template=config.chat_template)
+        eval_config = EvalConfig(k=1, max_new_tokens=config.eval_max_new_tokens, seed=config.seed,
+                                 sampled=False, chat_template=config.chat_template)
         with runtime.autocast():
             greedy = evaluate_backend(backend, sets, eval_config)[config.eval_dataset]["greedy"]
         return {"step": step, "accuracy": greedy["accuracy"], "by_difficulty": greedy["by_difficulty"],

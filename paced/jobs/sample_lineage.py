@@ -40,7 +40,8 @@ from paced.store.rollouts import batch_files
 from paced.store.snapshots import read_snapshot, write_snapshot
 
 
-def newest_groups(home: Home, dataset: str, sample_sets: list[tuple[str, str]]) -> list[tuple[str, str, list, list]]:
+def newest_groups(home: Home, dataset: str,
+                  sample_sets: list[tuple[str, str]]) -> list[tuple[str, str, list, list]]:
     """(student, sampling hash, files, problems whose newest samples these are) per sample set
     (oldest first) that has any; a set without committed samples (an off-policy step) is left out."""
     newest: dict[str, int] = {}
@@ -54,7 +55,8 @@ def newest_groups(home: Home, dataset: str, sample_sets: list[tuple[str, str]]) 
             for i, (student, h, files) in enumerate(found) if i in set(newest.values())]
 
 
-def refresh_lineage_from_samples(home: Home, lineage_id: str, dataset: str, sample_sets: list[tuple[str, str]],
+def refresh_lineage_from_samples(home: Home, lineage_id: str, dataset: str,
+                                 sample_sets: list[tuple[str, str]],
                                  previous_snapshot_id: str | None, *, previous_student_id: str | None = None,
                                  step: int | None = None, sampling: dict | None = None) -> str | None:
     """Write (or find) L's snapshot from the samples of `sample_sets` ([(student, sampling hash)],
@@ -74,7 +76,9 @@ def refresh_lineage_from_samples(home: Home, lineage_id: str, dataset: str, samp
     found, snapshot_id, done = resolve_snapshot(home, lineage_id, key)
     if done:
         return found
-    previous = read_snapshot(home, previous_student_id, previous_snapshot_id) if previous_snapshot_id else None
+    previous = None
+    if previous_snapshot_id:
+        previous = read_snapshot(home, previous_student_id, previous_snapshot_id)
     parts = [_fresh_rows(home, files, s, h, dataset, ids, snapshot_id) for s, h, files, ids in groups]
     fresh = pa.concat_tables([table for table, _ in parts])
     table = _merge(previous, fresh, dataset, snapshot_id)

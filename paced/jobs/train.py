@@ -25,8 +25,9 @@ write the next snapshot of the student's lineage (the manifest's or run's studen
 rows from this checkpoint, the rest carried with their stale age) and go on with its weights:
 files → OUT/manifest-stepN (--scheme/--alpha/--beta/--prior/--weight-floor/--uniform-mix
 override the manifest's weights here and from step 0); service → the run, created with
-follow_snapshots: true, re-plans the rest of its epoch from the new snapshot at the next shard it hands out. --refresh-between-stages:
-the same with all problems after each stage but the last; the next stage trains on a new
+follow_snapshots: true, re-plans the rest of its epoch from the new snapshot at the next shard
+it hands out. --refresh-between-stages: the same with all problems after each stage but the
+last; the next stage trains on a new
 lineage named by the checkpoint (OUT/manifest-stageK, or a new run like the old one). Rollouts
 use the base snapshot's sampling (--rollout-k, --rollout-temperature, --rollout-max-new-tokens
 override it) on --refresh-backend. A kill during a refresh resumes into it (--resume).
@@ -125,7 +126,8 @@ def add_arguments(parser) -> None:
     for cls in CONFIGS:
         for f in dataclasses.fields(cls):
             if f.metadata.get("scheme"):
-                add_scheme_arguments(parser, defaults=False, note="files only; default: the --from manifest's")
+                add_scheme_arguments(parser, defaults=False,
+                                     note="files only; default: the --from manifest's")
             elif f.name not in seen:
                 _add_field(parser, f)
             seen.add(f.name)
@@ -160,16 +162,17 @@ def resolve_model_arg(name: str) -> str:
 def jobs_from_args(args) -> tuple[TrainConfig, RemeasureJob, HeldOutEval]:
     """The trainer's config and the two measuring jobs it is handed."""
     config = config_from_args(TrainConfig, args)
-    remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)), "weights": scheme_settings(args),
+    remeasure = RemeasureConfig(**{**vars(config_from_args(RemeasureConfig, args)),
+                                   "weights": scheme_settings(args),
                                    **{k: getattr(config, k) for k in _shared_names(RemeasureConfig)}})
     if config.is_http and remeasure.weights:
         flags = "/--".join(k.replace("_", "-") for k in remeasure.weights)
-        raise InputError(f"--{flags}: over the service the weights belong to the run; set them in POST /v1/runs "
-                         "(scheme, alpha, beta, prior, weight_floor, uniform_mix)")
+        raise InputError(f"--{flags}: over the service the weights belong to the run; set them in POST "
+                         "/v1/runs (scheme, alpha, beta, prior, weight_floor, uniform_mix)")
     if remeasure.carry_over_decay is not None and not config.refresh_every:
         raise InputError("--carry-over-decay applies to --refresh-every refreshes; add --refresh-every N")
-    held_out = dataclasses.replace(config_from_args(HeldOutConfig, args), home=remeasure.home, seed=config.seed,
-                                   chat_template=config.chat_template)
+    held_out = dataclasses.replace(config_from_args(HeldOutConfig, args), home=remeasure.home,
+                                   seed=config.seed, chat_template=config.chat_template)
     return config, RemeasureJob(remeasure), HeldOutEval(held_out)
 
 
@@ -236,6 +239,6 @@ def chat_template_mismatch(config: TrainConfig, remeasure: RemeasureConfig) -> s
         return None
     said = "with" if measured else "without"
     fix = "add --chat-template" if measured else "drop --chat-template"
-    return (f"snapshot {snapshot} of {student} was measured on prompts rendered {said} the chat template, but "
-            f"this run trains {'with' if config.chat_template else 'without'} it: the weights describe other "
-            f"prompts than the student is trained on ({fix}, or measure again)")
+    return (f"snapshot {snapshot} of {student} was measured on prompts rendered {said} the chat template, "
+            f"but this run trains {'with' if config.chat_template else 'without'} it: the weights describe "
+            f"other prompts than the student is trained on ({fix}, or measure again)")

@@ -59,20 +59,22 @@ COUNTS_SCHEMA = pa.schema([
 # discounted counts the estimate (`pass_rate`) rests on and `carried_share` how much of them is
 # carried. Written by lineage refreshes; a file without them (`paced refresh`, older snapshots)
 # reads with evidence = the counts (`fill_evidence`).
-EVIDENCE_FIELDS = (("evidence_n", pa.float64()), ("evidence_correct", pa.float64()), ("carried_share", pa.float64()))
+EVIDENCE_FIELDS = (("evidence_n", pa.float64()), ("evidence_correct", pa.float64()),
+                   ("carried_share", pa.float64()))
 
 
 def fill_evidence(table: pa.Table) -> pa.Table:
-    """The snapshot rows with their evidence columns (paced/curriculum/carryover.py); a table without them (written before
-    carry-over, or by `paced refresh`) gets evidence = its counts and a carried share of 1 for
-    rows carried from an earlier checkpoint (stale_age > 0), else 0."""
+    """The snapshot rows with their evidence columns (paced/curriculum/carryover.py); a table
+    without them (written before carry-over, or by `paced refresh`) gets evidence = its counts
+    and a carried share of 1 for rows carried from an earlier checkpoint (stale_age > 0), else 0."""
     missing = [(name, t) for name, t in EVIDENCE_FIELDS if name not in table.column_names]
     if not missing:
         return table
     n = table["n"].to_numpy(zero_copy_only=False).astype(np.float64)
     stale = table["stale_age"].to_numpy(zero_copy_only=False) > 0 if "stale_age" in table.column_names \
         else np.zeros(len(n), dtype=bool)
-    values = {"evidence_n": n, "evidence_correct": table["correct"].to_numpy(zero_copy_only=False).astype(np.float64),
+    values = {"evidence_n": n,
+              "evidence_correct": table["correct"].to_numpy(zero_copy_only=False).astype(np.float64),
               "carried_share": np.where(stale & (n > 0), 1.0, 0.0)}
     for name, t in missing:
         table = table.append_column(pa.field(name, t), pa.array(values[name], t))
@@ -149,7 +151,8 @@ def read_snapshot(home: Home, student_id: str, snapshot_id: str | None = None,
                   dataset: str | None = None) -> pa.Table:
     """A snapshot's rows (SNAPSHOT_SCHEMA, evidence columns filled in for files without
     them), optionally only one data set's."""
-    table = fill_evidence(read_parquet_checked(snapshot_path(home, student_id, snapshot_id), snapshot_hint(student_id)))
+    path = snapshot_path(home, student_id, snapshot_id)
+    table = fill_evidence(read_parquet_checked(path, snapshot_hint(student_id)))
     if dataset is not None:
         import pyarrow.compute as pc
 

@@ -33,6 +33,7 @@ from paced.trainer.flops import flops_record
 from paced.trainer.records import EvalPoint, PendingRemeasure, RemeasureRecord
 
 if TYPE_CHECKING:
+    import torch
     from torch.optim import Optimizer
     from torch.optim.lr_scheduler import LRScheduler
     from transformers import PreTrainedModel
@@ -52,11 +53,11 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- RNG states (JSON-able)
 
 
-def _b64(tensor) -> str:
+def _b64(tensor: torch.Tensor) -> str:
     return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
 
 
-def _unb64(text: str):
+def _unb64(text: str) -> torch.Tensor:
     import numpy as np
     import torch
 
@@ -89,7 +90,8 @@ def restore_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    keys = np.asarray(n["keys"], dtype=np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
@@ -97,7 +99,7 @@ def restore_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- model folders in
 
 
-def load_model(path: str | Path, dtype, device: str):
+def load_model(path: str | Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, Tokenizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -245,7 +247,8 @@ class Progress:
                    remeasures=[RemeasureRecord.from_json(r) for r in state.get("refreshes") or []],
                    pending=PendingRemeasure.from_json(state.get("pending_refresh")),
                    evals=[EvalPoint.from_json(e) for e in state.get("evals") or []],
-                   generated_tokens=int(state.get("generated_tokens") or 0), group=dict(state.get("group") or {}))
+                   generated_tokens=int(state.get("generated_tokens") or 0),
+                   group=dict(state.get("group") or {}))
 
     @property
     def rollout_tokens(self) -> int:
@@ -272,8 +275,9 @@ class Progress:
                 "generated_tokens": self.generated_tokens, "group": self.group}
 
 
-def save(trainee: Trainee, progress: Progress, name: str, stream: BatchStream, optimizer: Optimizer | None = None,
-         schedule: LRScheduler | None = None, extra: dict | None = None) -> Path:
+def save(trainee: Trainee, progress: Progress, name: str, stream: BatchStream,
+         optimizer: Optimizer | None = None, schedule: LRScheduler | None = None,
+         extra: dict | None = None) -> Path:
     """Rank 0 writes OUT/name from `trainee`; every process takes part in the reductions."""
     from paced.trainer import sharding
 
@@ -283,7 +287,8 @@ def save(trainee: Trainee, progress: Progress, name: str, stream: BatchStream, o
         if optimizer else None
     if trainee.runtime.rank == 0:
         state["rng"] = capture_rng_state()
-        save_checkpoint(Path(trainee.config.out), name, trainee.raw_student, trainee.tokenizer, state, opt, weights)
+        out = Path(trainee.config.out)
+        save_checkpoint(out, name, trainee.raw_student, trainee.tokenizer, state, opt, weights)
     if trainee.runtime.distributed:
         import torch.distributed as dist
 
@@ -325,7 +330,8 @@ def resume_point(config: TrainConfig, settings: dict, changeable: set[str]) -> P
     return found
 
 
-def make_summary(trainee: Trainee, progress: Progress, stream: BatchStream, checksums: list | None = None) -> dict:
+def make_summary(trainee: Trainee, progress: Progress, stream: BatchStream,
+                 checksums: list | None = None) -> dict:
     """The run's summary (stdout and OUT/final). Collective: every process must call it."""
     config = trainee.config
     tokens, rows = progress.totals(trainee.runtime, stream)
@@ -367,7 +373,8 @@ def group_summary(counts: dict) -> dict:
     steps, samples = counts.get("steps", 0), counts.get("samples", 0)
     return {"group": {**counts, "zero_weight_steps": counts.get("zero_weight_steps", 0),
                       "zero_weight_step_share": round(counts.get("zero_weight_steps", 0) / max(steps, 1), 6),
-                      "zero_weight_sample_share": round(counts.get("zero_weight_samples", 0) / max(samples, 1), 6),
+                      "zero_weight_sample_share":
+                          round(counts.get("zero_weight_samples", 0) / max(samples, 1), 6),
                       "pass_rate": round(counts.get("correct", 0) / max(samples, 1), 6)}}
 
 
@@ -382,4 +389,5 @@ def compute_summary(progress: Progress, train_tokens: int) -> dict:
             "rollout_seconds": round(sum(x.rollout_seconds for x in r), 3),
             "refresh_seconds": round(refresh_seconds, 3),
             "eval_seconds": round(sum(e.seconds for e in progress.evals), 3),
-            "total_tokens": train_tokens + rollout_tokens, "total_seconds": round(progress.seconds + refresh_seconds, 3)}
+            "total_tokens": train_tokens + rollout_tokens,
+            "total_seconds": round(progress.seconds + refresh_seconds, 3)}

@@ -10,6 +10,11 @@ fixed number of entries measured near the fastest (bench/kl_loss.py --chunk-size
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 # CPU: 2^21 float32 entries per [chunk, vocab] tensor (8 MiB; a chunk holds a few) measured near
 # the fastest: smaller chunks cost time, larger ones memory.
 CHUNK_ENTRIES_CPU = 2**21
@@ -39,7 +44,7 @@ def compute_chunk_tokens(vocab: int, free_bytes: int | None, bytes_per_entry: in
     return max(1, budget // (vocab * bytes_per_entry))
 
 
-def free_device_bytes(device) -> int | None:
+def free_device_bytes(device: torch.device | str) -> int | None:
     """Free memory of a CUDA device in bytes, None for the CPU (and other devices)."""
     import torch
 
@@ -50,6 +55,7 @@ def free_device_bytes(device) -> int | None:
     return int(free)
 
 
-def auto_chunk_tokens(vocab: int, device, bytes_per_entry: int, cap: int = CHUNK_BYTES_CAP) -> int:
+def auto_chunk_tokens(vocab: int, device: torch.device | str, bytes_per_entry: int,
+                      cap: int = CHUNK_BYTES_CAP) -> int:
     """The chunk for `vocab` on `device` now (see the module docstring)."""
     return compute_chunk_tokens(vocab, free_device_bytes(device), bytes_per_entry, cap)

@@ -89,7 +89,8 @@ class TrainConfig:
     out: str = _help("output folder for checkpoints (checkpoint-STEP/, final/)")
     loss: str = _help("loss of a single-stage run", "forward")
     steps: int = _help("optimizer steps of a single-stage run", 100)
-    stages: tuple[Stage, ...] = _help("stage schedule, e.g. forward:300,reverse:300 (overrides loss/steps)", ())
+    stages: tuple[Stage, ...] = _help("stage schedule, e.g. forward:300,reverse:300 (overrides "
+                                      "loss/steps)", ())
     on_policy: bool | None = _help("sample from the student for every stage (default: per loss)", None)
     lr: float = _help("peak learning rate (AdamW)", 1e-4)
     min_lr_ratio: float = _help("the cosine ends at lr * min_lr_ratio", 0.1)
@@ -104,33 +105,38 @@ class TrainConfig:
     max_new_tokens: int = _help("on-policy: longest sampled completion", 64)
     chat_template: bool = _help("render prompts as one user turn with the student's chat template (as "
                                 "`paced rollout --chat-template` measured them)", False)
-    teacher_prompt_template: str | None = _help("teacher-side prompt with {prompt} and optionally {answer} (the "
-                                                "shard row's reference answer: self-distillation with privileged "
-                                                "information), e.g. 'Answer: {answer}\\n{prompt}'", None)
-    group_size: int = _help("on-policy group distillation: K samples per prompt, graded, each weighted by w(p̂ = "
-                            "c/K) of its group; `--group-size` alone means 8 (0: off, one sample per prompt)", 0)
-    group_scheme: str = _help("--group-size: in-group weights w(p̂): paced p^α(1−p)^β, hard-filter (0 < p̂ < 1), "
-                              "uniform, paced-posterior (Beta posterior, prior from the row's snapshot counts)",
-                              "paced")
+    teacher_prompt_template: str | None = _help("teacher-side prompt with {prompt} and optionally {answer} "
+                                                "(the shard row's reference answer: self-distillation "
+                                                "with privileged information), "
+                                                "e.g. 'Answer: {answer}\\n{prompt}'", None)
+    group_size: int = _help("on-policy group distillation: K samples per prompt, graded, each weighted by "
+                            "w(p̂ = c/K) of its group; `--group-size` alone means 8 (0: off, one sample per "
+                            "prompt)", 0)
+    group_scheme: str = _help("--group-size: in-group weights w(p̂): paced p^α(1−p)^β, hard-filter "
+                              "(0 < p̂ < 1), uniform, paced-posterior (Beta posterior, prior from the row's "
+                              "snapshot counts)", "paced")
     group_alpha: float = _help("--group-size: exponent α of the in-group weight", 1.0)
     group_beta: float = _help("--group-size: exponent β of the in-group weight", 1.0)
-    group_prior: tuple[float, float] = _help("--group-size paced-posterior: Beta prior 'a,b' (added to the row's "
-                                             "snapshot counts when it has them)", (1.0, 1.0))
-    grader_workers: int = _help("--group-size: grading worker processes (killable; in-process graders need none)", 2)
-    grading_timeout_seconds: float = _help("--group-size: seconds per graded answer (past it: wrong, counted)", 10.0)
-    group_snapshot_every: int = _help("--group-size: every N steps, write the next snapshot of the student's lineage "
-                                      "from the training samples (the newest group of each problem trained since "
-                                      "the last one; the rest carried) and go on with weights from it, with no "
-                                      "extra generation (0: never)", 0)
+    group_prior: tuple[float, float] = _help("--group-size paced-posterior: Beta prior 'a,b' (added to the "
+                                             "row's snapshot counts when it has them)", (1.0, 1.0))
+    grader_workers: int = _help("--group-size: grading worker processes (killable; in-process graders need "
+                                "none)", 2)
+    grading_timeout_seconds: float = _help("--group-size: seconds per graded answer (past it: wrong, "
+                                           "counted)", 10.0)
+    group_snapshot_every: int = _help("--group-size: every N steps, write the next snapshot of the student's "
+                                      "lineage from the training samples (the newest group of each problem "
+                                      "trained since the last one; the rest carried) and go on with weights "
+                                      "from it, with no extra generation (0: never)", 0)
     jsd_beta: float = _help("beta of the generalised JSD", 0.5)
     akl_head_mass: float = _help("AKL: head = top teacher tokens up to this mass", 0.5)
-    loss_chunk_size: int | None = _help("tokens per loss chunk (default: from the vocabulary and the device's "
-                                        "free memory)", None)
-    loss_path: str = _help("fused: the loss from the last hidden states and the LM head, chunk by chunk, never "
-                           "building the [tokens, vocab] logits (used where both models expose their head, as "
-                           "transformers' causal LMs do); logits: from both models' full logits", "fused")
-    loss_in_place: bool = _help("logits path: write the loss gradient over the student logits (one [tokens, vocab] "
-                                "buffer less)", False)
+    loss_chunk_size: int | None = _help("tokens per loss chunk (default: from the vocabulary and the "
+                                        "device's free memory)", None)
+    loss_path: str = _help("fused: the loss from the last hidden states and the LM head, chunk by chunk, "
+                           "never building the [tokens, vocab] logits (used where both models "
+                           "expose their head, as transformers' causal LMs do); logits: from both "
+                           "models' full logits", "fused")
+    loss_in_place: bool = _help("logits path: write the loss gradient over the student logits (one "
+                                "[tokens, vocab] buffer less)", False)
     fsdp: bool = _help("under torchrun: shard the student (and the teacher) with torch's fully_shard (FSDP2) "
                        "instead of DDP; checkpoints hold the gathered weights", False)
     seed: int = _help("seed of the student's sampling and of torch", 0)
@@ -141,16 +147,17 @@ class TrainConfig:
     lease_ttl_seconds: float | None = _help("lease time-to-live to ask for (default: the service's)", None)
     http_retries: int = _help("retries on connection errors and 5xx, with backoff", 5)
     http_timeout_seconds: float = _help("timeout of one HTTP request", 30.0)
-    refresh_every: int = _help("every N steps: save, roll the checkpoint out, refresh its lineage's pass rates "
-                               "and go on with weights from the new snapshot (0: never)", 0)
+    refresh_every: int = _help("every N steps: save, roll the checkpoint out, refresh its lineage's pass "
+                               "rates and go on with weights from the new snapshot (0: never)", 0)
     refresh_between_stages: bool = _help("roll out + refresh (all problems) between stages", False)
     eval_every: int = _help("every N steps (and at step 0): greedy held-out accuracy on --eval-dataset "
                             "(0: never)", 0)
     device: str = _help("auto (cuda if available), cpu or cuda", "auto")
     progress: bool = _help("show a progress bar on stderr", True)
-    report_to: tuple[str, ...] = _help("training logs, per optimizer step, re-measurement and eval (rank 0): jsonl "
-                                       "(OUT/metrics.jsonl), tensorboard (OUT/tensorboard; the `tensorboard` extra), "
-                                       "none; repeat the flag or separate with commas (default: jsonl)", ("jsonl",))
+    report_to: tuple[str, ...] = _help("training logs, per optimizer step, re-measurement and eval (rank 0): "
+                                       "jsonl (OUT/metrics.jsonl), tensorboard (OUT/tensorboard; the "
+                                       "`tensorboard` extra), none; repeat the flag or separate with commas "
+                                       "(default: jsonl)", ("jsonl",))
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -159,8 +166,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "max_new_tokens", "grader_workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "http_retries", "refresh_every",
-                     "eval_every", "group_size", "group_snapshot_every"):
+        for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "http_retries",
+                     "refresh_every", "eval_every", "group_size", "group_snapshot_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -189,14 +196,17 @@ class TrainConfig:
 
     def _check_group(self) -> None:
         if self.group_snapshot_every and not self.group_size:
-            raise InputError("--group-snapshot-every snapshots the training samples of --group-size: add --group-size")
+            raise InputError("--group-snapshot-every snapshots the training samples of --group-size: add "
+                             "--group-size")
         if self.group_snapshot_every and self.refresh_every:
-            raise InputError("--group-snapshot-every and --refresh-every both write the lineage's next snapshot: "
-                             "choose one (training samples, no extra generation; or rollouts of a checkpoint)")
+            raise InputError("--group-snapshot-every and --refresh-every both write the lineage's next "
+                             "snapshot: choose one (training samples, no extra generation; or "
+                             "rollouts of a checkpoint)")
         if not self.group_size:
             return
         if self.group_scheme not in SCHEMES:
-            raise InputError(f"--group-scheme must be one of {', '.join(sorted(SCHEMES))}, got {self.group_scheme!r}")
+            raise InputError(f"--group-scheme must be one of {', '.join(sorted(SCHEMES))}, "
+                             f"got {self.group_scheme!r}")
         object.__setattr__(self, "group_prior", tuple(float(x) for x in self.group_prior))
         if len(self.group_prior) != 2 or not min(self.group_prior) > 0:
             raise InputError(f"--group-prior must be two numbers > 0, got {self.group_prior}")
@@ -206,8 +216,8 @@ class TrainConfig:
         if not self.grading_timeout_seconds > 0:
             raise InputError(f"`grading_timeout_seconds` must be > 0, got {self.grading_timeout_seconds}")
         if not any(s.resolved_on_policy(self.on_policy) for s in self.schedule):
-            raise InputError("--group-size samples from the student: it needs an on-policy stage (--loss reverse, "
-                             "--on-policy, or a stage like reverse:100 in --stages)")
+            raise InputError("--group-size samples from the student: it needs an on-policy stage (--loss "
+                             "reverse, --on-policy, or a stage like reverse:100 in --stages)")
 
     def _check_fsdp(self) -> None:
         if not self.fsdp:
@@ -217,7 +227,8 @@ class TrainConfig:
                              "supported yet): give every stage ':off' or train on-policy with DDP")
         if self.refresh_every or self.refresh_between_stages or self.eval_every:
             raise InputError("--fsdp does not run refreshes or evals yet (they roll out the in-memory "
-                             "student): drop --refresh-every/--refresh-between-stages/--eval-every, or use DDP")
+                             "student): drop --refresh-every/--refresh-between-stages/--eval-every, "
+                             "or use DDP")
 
     def _check_template(self) -> None:
         template = self.teacher_prompt_template
@@ -260,7 +271,8 @@ class TrainConfig:
         else:  # without group mode its settings are not recorded, so older checkpoints still resume
             for name in GROUP_FIELDS:
                 data.pop(name)
-        if not self.group_snapshot_every:  # recorded only when on: earlier --group-size checkpoints still resume
+        # recorded only when on: earlier --group-size checkpoints still resume
+        if not self.group_snapshot_every:
             data.pop("group_snapshot_every", None)
         if not self.fsdp:  # recorded only when on, for the same reason
             data.pop("fsdp")

@@ -104,7 +104,8 @@ class ShardRows(Rows):
             values = columns.get(name)
             if values is None or any(v is None for v in values):
                 row = "the column" if values is None else f"row {[v is None for v in values].index(True)}"
-                raise InputError(f"shard {where}: {row} has no `{name}` (rebuild it with `paced manifest build`)")
+                raise InputError(f"shard {where}: {row} has no `{name}` "
+                                 "(rebuild it with `paced manifest build`)")
         try:
             weights = np.asarray(columns["weight"], dtype=np.float64)
         except (TypeError, ValueError) as err:
@@ -113,7 +114,8 @@ class ShardRows(Rows):
         if bad.any():
             raise InputError(f"shard {where}: row {int(np.argmax(bad))} has weight {weights[bad][0]!r}; "
                              "weights must be finite and >= 0 (rebuild it with `paced manifest build`)")
-        return cls({k: list(v) for k, v in columns.items() if k != "weight"}, weights, key=key, epoch=epoch, index=index, start=start)
+        return cls({k: list(v) for k, v in columns.items() if k != "weight"}, weights, key=key, epoch=epoch,
+                   index=index, start=start)
 
     @classmethod
     def wait(cls, seconds: float) -> ShardRows:
@@ -131,7 +133,8 @@ class Batch(Rows):
     def select(self, keep: np.ndarray) -> Rows:
         """The rows where `keep` is true (columns only)."""
         idx = np.flatnonzero(keep)
-        return Rows({name: [values[i] for i in idx] for name, values in self.columns.items()}, self.weights[idx])
+        return Rows({name: [values[i] for i in idx] for name, values in self.columns.items()},
+                    self.weights[idx])
 
 
 # ---------------------------------------------------------------- shard files
@@ -150,9 +153,11 @@ class FileShardSource:
         self.files = sorted(self.folder.glob("shard-*.parquet"))
         if not self.files:
             raise InputError(f"--from {self.folder}: no shard-*.parquet files in this folder")
-        self.manifest = read_json(self.folder / "manifest.json") if (self.folder / "manifest.json").exists() else {}
+        info = self.folder / "manifest.json"
+        self.manifest = read_json(info) if info.exists() else {}
         if self.manifest.get("form", "text") != "text":
-            raise InputError(f"--from {self.folder}: its shards are in the {self.manifest['form']} form (for external "
+            raise InputError(f"--from {self.folder}: its shards are in the {self.manifest['form']} form "
+                             "(for external "
                              "trainers); paced train reads the text form: build the manifest without --form")
         self.position = position or Position()
 
@@ -201,7 +206,8 @@ class HttpShardSource:
         from paced.client import ShardClient
 
         if not run_url.startswith(("http://", "https://")) or "/v1/runs/" not in run_url:
-            raise InputError(f"--from {run_url}: a service URL must name a run: http://HOST:PORT/v1/runs/RUN_ID")
+            raise InputError(f"--from {run_url}: a service URL must name a run: "
+                             "http://HOST:PORT/v1/runs/RUN_ID")
         self.client = ShardClient(run_url, token=token, consumer=consumer, ttl_seconds=ttl_seconds,
                                   require_completion=False, retries=retries, timeout_seconds=timeout_seconds)
         self.run_url = self.client.run_url
@@ -261,7 +267,8 @@ def open_source(config: TrainConfig, rank: int, position: Position | None,
     return FileShardSource(source, position)
 
 
-def open_stream(config: TrainConfig, rank: int, world_size: int, source: str, position: Position | None = None) -> BatchStream:
+def open_stream(config: TrainConfig, rank: int, world_size: int, source: str,
+                position: Position | None = None) -> BatchStream:
     """A batch stream over `source` (files: from `position`)."""
     stream = BatchStream(open_source(config, rank, None, source), config.batch_size, need_completion=True,
                          rank=rank, world_size=world_size)
@@ -324,7 +331,8 @@ class BatchStream:
                 continue
             if shard.epoch != epoch:  # a full epoch of files without a trainable row: loop forever
                 if counting and useful == 0 and self.source.shared:
-                    raise InputError(f"no row of {getattr(self.source, 'folder', 'the source')} has a weight > 0"
+                    raise InputError(f"no row of {getattr(self.source, 'folder', 'the source')} "
+                                     " has a weight > 0"
                                      + (" and a completion" if self.need_completion else "")
                                      + ": nothing to train on")
                 counting, useful, epoch = shard.index == 0 and shard.start == 0, 0, shard.epoch

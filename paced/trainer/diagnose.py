@@ -13,11 +13,16 @@ the cross-entropy of the held-out problems' gold answers (what raises held-out a
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from paced.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 from paced.trainer.loop import aligned_logits
 from paced.trainer.losses import LOSSES
 from paced.trainer.tokens import completion_ids, encode_side, fit_lengths, prompt_ids
@@ -27,7 +32,7 @@ class GradientSketch:
     """Count sketch of the gradients of `model`'s trainable parameters whose names match
     `pattern` (all when None) to `dim` numbers."""
 
-    def __init__(self, model, dim: int, seed: int, pattern: str | None = None):
+    def __init__(self, model: torch.nn.Module, dim: int, seed: int, pattern: str | None = None):
         if dim < 2:
             raise InputError(f"the sketch dimension must be >= 2, got {dim}")
         rule = re.compile(pattern) if pattern else None
@@ -48,29 +53,35 @@ class GradientSketch:
         return out.numpy()
 
 
-def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[list[int]]:
+def sample_completions(model: PreTrainedModel, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
+                       seed: int) -> list[list[int]]:
     """One completion per prompt from `model` at T = 1 (token ids, EOS included if it ended)."""
     from paced.backends.base import SamplingConfig, derive_seed
     from paced.backends.hf_backend import HFBackend
 
     params = SamplingConfig(n=1, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     backend = HFBackend.from_model(model, tokenizer, batch_size=max(1, min(len(prompts), 64)))
-    samples = backend.generate(prompts, params, seeds=[derive_seed(seed, f"diagnose:{i}") for i in range(len(prompts))])
+    samples = backend.generate(prompts, params,
+                               seeds=[derive_seed(seed, f"diagnose:{i}") for i in range(len(prompts))])
     out = []
     for (done,) in samples:
-        ids = list(done.token_ids) if done.token_ids is not None else completion_ids(tokenizer, [done.text])[0]
+        ids = list(done.token_ids) if done.token_ids is not None else \
+            completion_ids(tokenizer, [done.text])[0]
         out.append(ids or [tokenizer.eos_token_id])
     return out
 
 
-def problem_gradients(student, teacher, tokenizer, prompts: list[str], targets: list[list[int]], loss: str,
-                      sketch: GradientSketch, max_length: int = 1024) -> np.ndarray:
+def problem_gradients(student: PreTrainedModel, teacher: PreTrainedModel | None, tokenizer: Tokenizer,
+                      prompts: list[str], targets: list[list[int]], loss: str, sketch: GradientSketch,
+                      max_length: int = 1024) -> np.ndarray:
     """[problems, D]: the sketched gradient of each problem's own loss (`loss` in LOSSES, or
     "nll": the student's cross-entropy of the target, no teacher)."""
     if loss != "nll" and loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    vocab = student.config.vocab_size if teacher is None else min(student.config.vocab_size, teacher.config.vocab_size)
+    vocab = student.config.vocab_size
+    if teacher is not None:
+        vocab = min(vocab, teacher.config.vocab_size)
     rows = []
     for prompt, target in zip(prompts, targets, strict=True):
         sides, cut = fit_lengths([prompt_ids(tokenizer, [prompt])], [target], max_length)

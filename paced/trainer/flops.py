@@ -11,8 +11,15 @@ models they are a large share, and leaving them out would flatter the generation
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def count_parameters(model) -> int:
+if TYPE_CHECKING:
+    import torch
+
+    from paced.trainer.loop import Trainee
+
+
+def count_parameters(model: torch.nn.Module) -> int:
     """Parameters of a torch module (a DDP wrapper's inner module counts the same)."""
     return int(sum(p.numel() for p in getattr(model, "module", model).parameters()))
 
@@ -22,7 +29,7 @@ def compute_flops(n_student: int, n_teacher: int, trained_tokens: int, generated
     return 2.0 * n_student * generated_tokens + (6.0 * n_student + 2.0 * n_teacher) * trained_tokens
 
 
-def flops_record(trainee, train_tokens: int, generated_tokens: int, rollout_tokens: int) -> dict:
+def flops_record(trainee: Trainee, train_tokens: int, generated_tokens: int, rollout_tokens: int) -> dict:
     """The FLOPs fields of the summary and of an eval-curve entry, for `trainee`."""
     n_s, n_t = count_parameters(trainee.raw_student), count_parameters(trainee.teacher)
     train = compute_flops(n_s, n_t, train_tokens, 0)

@@ -128,7 +128,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_w, plan):
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
         per_token, grads = _sweep(hidden, weight, bias, token_w, plan, want)
         ctx.grads, ctx.used = grads, False
         ctx.mark_non_differentiable(per_token)
@@ -156,7 +157,8 @@ def _check(student: HeadInput, teacher, mask, vocab: int | None) -> int:
         raise InputError(f"student hidden must be [batch, tokens, H] and its head weight [vocab, H]: got "
                          f"{tuple(h.shape)} and {tuple(student.weight.shape)}")
     if tuple(mask.shape) != tuple(h.shape[:2]):
-        raise InputError(f"mask {tuple(mask.shape)} does not match the student's [batch, tokens] {tuple(h.shape[:2])}")
+        raise InputError(f"mask {tuple(mask.shape)} does not match the student's [batch, tokens] "
+                         f"{tuple(h.shape[:2])}")
     t_shape = teacher.hidden.shape if isinstance(teacher, HeadInput) else teacher.shape
     t_vocab = teacher.vocab if isinstance(teacher, HeadInput) else teacher.shape[-1]
     if len(t_shape) != 3 or tuple(t_shape[:2]) != tuple(h.shape[:2]):
@@ -186,8 +188,9 @@ def _compute_dtype(student: HeadInput) -> torch.dtype:
     return torch.promote_types(student.hidden.dtype, student.weight.dtype)
 
 
-def fused_batch_loss(student: HeadInput, teacher: HeadInput | torch.Tensor, mask, weights, loss: str = "forward",
-                     chunk_size: int | None = None, vocab: int | None = None, **loss_kwargs) -> BatchLoss:
+def fused_batch_loss(student: HeadInput, teacher: HeadInput | torch.Tensor, mask, weights,
+                     loss: str = "forward", chunk_size: int | None = None, vocab: int | None = None,
+                     **loss_kwargs) -> BatchLoss:
     """sum_i w_i L_i / sum_i w_i from hidden states and heads (see the module docstring).
 
     `teacher`: a HeadInput, or the teacher's logits [B,T,V] (read one chunk of rows at a time).
@@ -247,8 +250,8 @@ def aligned_head_input(model, side) -> HeadInput:
                 output_hidden_states=True, logits_to_keep=1)
     head = head_of(model)  # after the forward: a sharded (FSDP) model holds its whole weights now
     if head is None:
-        raise InputError(f"{type(getattr(model, 'module', model)).__name__} exposes no LM head the fused loss "
-                         "can use (get_output_embeddings() and logits_to_keep): use --loss-path logits")
+        raise InputError(f"{type(getattr(model, 'module', model)).__name__} exposes no LM head the fused "
+                         "loss can use (get_output_embeddings() and logits_to_keep): use --loss-path logits")
     hidden = out.hidden_states[-1]
     _check_head(hidden[:, -1], head, out.logits[:, -1])
     index = side.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

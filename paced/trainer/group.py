@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -127,7 +128,9 @@ def scheme_of(config: TrainConfig) -> WeightScheme:
                         prior=config.group_prior)
 
 
-def compute_group_weights(correct, k: int, scheme: WeightScheme, prior_correct=None, prior_n=None) -> np.ndarray:
+def compute_group_weights(correct: Sequence[int] | np.ndarray, k: int, scheme: WeightScheme,
+                          prior_correct: np.ndarray | None = None,
+                          prior_n: np.ndarray | None = None) -> np.ndarray:
     """w(p̂) per prompt from c correct of K samples. `paced-posterior` adds the prompt's snapshot
     counts (`prior_correct` of `prior_n`, 0 where unknown) to the Beta prior; the other schemes
     use c/K alone. Guards (floor, mix) do not apply inside a group."""
@@ -138,7 +141,8 @@ def compute_group_weights(correct, k: int, scheme: WeightScheme, prior_correct=N
         c0 = np.zeros_like(c) if prior_correct is None else np.asarray(prior_correct, dtype=np.float64)
         n0 = np.zeros_like(c) if prior_n is None else np.asarray(prior_n, dtype=np.float64)
         return posterior_weight(c + c0, k + n0, scheme.alpha, scheme.beta, scheme.prior)
-    return compute_weights(c, np.full_like(c, float(k)), WeightScheme(name=scheme.name, alpha=scheme.alpha, beta=scheme.beta))
+    return compute_weights(c, np.full_like(c, float(k)),
+                           WeightScheme(name=scheme.name, alpha=scheme.alpha, beta=scheme.beta))
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,8 @@ def make_sampler(trainee: Trainee) -> Backend:
     return HFBackend.from_model(trainee.raw_student, trainee.tokenizer, batch_size=512)
 
 
-def sample_groups(backend: Backend, rows: list[PromptRow], firsts: list[int], k: int, params: SamplingConfig) -> list[list[Completion]]:
+def sample_groups(backend: Backend, rows: list[PromptRow], firsts: list[int], k: int,
+                  params: SamplingConfig) -> list[list[Completion]]:
     """K completions per row, one request per sample with its own seed (see the module doc)."""
     prompts, seeds = [], []
     for row, first in zip(rows, firsts, strict=True):
@@ -222,12 +227,14 @@ def sample_groups(backend: Backend, rows: list[PromptRow], firsts: list[int], k:
     return [[cs[0] for cs in flat[i * k:(i + 1) * k]] for i in range(len(rows))]
 
 
-def grade_groups(grading: Grading, rows: list[PromptRow], completions: list[list[Completion]]) -> list[tuple[list, str]]:
+def grade_groups(grading: Grading, rows: list[PromptRow],
+                 completions: list[list[Completion]]) -> list[tuple[list, str]]:
     """(outcomes, grader label) per row, grading every row's samples against its `answer`."""
     missing = [r.problem_id for r in rows if r.answer is None]
     if missing:
-        raise InputError(f"--group-size grades samples against the shard rows' `answer`, and {len(missing)} rows "
-                         f"have none (e.g. {missing[0]}); rebuild the manifest or run with this version of paced")
+        raise InputError(f"--group-size grades samples against the shard rows' `answer`, and {len(missing)} "
+                         f"rows have none (e.g. {missing[0]}); rebuild the manifest or run with this "
+                         "version of paced")
     by_dataset: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         by_dataset.setdefault(row.dataset, []).append(i)
@@ -279,7 +286,8 @@ class GroupStep:
         flat = [g for batch in self.groups for g in batch]
         k = self.trainee.config.group_size
         prior_c, prior_n = prior_counts([g.row for g in flat])
-        weights = compute_group_weights([g.correct for g in flat], k, scheme_of(self.trainee.config), prior_c, prior_n)
+        scheme = scheme_of(self.trainee.config)
+        weights = compute_group_weights([g.correct for g in flat], k, scheme, prior_c, prior_n)
         for g, w in zip(flat, weights, strict=True):
             g.weight = float(w)
         return float(k * weights.sum())
@@ -287,7 +295,8 @@ class GroupStep:
     def records(self) -> list[SampleRecord]:
         return [SampleRecord(g.row.problem_id, g.row.dataset, g.first + j, c.text, o, c.tokens,
                              c.finish_reason, g.grader)
-                for batch in self.groups for g in batch for j, (c, o) in enumerate(zip(g.completions, g.outcomes))]
+                for batch in self.groups for g in batch
+                for j, (c, o) in enumerate(zip(g.completions, g.outcomes, strict=True))]
 
     def stats(self) -> list[float]:
         """This process's [samples, zero-weight samples, correct, grading failures, generated tokens,
@@ -295,7 +304,8 @@ class GroupStep:
         flat = [g for batch in self.groups for g in batch]
         k = self.trainee.config.group_size
         frontier = compute_group_frontier([g.correct for g in flat], k)
-        return [float(k * len(flat)), float(k * sum(g.weight == 0 for g in flat)), float(sum(g.correct for g in flat)),
+        return [float(k * len(flat)), float(k * sum(g.weight == 0 for g in flat)),
+                float(sum(g.correct for g in flat)),
                 float(sum(o in FAILED for g in flat for o in g.outcomes)), float(self.generated_tokens),
                 *(float(frontier[name]) for name in GROUP_FRONTIER)]
 
@@ -309,10 +319,12 @@ class GroupStep:
         weight_sum, *stats = trainee.runtime.sum([local_weight, *self.stats()])
         self.commit()
         counts = progress.group
-        for name, value in zip(("samples", "zero_weight_samples", "correct", "grading_failures"), stats, strict=False):
+        for name, value in zip(("samples", "zero_weight_samples", "correct", "grading_failures"), stats,
+                               strict=False):
             counts[name] = counts.get(name, 0) + int(value)
         progress.generated_tokens += int(stats[4])
-        for name, value in zip(GROUP_FRONTIER, stats[5:], strict=True):  # the step's groups by p̂ (training logs)
+        # the step's groups by p̂ (training logs)
+        for name, value in zip(GROUP_FRONTIER, stats[5:], strict=True):
             counts[name] = counts.get(name, 0) + int(value)
         counts["steps"] = counts.get("steps", 0) + 1
         if weight_sum == 0:

@@ -13,9 +13,9 @@ loss, so every process runs the same collective operations (DDP). Off-policy sta
 the shard's reference completion (rows without one are skipped and counted); on-policy stages
 sample one completion per prompt from the current student (seed derived from the run seed,
 step, rank and row, so a resume draws the same samples) — or, with --group-size K, K graded
-samples per prompt weighted by w(p̂) of their group (paced/trainer/group.py). Both sides see prompt tokens, then the
-completion and EOS; the loss covers completion + EOS tokens, aligned between the two sides
-even when the teacher sees a different prompt (`--teacher-prompt-template`).
+samples per prompt weighted by w(p̂) of their group (paced/trainer/group.py). Both sides see
+prompt tokens, then the completion and EOS; the loss covers completion + EOS tokens, aligned
+between the two sides even when the teacher sees a different prompt (`--teacher-prompt-template`).
 
 Multi-process: run under `torchrun`; gloo on CPU, nccl on GPU; rank 0 writes checkpoints.
 """
@@ -57,6 +57,8 @@ from paced.trainer.tokens import Encoded, completion_ids, encode_side, fit_lengt
 
 if TYPE_CHECKING:
     import torch
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
     from tqdm import tqdm
     from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -75,7 +77,7 @@ class Runtime:
     device: str = "cpu"
     distributed: bool = False
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         import torch
 
         if self.device.startswith("cuda"):
@@ -141,7 +143,7 @@ class WarmupCosine:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
-                   steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                   steps: int) -> tuple[Optimizer, LRScheduler]:
     import torch
 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -189,14 +191,16 @@ def sample_targets(trainee: Trainee, prompts: list[str], seed_key: str) -> list[
 
     config = trainee.config
     params = SamplingConfig(n=1, temperature=config.sample_temperature, top_p=config.sample_top_p,
-                            max_new_tokens=config.max_new_tokens, seed=config.seed, chat_template=config.chat_template)
+                            max_new_tokens=config.max_new_tokens, seed=config.seed,
+                            chat_template=config.chat_template)
     seeds = [derive_seed(config.seed, f"{seed_key}:{i}") for i in range(len(prompts))]
     backend = HFBackend.from_model(trainee.raw_student, trainee.tokenizer, batch_size=max(1, len(prompts)))
     with trainee.runtime.autocast():
         samples = backend.generate(prompts, params, seeds=seeds)
     targets = []
     for (done,) in samples:
-        ids = list(done.token_ids) if done.token_ids is not None else completion_ids(trainee.tokenizer, [done.text])[0]
+        ids = list(done.token_ids) if done.token_ids is not None else \
+            completion_ids(trainee.tokenizer, [done.text])[0]
         targets.append(ids or [trainee.tokenizer.eos_token_id])
     return targets
 
@@ -224,11 +228,13 @@ def encode_pair(trainee: Trainee, prompts: list[str], answers: list[str | None],
     config, device, tokenizer = trainee.config, trainee.runtime.device, trainee.tokenizer
     sides = [prompt_ids(tokenizer, prompts, chat_template=config.chat_template)]
     if config.teacher_prompt_template:
-        sides.append(prompt_ids(tokenizer, prompts, config.teacher_prompt_template, config.chat_template, answers))
+        sides.append(prompt_ids(tokenizer, prompts, config.teacher_prompt_template, config.chat_template,
+                                answers))
     sides, targets = fit_lengths(sides, targets, config.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_side(p, targets, pad) for p in sides]
-    return [type(e)(*(x.to(device) for x in (e.input_ids, e.attention_mask, e.index, e.mask))) for e in encoded]
+    return [Encoded(*(x.to(device) for x in (e.input_ids, e.attention_mask, e.index, e.mask)))
+            for e in encoded]
 
 
 def forward_pair(trainee: Trainee, prompts: list[str], answers: list[str | None],
@@ -261,7 +267,8 @@ def micro_batch_loss(trainee: Trainee, batch: Batch, stage: Stage, on_policy: bo
     prompts, answers, weights = batch.prompts, batch.column("answer"), batch.weights.tolist()
     targets = sample_targets(trainee, prompts, seed_key) if on_policy else \
         completion_ids(trainee.tokenizer, batch.completions)
-    if config.loss_path == "fused" and fused.head_of(student) is not None and fused.head_of(teacher) is not None:
+    heads = fused.head_of(student) is not None and fused.head_of(teacher) is not None
+    if config.loss_path == "fused" and heads:
         vocab = min(student.config.vocab_size, teacher.config.vocab_size)
         encoded = encode_pair(trainee, prompts, answers, targets)
         return fused.fused_micro_batch(trainee, encoded, weights, stage.loss, vocab)
@@ -311,7 +318,7 @@ class Meter:
 
 
 def train_step(trainee: Trainee, stream: BatchStream, stage: Stage, on_policy: bool,
-               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+               optimizer: Optimizer, schedule: LRScheduler,
                progress: Progress, meter: Meter, acks: list[str]) -> bool:
     """One optimizer step over `grad_accum` micro-batches; False when the data ran out first."""
     config = trainee.config
@@ -364,7 +371,7 @@ def train_step(trainee: Trainee, stream: BatchStream, stage: Stage, on_policy: b
     return True
 
 
-def apply_update(trainee: Trainee, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+def apply_update(trainee: Trainee, optimizer: Optimizer, schedule: LRScheduler,
                  progress: Progress, losses: list[float]) -> None:
     """The end of every optimizer step (plain and group): record the step's mean loss, clip the
     gradient norm, step the optimizer and the schedule."""
@@ -394,7 +401,8 @@ def run_stage(trainee: Trainee, stream: BatchStream, index: int, progress: Progr
     while progress.stage_step < stage.steps:
         stream.need_completion = not on_policy
         started, step_meter = time.perf_counter(), Meter()
-        stepped = train_step(trainee, stream, stage, on_policy, optimizer, schedule, progress, step_meter, acks)
+        stepped = train_step(trainee, stream, stage, on_policy, optimizer, schedule, progress, step_meter,
+                             acks)
         for key in acks:  # after the step (or at the end of the data: those rows are consumed)
             stream.source.ack(key)
         acks.clear()
@@ -418,7 +426,8 @@ def run_stage(trainee: Trainee, stream: BatchStream, index: int, progress: Progr
             stream = remeasure(trainee, progress, stream, EVERY, optimizer, schedule)
         elif group_snapshot_due(config, progress.step, stage_end, bool(config.group_size and on_policy)):
             stream = remeasure(trainee, progress, stream, GROUP, optimizer, schedule)
-        elif config.save_every and progress.step % config.save_every == 0 and progress.step < config.total_steps:
+        elif config.save_every and progress.step % config.save_every == 0 \
+                and progress.step < config.total_steps:
             save(trainee, progress, f"checkpoint-{progress.step}", stream, optimizer, schedule)
     return stream
 
@@ -436,9 +445,11 @@ def train(config: TrainConfig, remeasure: Remeasure | None = None, evaluate: Eva
     step 0 and after every optimizer step with the in-memory student (the Python API's hook,
     e.g. for a bench's own evals). `group_io`: grading and the sample sink of --group-size
     (paced/trainer/group.py; `paced.jobs.group_rollouts` has both)."""
-    if (config.refresh_every or config.refresh_between_stages or config.group_snapshot_every) and remeasure is None:
-        raise InputError("--refresh-every, --refresh-between-stages and --group-snapshot-every need a remeasure job "
-                         "(train(config, remeasure=RemeasureJob(...)); `paced train` gives one)")
+    measures = config.refresh_every or config.refresh_between_stages or config.group_snapshot_every
+    if measures and remeasure is None:
+        raise InputError("--refresh-every, --refresh-between-stages and --group-snapshot-every need a "
+                         "remeasure job (train(config, remeasure=RemeasureJob(...)); `paced train` "
+                         "gives one)")
     if config.eval_every and evaluate is None:
         raise InputError("--eval-every needs an evaluate job (train(config, evaluate=HeldOutEval(...)))")
     if config.group_size and group_io is None:
@@ -463,11 +474,14 @@ def _train(config: TrainConfig, runtime: Runtime, remeasure_job: Remeasure | Non
     if state and state.get("finished"):
         return state["summary"]
     torch.manual_seed(config.seed)
-    tokenizer, student, teacher = ckpt.load_models(config, resume_from or Path(config.student), runtime.device)
+    start = resume_from or Path(config.student)
+    tokenizer, student, teacher = ckpt.load_models(config, start, runtime.device)
     model = sharding.wrap_models(student, teacher, config, runtime)
     progress = Progress.from_state(state, len(config.schedule), config.source)
-    reporter = Reporter(Path(config.out), config.report_to, runtime.rank, progress.step if state else None, progress)
-    trainee = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io, reporter)
+    resumed_at = progress.step if state else None
+    reporter = Reporter(Path(config.out), config.report_to, runtime.rank, resumed_at, progress)
+    trainee = Trainee(config, runtime, tokenizer, model, student, teacher, remeasure_job, evaluate, group_io,
+                      reporter)
     optimizer_state = None
     if state:
         ckpt.restore_rng_state(state["rng"])

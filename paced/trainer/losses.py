@@ -32,8 +32,9 @@ Memory. Only the masked positions are gathered, `chunk_size` tokens at a time; t
 copies, the softmaxes and the gradient of one chunk exist at once, never of the whole batch.
 The gradient with respect to the student logits z is computed analytically in the same sweep
 (forward KL: s - t; reverse KL: s (log(s/t) - KL(s||t)); JSD: (1 - beta) s (log(s/m) - KL(s||m));
-AKL: the gap-weighted mix of the first two) and written into one buffer of the logits' own dtype and shape (bf16 logits stay bf16), which
-becomes `student_logits.grad` in backward (scaled in place by the incoming gradient); with
+AKL: the gap-weighted mix of the first two) and written into one buffer of the logits' own
+dtype and shape (bf16 logits stay bf16), which becomes `student_logits.grad` in backward
+(scaled in place by the incoming gradient); with
 `in_place=True` that buffer is the student logits' own storage, so the full logits never sit in
 memory twice. Teacher logits are constants: they get no gradient. Backward may run once.
 
@@ -60,7 +61,8 @@ HEAD_TOPK = 32
 
 # A row function takes float32 log-probabilities (student, teacher) [n, V] and whether the
 # gradient is wanted; it returns the per-token loss [n] and d loss / d student logits [n, V].
-RowFn = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+LossGrad = tuple[torch.Tensor, torch.Tensor | None]  # per-row losses and, if wanted, their gradient
+RowFn = Callable[[torch.Tensor, torch.Tensor, bool], LossGrad]
 
 
 # ---------------------------------------------------------------- per-token divergences
@@ -93,17 +95,17 @@ def _seeking_grad(p: torch.Tensor, log_ratio: torch.Tensor, kl: torch.Tensor) ->
     return log_ratio.sub_(kl.unsqueeze(-1)).mul_(p)
 
 
-def _forward_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool) -> LossGrad:
     kl, t, _ = _kl_rows(t_lp, s_lp)
     return kl, (s_lp.exp().sub_(t) if want_grad else None)
 
 
-def _reverse_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _reverse_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool) -> LossGrad:
     kl, s, log_ratio = _kl_rows(s_lp, t_lp)
     return kl, (_seeking_grad(s, log_ratio, kl) if want_grad else None)
 
 
-def _jsd_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _jsd_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, beta: float) -> LossGrad:
     # d/dz of the JSD is (1 - beta) times the reverse-KL gradient with m in place of t.
     if beta == 0.0 or beta == 1.0:  # m equals s or t: the divergence is exactly 0
         zero = s_lp.new_zeros(s_lp.shape[0])
@@ -115,7 +117,7 @@ def _jsd_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, beta: 
     return loss, (_seeking_grad(s, log_ratio, kl_s).mul_(1.0 - beta) if want_grad else None)
 
 
-def _akl_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, head_mass: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _akl_rows(s_lp: torch.Tensor, t_lp: torch.Tensor, want_grad: bool, *, head_mass: float) -> LossGrad:
     fkl, t, _ = _kl_rows(t_lp, s_lp)
     rkl, s, log_ratio = _kl_rows(s_lp, t_lp)
     w_head = _head_share(t, s, head_mass).unsqueeze(-1)
@@ -193,8 +195,8 @@ def _write_rows(x: torch.Tensor, idx: torch.Tensor, span: slice | None, rows: to
         x.view(-1, x.shape[-1]).index_copy_(0, idx, rows.to(x.dtype))
 
 
-def _sweep(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn, chunk_size: int | None, want_grad: bool,
-           in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _sweep(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn,
+           chunk_size: int | None, want_grad: bool, in_place: bool = False) -> LossGrad:
     """Per-token losses [B,T] (float32, 0 off the mask) and, if wanted, d sum / d student
     (written over `student` itself when `in_place`: each chunk is read before it is written).
 
@@ -204,8 +206,8 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, row
         return _sweep_float32(student, teacher, mask, rows, chunk_size, want_grad, in_place)
 
 
-def _sweep_float32(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn, chunk_size: int | None, want_grad: bool,
-                   in_place: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _sweep_float32(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn,
+                   chunk_size: int | None, want_grad: bool, in_place: bool) -> LossGrad:
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=student.device)
     grad = None
     if want_grad:  # every row written when every position is masked: no need to zero it first
@@ -281,8 +283,8 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
         raise InputError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
 
 
-def _per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn, chunk_size: int | None,
-                  in_place: bool) -> torch.Tensor:
+def _per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, rows: RowFn,
+                  chunk_size: int | None, in_place: bool) -> torch.Tensor:
     """The shared body of every loss: check, sweep in chunks, average over each row's tokens."""
     _check_inputs(student, teacher, mask)
     if chunk_size is not None and chunk_size < 1:
@@ -306,26 +308,26 @@ def _per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 # ---------------------------------------------------------------- public losses
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, chunk_size: int | None = None,
-               in_place: bool = False) -> torch.Tensor:
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+               chunk_size: int | None = None, in_place: bool = False) -> torch.Tensor:
     """KL(teacher || student) per token, mean over each row's masked tokens: [B] float32.
 
     Every loss takes `chunk_size` (tokens per chunk; None: `paced.trainer.chunks` picks it from the
-    vocabulary and the device's free memory) and `in_place`: when a gradient is computed, write it over the student
-    logits instead of a new buffer, saving one [B,T,V] tensor (as Liger's fused cross-entropy
-    does). The logits are then gone after this call: read what you need from them first.
+    vocabulary and the device's free memory) and `in_place`: when a gradient is computed, write
+    it over the student logits instead of a new buffer, saving one [B,T,V] tensor (as Liger's
+    fused cross-entropy does). The logits are then gone after this call: read what you need from them first.
     """
     return _per_sequence(student_logits, teacher_logits, mask, _forward_rows, chunk_size, in_place)
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, chunk_size: int | None = None,
-               in_place: bool = False) -> torch.Tensor:
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+               chunk_size: int | None = None, in_place: bool = False) -> torch.Tensor:
     """KL(student || teacher) per token, mean over each row's masked tokens: [B] float32."""
     return _per_sequence(student_logits, teacher_logits, mask, _reverse_rows, chunk_size, in_place)
 
 
-def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.5, chunk_size: int | None = None,
-        in_place: bool = False) -> torch.Tensor:
+def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.5,
+        chunk_size: int | None = None, in_place: bool = False) -> torch.Tensor:
     """Generalised JSD: beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s. [B] float32.
 
     beta = 0.5 is the symmetric Jensen-Shannon divergence; beta = 0 and beta = 1 give exactly 0.
@@ -337,8 +339,8 @@ def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.
     return _per_sequence(student_logits, teacher_logits, mask, rows, chunk_size, in_place)
 
 
-def akl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, head_mass: float = 0.5, chunk_size: int | None = None,
-        in_place: bool = False) -> torch.Tensor:
+def akl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+        head_mass: float = 0.5, chunk_size: int | None = None, in_place: bool = False) -> torch.Tensor:
     """Adaptive KL (Wu et al., 2025): forward and reverse KL mixed by head/tail gaps. [B] float32."""
     head_mass = float(head_mass)
     if not 0.0 <= head_mass <= 1.0:
@@ -395,8 +397,8 @@ def batch_weights(weights, batch: int, device) -> torch.Tensor:
 
 
 def weighted_batch_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, weights: Sequence[float] | torch.Tensor,
-    loss: str = "forward",
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+    weights: Sequence[float] | torch.Tensor, loss: str = "forward",
     chunk_size: int | None = None, in_place: bool = False, **loss_kwargs,
 ) -> BatchLoss:
     """sum_i w_i L_i / sum_i w_i over the batch, L = LOSSES[loss]; skipped if all w_i are 0.

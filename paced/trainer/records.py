@@ -80,8 +80,8 @@ class RemeasureRecord:
     samples: int | None = None  # GROUP: samples and their tokens in the snapshot
     sample_tokens: int | None = None
 
-    OPTIONAL = ("after_stage", "frontier", "carry_over_decay", "carried_share_mean", "sample_steps", "samples",
-                "sample_tokens")
+    OPTIONAL = ("after_stage", "frontier", "carry_over_decay", "carried_share_mean", "sample_steps",
+                "samples", "sample_tokens")
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)

@@ -106,7 +106,8 @@ def check_setup(trainee: Trainee, progress: ckpt.Progress) -> None:
     config = trainee.config
     if config.refresh_every or config.refresh_between_stages or config.group_snapshot_every:
         previous = progress.remeasures[-1].to_json() if progress.remeasures else None
-        trainee.remeasure.check(progress.source, previous, bool(config.refresh_every or config.group_snapshot_every))
+        trainee.remeasure.check(progress.source, previous,
+                                bool(config.refresh_every or config.group_snapshot_every))
     if config.eval_every:
         trainee.evaluate.check()
 
@@ -136,12 +137,14 @@ def remeasure(trainee: Trainee, progress: ckpt.Progress, stream: BatchStream, ki
         progress.local_rows += stream.skipped_rows
         stream.source.close()
         progress.source = record.source
-        stream = open_stream(trainee.config, trainee.runtime.rank, trainee.runtime.world_size, progress.source)
+        stream = open_stream(trainee.config, trainee.runtime.rank, trainee.runtime.world_size,
+                             progress.source)
     ckpt.rewrite_state(trainee, progress, name, stream)
     return stream
 
 
-def call_hook(trainee: Trainee, source: str, name: str, pending: PendingRemeasure, previous: dict | None) -> dict:
+def call_hook(trainee: Trainee, source: str, name: str, pending: PendingRemeasure,
+              previous: dict | None) -> dict:
     """Step 2 on rank 0: the hook's record of the pending re-measurement."""
     hook, folder = trainee.remeasure, Path(trainee.config.out) / name
     if pending.kind == GROUP:  # the samples of steps since the last re-measurement (of this run)
@@ -152,7 +155,8 @@ def call_hook(trainee: Trainee, source: str, name: str, pending: PendingRemeasur
         return hook.from_samples(folder, pending.step, source, samples=samples, round_=pending.round,
                                  previous=previous)
     return hook(folder, pending.step, pending.kind, source, stage=pending.stage, round_=pending.round,
-                previous=previous, student=trainee.raw_student, tokenizer=trainee.tokenizer, runtime=trainee.runtime)
+                previous=previous, student=trainee.raw_student, tokenizer=trainee.tokenizer,
+                runtime=trainee.runtime)
 
 
 def after_step(trainee: Trainee, progress: ckpt.Progress, stream: BatchStream,

@@ -21,14 +21,22 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paced.curriculum.frontier import compute_frontier
 from paced.errors import InputError
 
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from paced.trainer.checkpoint import Progress
+    from paced.trainer.loop import Meter, Runtime
+
 REPORTERS = ("jsonl", "tensorboard", "none")
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-GROUP_FRONTIER = ("groups", "groups_zero", "groups_mid", "groups_one")  # --group-size counts by the groups' p̂
+# --group-size counts by the groups' p̂
+GROUP_FRONTIER = ("groups", "groups_zero", "groups_mid", "groups_one")
 GROUP_COUNTS = ("steps", "samples", "zero_weight_samples", "zero_weight_steps", "correct", *GROUP_FRONTIER)
 
 
@@ -46,21 +54,22 @@ def check_report_to(names: tuple[str, ...]) -> None:
     """InputError when `names` mixes 'none' with a writer or names an unknown one."""
     bad = [n for n in names if n not in REPORTERS]
     if bad:
-        raise InputError(f"--report-to: unknown {', '.join(map(repr, bad))}; choose from {', '.join(REPORTERS)}")
+        raise InputError(f"--report-to: unknown {', '.join(map(repr, bad))}; choose from "
+                         f"{', '.join(REPORTERS)}")
     if "none" in names and len(set(names)) > 1:
         raise InputError("--report-to none turns the logs off: give it alone, or drop it")
     if "tensorboard" in names:
         try:
             import tensorboard  # noqa: F401
         except ImportError as err:
-            raise InputError("--report-to tensorboard needs the tensorboard package: "
-                             "pip install 'paced[tensorboard]' (or drop it: metrics.jsonl has the same figures)") from err
+            raise InputError("--report-to tensorboard needs the tensorboard package: pip install "
+                             "'paced[tensorboard]' (or drop it: metrics.jsonl has the same figures)") from err
 
 
 # ---------------------------------------------------------------- pure figures
 
 
-def compute_group_frontier(correct, k: int) -> dict:
+def compute_group_frontier(correct: list[int], k: int) -> dict:
     """Counts of groups of `k` samples at p̂ = 0, 0 < p̂ < 1 and p̂ = 1 (p̂ = correct / k)."""
     f = compute_frontier([c / k for c in correct], [k] * len(correct))
     return dict(zip(GROUP_FRONTIER, (f.problems, f.zero, f.mid, f.one), strict=True))
@@ -71,7 +80,8 @@ def compute_weight_figures(weight_sum: float, weight_sq_sum: float, rows: int, z
     if rows == 0:
         return {"rows": 0, "weight_ess": None, "weight_mean": None, "zero_weight_share": None}
     ess = weight_sum * weight_sum / weight_sq_sum if weight_sq_sum > 0 else 0.0
-    return {"rows": rows, "weight_ess": ess, "weight_mean": weight_sum / rows, "zero_weight_share": zero_rows / rows}
+    return {"rows": rows, "weight_ess": ess, "weight_mean": weight_sum / rows,
+            "zero_weight_share": zero_rows / rows}
 
 
 def compute_group_figures(before: dict, after: dict) -> dict:
@@ -96,7 +106,7 @@ def refresh_figures(record: dict) -> dict:
 # ---------------------------------------------------------------- the writers
 
 
-def update_lr(schedule) -> float:
+def update_lr(schedule: LRScheduler) -> float:
     """The learning rate of the update just made (the schedule has already stepped past it)."""
     return float(schedule.base_lrs[0] * schedule.lr_lambdas[0](schedule.last_epoch - 1))
 
@@ -104,7 +114,8 @@ def update_lr(schedule) -> float:
 class Reporter:
     """The run's log writers (rank 0 writes; every process calls `step`, which reduces)."""
 
-    def __init__(self, out: Path, names: tuple[str, ...], rank: int, resume_step: int | None, progress):
+    def __init__(self, out: Path, names: tuple[str, ...], rank: int, resume_step: int | None,
+                 progress: Progress):
         self.names = tuple(n for n in names if n != "none") if rank == 0 else ()
         self.path = Path(out) / METRICS_FILE
         self.seen: set[tuple[str, int]] = set()
@@ -121,7 +132,7 @@ class Reporter:
             purge = 0 if resume_step is None else resume_step + 1  # a fresh run hides a killed one's events
             self.writer = SummaryWriter(log_dir=str(Path(out) / TENSORBOARD_DIR), purge_step=purge)
 
-    def step(self, runtime, progress, meter, lr: float, seconds: float) -> None:
+    def step(self, runtime: Runtime, progress: Progress, meter: Meter, lr: float, seconds: float) -> None:
         """The line of the step just made (`meter`: this process's statistics of it). Collective:
         every process calls it (the sums run over processes; the group counts are global already).
         The loss is the mean over processes of each one's mean micro-batch loss."""
@@ -142,7 +153,8 @@ class Reporter:
         self.write("refresh", step, refresh_figures(record))
 
     def eval(self, step: int, entry: dict) -> None:
-        self.write("eval", step, {k: entry[k] for k in ("accuracy", "train_tokens", "train_seconds") if k in entry})
+        self.write("eval", step,
+                   {k: entry[k] for k in ("accuracy", "train_tokens", "train_seconds") if k in entry})
 
     def write(self, kind: str, step: int, figures: dict) -> None:
         if not self.names or (kind, step) in self.seen:

@@ -16,16 +16,25 @@ its part of the optimizer state (`set_optimizer_state_dict`): any world size can
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from paced.errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+    from torch.optim import Optimizer
 
-def _fsdp_options():
+    from paced.trainer.config import TrainConfig
+    from paced.trainer.loop import Runtime, Trainee
+
+
+def _fsdp_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _shard(model) -> None:
+def _shard(model: torch.nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     blocks = set(getattr(model, "_no_split_modules", None) or ())
@@ -35,7 +44,8 @@ def _shard(model) -> None:
     fully_shard(model)
 
 
-def wrap_models(student, teacher, config, runtime):
+def wrap_models(student: torch.nn.Module, teacher: torch.nn.Module, config: TrainConfig,
+                runtime: Runtime) -> torch.nn.Module:
     """The student as the training step calls it: itself, DDP-wrapped, or sharded in place."""
     if config.fsdp:
         if not runtime.distributed:
@@ -51,7 +61,7 @@ def wrap_models(student, teacher, config, runtime):
     return DistributedDataParallel(student, device_ids=[runtime.device] if runtime.device != "cpu" else None)
 
 
-def model_state(trainee) -> dict | None:
+def model_state(trainee: Trainee) -> dict | None:
     """The student's full weights when sharded (a collective: every process calls it), else None."""
     if not trainee.config.fsdp:
         return None
@@ -64,7 +74,7 @@ def model_state(trainee) -> dict | None:
     return {k: v for k, v in state.items() if k not in tied}
 
 
-def optimizer_state(trainee, optimizer) -> dict:
+def optimizer_state(trainee: Trainee, optimizer: Optimizer) -> dict:
     """The optimizer state to save: full and keyed by parameter name under --fsdp (a collective)."""
     if not trainee.config.fsdp:
         return optimizer.state_dict()
@@ -73,16 +83,17 @@ def optimizer_state(trainee, optimizer) -> dict:
     return get_optimizer_state_dict(trainee.raw_student, optimizer, options=_fsdp_options())
 
 
-def load_optimizer_state(trainee, optimizer, state: dict) -> None:
+def load_optimizer_state(trainee: Trainee, optimizer: Optimizer, state: dict) -> None:
     if not trainee.config.fsdp:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(trainee.raw_student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(trainee.raw_student, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
-def full_parameters(model):
+def full_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     """Each parameter whole (gathered from its shards under FSDP: every process must call this)."""
     for p in model.parameters():
         yield p.full_tensor() if hasattr(p, "full_tensor") else p

@@ -39,8 +39,8 @@ def prompt_ids(tokenizer: Tokenizer, prompts: list[str], template: str | None = 
     if template and "{answer}" in template:
         answers = answers or [None] * len(prompts)
         if any(a is None for a in answers):
-            raise InputError("--teacher-prompt-template shows {answer}, but some shard rows carry no `answer`; "
-                             "rebuild the manifest with this version of paced")
+            raise InputError("--teacher-prompt-template shows {answer}, but some shard rows carry no "
+                             "`answer`; rebuild the manifest with this version of paced")
         texts = [template.format(prompt=p, answer=a) for p, a in zip(prompts, answers, strict=True)]
     else:
         texts = [template.format(prompt=p) for p in prompts] if template else list(prompts)
@@ -62,7 +62,8 @@ def fit_lengths(prompt_sides: list[list[list[int]]], targets: list[list[int]],
         longest_prompt = max(len(side[b]) for side in prompt_sides)
         room = max_length - min(longest_prompt, max_length - 1)
         cut_targets.append(target[:room])
-    cut_prompts = [[p[max(0, len(p) - (max_length - len(t))):] for p, t in zip(side, cut_targets, strict=True)]
+    cut_prompts = [[p[max(0, len(p) - (max_length - len(t))):]
+                    for p, t in zip(side, cut_targets, strict=True)]
                    for side in prompt_sides]
     return cut_prompts, cut_targets
 

@@ -41,7 +41,8 @@ def rollout_rows(problems, k, student="s1", sampling="h1", dataset="d", start=0,
 def commit(home, table):
     """Commit `table` into the folder its first row names."""
     row = table.slice(0, 1).to_pylist()[0]
-    return write_rollout_batch(home.rollouts_dir(row["student_id"], row["sampling_hash"], row["dataset"]), table)
+    return write_rollout_batch(home.rollouts_dir(row["student_id"], row["sampling_hash"], row["dataset"]),
+                               table)
 
 
 def refresh(home_dir, capsys, *extra):
@@ -139,7 +140,8 @@ def test_passrates_show_json_and_text(tmp_path, capsys):
     home = open_home(tmp_path / "h")
     rows = rollout_rows(["a", "b", "c"], 4).to_pylist()
     for r in rows:  # a: 0/4, b: 2/4, c: 4/4
-        r["outcome"] = {"a": "wrong", "b": "correct" if r["sample_idx"] < 2 else "wrong", "c": "correct"}[r["problem_id"]]
+        r["outcome"] = {"a": "wrong", "b": "correct" if r["sample_idx"] < 2 else "wrong",
+                        "c": "correct"}[r["problem_id"]]
     commit(home, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
     commit(home, rollout_rows(["x"], 2, dataset="e"))
     sid = refresh(tmp_path / "h", capsys)[0]["snapshot_id"]
@@ -155,7 +157,8 @@ def test_passrates_show_json_and_text(tmp_path, capsys):
     text = capsys.readouterr().out
     assert sid in text and "[0.9, 1.0]" in text
     assert main(["passrates", "show", "--student", "nobody", "--home", str(tmp_path / "h")]) == 1
-    assert main(["passrates", "show", "--student", "s1", "--snapshot", "nope", "--home", str(tmp_path / "h")]) == 1
+    assert main(["passrates", "show", "--student", "s1", "--snapshot", "nope", "--home",
+                 str(tmp_path / "h")]) == 1
 
 
 def test_passrates_show_by_module_and_level(tmp_path, capsys):
@@ -179,7 +182,8 @@ def test_passrates_show_by_module_and_level(tmp_path, capsys):
                                   "share_frontier": 2 / 3, "share_one": 1 / 3}
     add1 = d["by_module"]["add"]["1"]
     assert add1["problems"] == 2 and add1["mean_pass_rate"] == 0.75 and add1["share_one"] == 0.5
-    assert d["by_module"]["add"]["2"]["share_zero"] == 1.0 and d["by_module"]["mul"]["1"]["share_frontier"] == 1.0
+    assert d["by_module"]["add"]["2"]["share_zero"] == 1.0
+    assert d["by_module"]["mul"]["1"]["share_frontier"] == 1.0
     assert main(["passrates", "show", "--student", "s1", "--home", str(tmp_path / "h")]) == 0
     text = capsys.readouterr().out
     assert "module" in text and "0<p<1" in text and "mul" in text
@@ -242,9 +246,11 @@ def test_write_snapshot_sorts_rows_unless_they_already_are(tmp_path):
     from paced.store.snapshots import write_snapshot
 
     home = open_home(tmp_path / "h")
-    rows = [{"problem_id": p, "dataset": d, "student_id": "s", "sampling_hash": "h", "n": 1, "correct": 1, "wrong": 0,
+    rows = [{"problem_id": p, "dataset": d, "student_id": "s", "sampling_hash": "h", "n": 1, "correct": 1,
+             "wrong": 0,
              "unparseable": 0, "timeout": 0, "error": 0, "pass_rate": 1.0, "stale_age": 0, "snapshot_id": "x"}
             for d, p in (("b", "a"), ("a", "z"), ("a", "b"))]
     write_snapshot(home, "s", pa.Table.from_pylist(rows, schema=COUNTS_SCHEMA), "x")
     got = read_snapshot(home, "s", "x")
-    assert list(zip(got["dataset"].to_pylist(), got["problem_id"].to_pylist())) == [("a", "b"), ("a", "z"), ("b", "a")]
+    assert list(zip(got["dataset"].to_pylist(), got["problem_id"].to_pylist())) == [("a", "b"), ("a", "z"),
+                                                                                    ("b", "a")]

@@ -20,9 +20,9 @@ RECORDED = {
     "token", "consumer", "lease_ttl_seconds",
     "http_retries", "http_timeout_seconds", "refresh_every", "refresh_between_stages", "reprobe_fraction",
     "carry_over_decay", "fresh_samples",
-    "refresh_backend", "home", "rollout_k", "rollout_temperature", "rollout_max_new_tokens", "rollout_batch_size",
-    "scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix", "eval_every", "eval_dataset", "eval_limit",
-    "eval_max_new_tokens", "device", "progress",
+    "refresh_backend", "home", "rollout_k", "rollout_temperature", "rollout_max_new_tokens",
+    "rollout_batch_size", "scheme", "alpha", "beta", "prior", "weight_floor", "uniform_mix", "eval_every",
+    "eval_dataset", "eval_limit", "eval_max_new_tokens", "device", "progress",
     # added later (a checkpoint without them resumes: a missing setting reads as None, their default)
     "tensor_parallel_size", "gpu_memory_utilization", "dtype", "max_model_len", "enforce_eager",
     "report_to",  # resumable with another value: the logs do not change the result
@@ -41,7 +41,8 @@ def test_flags_reach_the_config_that_owns_them_and_shared_ones_reach_both():
                                                        "--max-new-tokens", "9", "--token", "secret"))
     assert (config.seed, remeasure.config.seed, evaluate.config.seed) == (7, 7, 7)
     assert (remeasure.config.home, evaluate.config.home) == ("H", "H")
-    assert remeasure.config.max_new_tokens == config.max_new_tokens == 9 and remeasure.config.token == "secret"
+    assert remeasure.config.max_new_tokens == config.max_new_tokens == 9
+    assert remeasure.config.token == "secret"
     assert remeasure.config.weights == {"prior": [2.0, 3.0], "weight_floor": 0.2}
     assert not config.chat_template and not evaluate.config.chat_template
     chat, _, chat_eval = jobs_from_args(parse("--chat-template"))
@@ -73,7 +74,8 @@ def test_a_bad_remeasure_setting_is_an_input_error_naming_it():
 
 
 def test_vllm_engine_flags_reach_the_refresh():
-    _, remeasure, _ = jobs_from_args(parse("--refresh-backend", "vllm", "--tensor-parallel-size", "2", "--dtype",
+    _, remeasure, _ = jobs_from_args(parse("--refresh-backend", "vllm", "--tensor-parallel-size", "2",
+                                           "--dtype",
                                            "bfloat16", "--max-model-len", "512", "--enforce-eager"))
     assert remeasure.config.engine().backend_kwargs("vllm") == {
         "tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 512, "enforce_eager": True}

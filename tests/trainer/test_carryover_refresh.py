@@ -68,7 +68,8 @@ def test_an_old_snapshot_without_evidence_reads_and_weighs_as_before(tmp_path, c
                  "--no-require-reference", "--home", str(home.root)]) == 0
     w = compute_weights(table["correct"].to_numpy(), table["n"].to_numpy(), WeightScheme(name="paced"))
     keep = w > 0
-    want = dict(zip(np.asarray(table["problem_id"].to_pylist())[keep].tolist(), w[keep] / w[keep].mean(), strict=True))
+    want = dict(zip(np.asarray(table["problem_id"].to_pylist())[keep].tolist(), w[keep] / w[keep].mean(),
+                    strict=True))
     assert_same_weights(manifest_weights(out), want)
     capsys.readouterr()
     assert main(["passrates", "show", "--student", "s1", "--json", "--home", str(home.root)]) == 0
@@ -82,7 +83,8 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
     first_ids, second_ids = ["p0000001", "p0000004", "p0000009"], ["p0000004", "p0000005"]
     fake_rollouts(home, A, first_ids, k=4)
     first = refresh_lineage(home, "s1", A, "arith", "h2", base, problem_ids=first_ids, step=5, decay=lam)
-    assert refresh_lineage(home, "s1", A, "arith", "h2", base, problem_ids=first_ids, step=5, decay=lam) == first
+    assert refresh_lineage(home, "s1", A, "arith", "h2", base, problem_ids=first_ids, step=5,
+                           decay=lam) == first
     assert pq.read_schema(home.snapshots_dir("s1") / f"{first}.parquet") == SNAPSHOT_SCHEMA
     fake_rollouts(home, B, second_ids, k=4)
     second = refresh_lineage(home, "s1", B, "arith", "h2", first, problem_ids=second_ids, step=9, decay=lam)
@@ -91,10 +93,13 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
     for pid in old:
         o = old[pid]
         # After the first refresh: λ × the base counts + A's fresh counts; the rest carried as they were.
-        c1, n1 = (lam * o["correct"] + fa[pid][0], lam * o["n"] + fa[pid][1]) if pid in fa else (o["correct"], o["n"])
+        c1, n1 = (o["correct"], o["n"])
+        if pid in fa:
+            c1, n1 = lam * o["correct"] + fa[pid][0], lam * o["n"] + fa[pid][1]
         # After the second: λ × the first evidence + B's fresh counts.
         c2, n2 = (lam * c1 + fb[pid][0], lam * n1 + fb[pid][1]) if pid in fb else (c1, n1)
-        for row, c, n, fresh, counts in ((one[pid], c1, n1, pid in fa, fa), (two[pid], c2, n2, pid in fb, fb)):
+        for row, c, n, fresh, counts in ((one[pid], c1, n1, pid in fa, fa),
+                                         (two[pid], c2, n2, pid in fb, fb)):
             assert row["evidence_correct"] == pytest.approx(c) and row["evidence_n"] == pytest.approx(n)
             assert row["pass_rate"] == pytest.approx(c / n)
             if fresh:  # the integer counts stay the fresh samples'; the carried share is what λ kept
@@ -105,12 +110,14 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
     assert two["p0000004"]["evidence_n"] == pytest.approx(lam * (lam * 8 + 4) + 4)
     record = read_lineage(home, "s1", second)
     assert record["carry_over_decay"] == lam
-    assert record["carried_share"]["mean"] == pytest.approx(np.mean([r["carried_share"] for r in two.values()]))
+    row_shares = [r["carried_share"] for r in two.values()]
+    assert record["carried_share"]["mean"] == pytest.approx(np.mean(row_shares))
     # A kill between the side file and the snapshot: the rerun writes the same rows under the same id.
     path = home.snapshots_dir("s1") / f"{second}.parquet"
     before = read_snapshot(home, "s1", second)
     path.unlink()
-    assert refresh_lineage(home, "s1", B, "arith", "h2", first, problem_ids=second_ids, step=9, decay=lam) == second
+    assert refresh_lineage(home, "s1", B, "arith", "h2", first, problem_ids=second_ids, step=9,
+                           decay=lam) == second
     assert read_snapshot(home, "s1", second).equals(before)
     # Without carry-over the same inputs are another refresh (its key differs).
     plain = refresh_lineage(home, "s1", B, "arith", "h2", first, problem_ids=second_ids, step=9)
@@ -119,12 +126,15 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
     snapshot = read_snapshot(home, "s1", second)
     for scheme in ("paced", "paced-posterior"):
         out = tmp_path / f"m-{scheme}"
-        assert main(["manifest", "build", "--student", "s1", "--snapshot", second, "--dataset", "arith", "--out",
+        assert main(["manifest", "build", "--student", "s1", "--snapshot", second, "--dataset", "arith",
+                     "--out",
                      str(out), "--no-require-reference", "--scheme", scheme, "--home", str(home.root)]) == 0
         assert_same_weights(manifest_weights(out), evidence_weights(snapshot, WeightScheme(name=scheme)))
-    counts_only = compute_weights(snapshot["correct"].to_numpy(), snapshot["n"].to_numpy(), WeightScheme(name="paced"))
+    counts_only = compute_weights(snapshot["correct"].to_numpy(), snapshot["n"].to_numpy(),
+                                  WeightScheme(name="paced"))
     assert not np.allclose(counts_only, compute_weights(snapshot["evidence_correct"].to_numpy(),
-                                                        snapshot["evidence_n"].to_numpy(), WeightScheme(name="paced")))
+                                                        snapshot["evidence_n"].to_numpy(),
+                                                        WeightScheme(name="paced")))
     app = create_app(Settings(home=home.root, max_shard_size=64))
     with TestClient(app) as client:
         run = client.post("/v1/runs", json={"student_id": "s1", "dataset": "arith", "shard_size": 64,
@@ -132,19 +142,23 @@ def test_evidence_accumulates_as_old_times_decay_plus_fresh_across_two_refreshes
         assert run.status_code == 201, run.text
         shard = client.get(f"/v1/runs/{run.json()['run_id']}/epochs/0/shards/0").json()
         page = client.get("/").text  # the dashboard's lineage table, newest snapshot first
-    shares = [np.mean(read_snapshot(home, "s1", sid)["carried_share"].to_numpy()) for sid in list_snapshots(home, "s1")]
-    assert re.findall(r"data-field='carried_share'>([^<]+)<", page) == [f"{100 * x:.1f}%" for x in reversed(shares)]
+    shares = [np.mean(read_snapshot(home, "s1", sid)["carried_share"].to_numpy())
+              for sid in list_snapshots(home, "s1")]
+    shown = re.findall(r"data-field='carried_share'>([^<]+)<", page)
+    assert shown == [f"{100 * x:.1f}%" for x in reversed(shares)]
     assert shares[0] == 0 and shares[2] > 0
     served = {it["problem_id"]: it["weight"] for it in shard["items"]}
     assert_same_weights(served, evidence_weights(snapshot, WeightScheme(name="paced")))
     capsys.readouterr()
-    assert main(["passrates", "show", "--student", "s1", "--snapshot", second, "--json", "--home", str(home.root)]) == 0
+    assert main(["passrates", "show", "--student", "s1", "--snapshot", second, "--json", "--home",
+                 str(home.root)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["carried_share"] == pytest.approx(record["carried_share"]["mean"])
     assert shown["carried_rows"] == sum(r["stale_age"] > 0 for r in two.values())
 
 
-def test_train_with_carry_over_rolls_out_the_chosen_problems_and_weighs_by_the_evidence(models, tmp_path, capsys):
+def test_train_with_carry_over_rolls_out_the_chosen_problems_and_weighs_by_the_evidence(models, tmp_path,
+                                                                                        capsys):
     home, base, manifest = home_with_manifest(tmp_path, capsys)
     out = tmp_path / "out"
     args = train_args(models, manifest, out, "--steps", "5", "--refresh-every", "2", "--home", str(home.root),
@@ -178,7 +192,8 @@ def test_train_with_carry_over_rolls_out_the_chosen_problems_and_weighs_by_the_e
     # Off without --refresh-every; --fresh-samples needs --carry-over-decay.
     assert main(train_args(models, manifest, tmp_path / "o2", "--carry-over-decay", "0.5")) == 1
     assert "--refresh-every" in capsys.readouterr().err
-    assert main(train_args(models, manifest, tmp_path / "o3", "--refresh-every", "2", "--fresh-samples", "2")) == 1
+    assert main(train_args(models, manifest, tmp_path / "o3", "--refresh-every", "2", "--fresh-samples",
+                           "2")) == 1
     assert "--carry-over-decay" in capsys.readouterr().err
 
 
@@ -204,7 +219,8 @@ def test_kill_during_a_carry_over_refresh_then_resume_gives_the_same_snapshots(m
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["pending_refresh"]["step"] == 2
-    assert list((home_b.root / "rollouts").glob("m-*/*/arith/batch-*.parquet")), "the kill came before the rollout"
+    rolled = list((home_b.root / "rollouts").glob("m-*/*/arith/batch-*.parquet"))
+    assert rolled, "the kill came before the rollout"
     assert len(list_snapshots(home_b, "s1")) == 1, "the kill came after the refresh's snapshot"
     assert main(args("b", "--resume")) == 0
     resumed = summary_of(capsys)

@@ -182,7 +182,8 @@ def test_teacher_minus_inf_entries_are_padding_excluded_from_both_distributions(
     padded = teacher.clone()
     padded[..., [2, 7]] = NEG_INF  # e.g. vocabulary padding the teacher can never emit
     upstream = torch.tensor([1.0, 3.0, 1.0])
-    got, got_grad = value_and_grad(LOSSES[name], student, padded, mask, upstream, chunk_size=3, **KWARGS[name])
+    got, got_grad = value_and_grad(LOSSES[name], student, padded, mask, upstream, chunk_size=3,
+                                   **KWARGS[name])
     assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
     assert not got_grad[..., [2, 7]].any()
     # the same as the loss on the vocabulary without those entries
@@ -254,7 +255,8 @@ def test_chunked_equals_unchunked_and_no_grad_path(name):
     upstream = torch.arange(1.0, 5.0)
     whole = value_and_grad(LOSSES[name], student, teacher, mask, upstream, chunk_size=10_000, **KWARGS[name])
     for chunk_size in (1, 2, 5, None):
-        parts = value_and_grad(LOSSES[name], student, teacher, mask, upstream, chunk_size=chunk_size, **KWARGS[name])
+        parts = value_and_grad(LOSSES[name], student, teacher, mask, upstream, chunk_size=chunk_size,
+                               **KWARGS[name])
         assert_close(parts, whole, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
         assert_close(LOSSES[name](student, teacher, mask, **KWARGS[name]).double(), whole[0])
@@ -292,7 +294,8 @@ def test_non_contiguous_logits_work(in_place):
 def test_in_place_gives_the_same_gradient_and_reuses_the_logits_storage(name, dtype):
     leaf, teacher, mask = make_batch(seed=18, dtype=dtype)
     upstream = torch.tensor([1.0, 0.5, 2.0])
-    want, want_grad = value_and_grad(LOSSES[name], leaf, teacher, mask, upstream, chunk_size=4, **KWARGS[name])
+    want, want_grad = value_and_grad(LOSSES[name], leaf, teacher, mask, upstream, chunk_size=4,
+                                     **KWARGS[name])
     leaf.grad = None
     logits = leaf * 1.0  # as a model's output: not a leaf
     storage = logits.data_ptr()

@@ -78,7 +78,8 @@ def test_report_to_none_writes_no_logs_and_bad_names_are_refused(models, tmp_pat
     source = write_shards(tmp_path / "shards", make_rows(8), shard_size=8)
     assert main(train_args(models, source, tmp_path / "out", "--steps", "1", "--report-to", "none")) == 0
     summary_of(capsys)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "tensorboard").exists()
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert not (tmp_path / "out" / "tensorboard").exists()
     assert parse_report_to("jsonl, tensorboard") == ["jsonl", "tensorboard"]
     with pytest.raises(InputError, match="unknown 'wandb'.*jsonl, tensorboard, none"):
         parse_report_to("jsonl,wandb")
@@ -107,7 +108,8 @@ def test_group_mode_lines_carry_the_zero_weight_share_skips_and_the_groups_front
     assert sum(line["group_zero_weight_sample_share"] * line["group_samples"] for line in steps) == \
         pytest.approx(group["zero_weight_samples"])
     assert sum(line["group_skipped"] for line in steps) == group["zero_weight_steps"]
-    assert sum(line["group_mean_pass_rate"] * line["group_samples"] for line in steps) == pytest.approx(group["correct"])
+    assert sum(line["group_mean_pass_rate"] * line["group_samples"]
+               for line in steps) == pytest.approx(group["correct"])
     for line in steps:
         shares = (line["group_share_zero"], line["group_share_mid"], line["group_share_one"])
         assert sum(shares) == pytest.approx(1.0)

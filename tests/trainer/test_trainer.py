@@ -175,7 +175,8 @@ def test_aligned_logits_keep_only_completion_positions_and_match_the_full_forwar
 
     model = AutoModelForCausalLM.from_pretrained(models[1]).eval()
     tok = AutoTokenizer.from_pretrained(models[1])
-    side = encode_side(prompt_ids(tok, ["1+2=", "12+34="]), completion_ids(tok, ["3", "46"]), tok.pad_token_id)
+    side = encode_side(prompt_ids(tok, ["1+2=", "12+34="]), completion_ids(tok, ["3", "46"]),
+                       tok.pad_token_id)
     with torch.no_grad():
         kept = aligned_logits(model, side, model.config.vocab_size)
         full = model(input_ids=side.input_ids, attention_mask=side.attention_mask).logits
@@ -195,10 +196,12 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(models, tmp_path, ca
     shards = write_shards(tmp_path / "m", make_rows(24), shard_size=8)
     args = ["--steps", "60", "--save-every", "2", "--warmup-steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", *train_args(models, shards, tmp_path / "b", *args)],
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli",
+                             *train_args(models, shards, tmp_path / "b", *args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300
-    while not (tmp_path / "b" / "checkpoint-4").exists() and proc.poll() is None and time.monotonic() < deadline:
+    checkpoint = tmp_path / "b" / "checkpoint-4"
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -54,7 +54,8 @@ def test_a_batch_given_back_is_not_counted_as_taken(tmp_path):
 def test_a_row_without_a_weight_is_an_error_naming_the_shard(tmp_path):
     rows = make_rows(6)
     folder = write_shards(tmp_path / "m", rows, shard_size=6)
-    table = pa.Table.from_pylist([{**r, "weight": None if i == 4 else r["weight"]} for i, r in enumerate(rows)])
+    table = pa.Table.from_pylist([{**r,
+                                   "weight": None if i == 4 else r["weight"]} for i, r in enumerate(rows)])
     write_parquet_atomic(folder / "shard-00000.parquet", table)
     with pytest.raises(InputError, match=r"shard-00000.parquet: row 4 has no `weight`"):
         stream_over(folder).next_batch()
@@ -70,14 +71,16 @@ def test_progress_reads_the_trainer_state_an_older_version_wrote():
              "position": {"epoch": 0, "shard": 1, "row": 2}, "skipped_batches": 0, "tokens": 40,
              "skipped_rows": 1, "seconds": 2.0, "refreshes": [record],
              "pending_refresh": {"kind": "every", "step": 4, "stage": 0, "round": 2},
-             "evals": [{"step": 0, "accuracy": 0.5, "by_difficulty": {"1": 0.5}, "problems": 6, "train_tokens": 0,
+             "evals": [{"step": 0, "accuracy": 0.5, "by_difficulty": {"1": 0.5}, "problems": 6,
+                        "train_tokens": 0,
                         "rollout_tokens": 0, "seconds": 0.1}], "first_loss": 2.0, "last_loss": 1.0}
     progress = Progress.from_state(state, 1, "ignored")
     assert progress.remeasures == [RemeasureRecord.from_json(record)]
     assert progress.remeasures[0].to_json() == record and progress.pending.round == 2
     assert progress.evals[0].accuracy == 0.5
     with pytest.raises(InputError, match="a refresh record lacks snapshot_id"):
-        Progress.from_state({**state, "refreshes": [{k: v for k, v in record.items() if k != "snapshot_id"}]}, 1, "")
+        Progress.from_state({**state, "refreshes": [{k: v for k, v in record.items() if k != "snapshot_id"}]},
+                            1, "")
 
 
 def test_a_batch_carries_every_shard_column_and_across_shards_lacking_one(tmp_path):
@@ -99,7 +102,8 @@ def test_a_batch_carries_every_shard_column_and_across_shards_lacking_one(tmp_pa
 def test_a_weight_that_is_not_finite_and_non_negative_is_an_error_naming_the_shard(tmp_path, bad):
     rows = make_rows(4)
     folder = write_shards(tmp_path / "m", rows, shard_size=4)
-    table = pa.Table.from_pylist([{**r, "weight": bad if i == 2 else r["weight"]} for i, r in enumerate(rows)])
+    table = pa.Table.from_pylist([{**r,
+                                   "weight": bad if i == 2 else r["weight"]} for i, r in enumerate(rows)])
     write_parquet_atomic(folder / "shard-00000.parquet", table)
     with pytest.raises(InputError, match=r"shard-00000.parquet: row 2 has weight"):
         stream_over(folder).next_batch()
@@ -119,6 +123,6 @@ def test_group_and_carry_over_records_keep_their_own_fields():
                    "sample_steps": [], "samples": 0, "sample_tokens": 0}
     for record in (group, carry, nothing_new):
         assert RemeasureRecord.from_json(record).to_json() == record
-    point = {"step": 5, "accuracy": 0.25, "by_difficulty": {}, "problems": 4, "train_tokens": 10, "rollout_tokens": 3,
-             "generated_tokens": 7, "flops": 1.5e9, "train_seconds": 1.0, "seconds": 0.1}
+    point = {"step": 5, "accuracy": 0.25, "by_difficulty": {}, "problems": 4, "train_tokens": 10,
+             "rollout_tokens": 3, "generated_tokens": 7, "flops": 1.5e9, "train_seconds": 1.0, "seconds": 0.1}
     assert EvalPoint.from_json(point).to_json() == point

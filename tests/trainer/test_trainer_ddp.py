@@ -16,9 +16,11 @@ from trainer_helpers import build_models, make_rows, parameters, train_args, wri
 def test_two_gloo_processes_train_in_step_and_rank_0_saves(tmp_path):
     models = build_models(tmp_path / "models")
     shards = write_shards(tmp_path / "m", make_rows(20, completion_every=5), shard_size=8)
-    args = train_args(models, shards, tmp_path / "out", "--stages", "forward:2,reverse:1", "--save-every", "2")
+    args = train_args(models, shards, tmp_path / "out", "--stages", "forward:2,reverse:1", "--save-every",
+                      "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2",
                           "-m", "paced.cli", *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = [x for x in run.stdout.splitlines() if x.startswith("{")]  # rank 0 prints the summary
@@ -39,5 +41,6 @@ def test_two_gloo_processes_train_in_step_and_rank_0_saves(tmp_path):
     assert final_state["position"] == {"epoch": 1, "shard": 0, "row": 7}
     # The training logs: rank 0 writes each step once, with both ranks' rows and tokens.
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [(x["kind"], x["step"], x["rows"]) for x in lines] == [("step", 1, 8), ("step", 2, 8), ("step", 3, 8)]
+    assert [(x["kind"], x["step"], x["rows"]) for x in lines] == [("step", 1, 8), ("step", 2, 8),
+                                                                  ("step", 3, 8)]
     assert sum(x["tokens"] for x in lines) == summary["train_tokens"]

@@ -19,7 +19,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
 
 
 def torchrun(args: list[str]) -> dict:
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2",
                           "-m", "paced.cli", *args], capture_output=True, text=True, env=ENV, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = [x for x in run.stdout.splitlines() if x.startswith("{")]  # rank 0 prints the summary

@@ -47,14 +47,15 @@ def group_home(root: Path, capsys, n: int = 24, scheme: str = "uniform") -> tupl
     write_problem_part(home, "arith", problems, grader="exact", source="test")
     add_snapshot(home, "s1", [i % 9 for i in range(n)])
     assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(root / "m"),
-                 "--shard-size", "8", "--scheme", scheme, "--no-require-reference", "--home", str(home.root)]) == 0
+                 "--shard-size", "8", "--scheme", scheme, "--no-require-reference", "--home",
+                 str(home.root)]) == 0
     capsys.readouterr()
     return home.root, root / "m"
 
 
 def group_args(models, home: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
-    return [*train_args(models, manifest, out, "--loss", "reverse", "--group-size", str(K), "--max-new-tokens", "1",
-                        "--home", str(home), "--grader-workers", "1"), *extra]
+    return [*train_args(models, manifest, out, "--loss", "reverse", "--group-size", str(K),
+                        "--max-new-tokens", "1", "--home", str(home), "--grader-workers", "1"), *extra]
 
 
 def committed(home: Path) -> list[tuple]:
@@ -64,7 +65,8 @@ def committed(home: Path) -> list[tuple]:
         for s in rollout_sets(open_home(home, create=False), student):
             t = read_rollouts(list(s.files))
             rows += [(student, *r) for r in zip(t["problem_id"].to_pylist(), t["sample_idx"].to_pylist(),
-                                                t["completion"].to_pylist(), t["outcome"].to_pylist(), strict=True)]
+                                                t["completion"].to_pylist(), t["outcome"].to_pylist(),
+                                                strict=True)]
     return sorted(rows)
 
 
@@ -152,7 +154,8 @@ def test_the_step_loss_is_normalised_over_all_its_micro_batches(models, tmp_path
 def test_a_step_where_every_weight_is_0_is_skipped_and_counted(models, tmp_path, capsys):
     """hard-filter with K = 1: every group is all right or all wrong, so every weight is 0."""
     home, manifest = group_home(tmp_path, capsys)
-    args = group_args(models, home, manifest, tmp_path / "out", "--steps", "3", "--group-scheme", "hard-filter")
+    args = group_args(models, home, manifest, tmp_path / "out", "--steps", "3", "--group-scheme",
+                      "hard-filter")
     args[args.index("--group-size") + 1] = "1"
     assert main(args) == 0
     summary = summary_of(capsys)
@@ -188,7 +191,8 @@ def test_training_samples_refresh_like_paced_rollout_of_the_same_checkpoint(mode
     other, _ = group_home(tmp_path / "b", capsys)
     config = RolloutConfig(k=K, temperature=1.0, max_new_tokens=1, seed=step_seed(0, 2))
     rollout(other, tmp_path / "out" / "checkpoint-2", "arith", config, student_id=student,
-            problem_ids=sorted(set(trained["problem_id"].to_pylist())), backend_name="transformers", progress=False)
+            problem_ids=sorted(set(trained["problem_id"].to_pylist())), backend_name="transformers",
+            progress=False)
     rolled = read_rollouts(batch_files(next((other / "rollouts" / student).glob("*/arith"))))
     assert rolled.to_pylist() == trained.to_pylist()
     snaps = [refresh_student(open_home(h, create=False), student) for h in (home, other)]
@@ -206,7 +210,8 @@ def test_sigkill_and_resume_commit_each_sample_once_with_the_same_weights(models
                                                                              tmp_path / "b" / "out", *args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300  # kill after step 4's commit: steps 3-4 are replayed from checkpoint-3
-    while not (home_b / "rollouts" / "s1-step4").exists() and proc.poll() is None and time.monotonic() < deadline:
+    step4 = home_b / "rollouts" / "s1-step4"
+    while not step4.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -223,7 +228,8 @@ def test_sigkill_and_resume_commit_each_sample_once_with_the_same_weights(models
     assert 0 < straight["group"]["correct"] < straight["group"]["samples"]
     # The training logs: each step once after the resume, with the uninterrupted run's figures.
     logs = [[{k: v for k, v in json.loads(x).items() if k != "seconds"}
-             for x in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()] for name in ("a", "b")]
+             for x in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()]
+            for name in ("a", "b")]
     assert [x["step"] for x in logs[1]] == list(range(1, 9))
     assert [x.pop("loss") for x in logs[1]] == pytest.approx([x.pop("loss") for x in logs[0]], nan_ok=True)
     assert logs[1] == logs[0]
@@ -243,8 +249,8 @@ def test_the_self_distillation_template_reaches_the_teacher_and_not_the_student(
 
     student_dir = models[0]
     (student, tokenizer), (teacher, _) = (load_model(student_dir, torch.float32, "cpu") for _ in range(2))
-    config = TrainConfig(student=str(student_dir), teacher=str(student_dir), source=str(tmp_path), out=str(tmp_path),
-                         teacher_prompt_template="{answer}={prompt}")
+    config = TrainConfig(student=str(student_dir), teacher=str(student_dir), source=str(tmp_path),
+                         out=str(tmp_path), teacher_prompt_template="{answer}={prompt}")
     seen: dict[str, list] = {}
     for name, model in (("student", student), ("teacher", teacher)):
         model.register_forward_hook(lambda m, a, kw, out, name=name: seen.setdefault(name, []).append(
@@ -259,7 +265,8 @@ def test_the_self_distillation_template_reaches_the_teacher_and_not_the_student(
 
 
 # a chat template in the tiny tokenizer's alphabet: BOS, the user turn between '=' signs, '-' opens the answer
-CHAT = "{{ bos_token }}{% for m in messages %}={{ m['content'] }}={% endfor %}{% if add_generation_prompt %}-{% endif %}"
+CHAT = ("{{ bos_token }}{% for m in messages %}={{ m['content'] }}={% endfor %}"
+        "{% if add_generation_prompt %}-{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +308,8 @@ def test_chat_template_renders_both_sides_as_generation_does(chat_models, tmp_pa
     forward_pair(trainee, ["12+3="], ["15"], [target])
     want_student = render_prompts(tokenizer, ["12+3="], True)[0]
     want_teacher = render_prompts(tokenizer, ["15+0=12+3="], True)[0]
-    assert tokenizer.decode(want_student) == "<s>=12+3==-" and tokenizer.decode(want_teacher) == "<s>=15+0=12+3==-"
+    assert tokenizer.decode(want_student) == "<s>=12+3==-"
+    assert tokenizer.decode(want_teacher) == "<s>=15+0=12+3==-"
     assert seen["student"][0] == want_student + target and seen["teacher"][0] == want_teacher + target
 
 
@@ -318,7 +326,8 @@ def test_chat_template_samples_are_paced_rollouts_with_the_chat_template(chat_mo
     trained = read_rollouts(batch_files(folder))
     other, _ = group_home(tmp_path / "b", capsys)
     rollout(other, tmp_path / "out" / "checkpoint-1", "arith", config, student_id=student,
-            problem_ids=sorted(set(trained["problem_id"].to_pylist())), backend_name="transformers", progress=False)
+            problem_ids=sorted(set(trained["problem_id"].to_pylist())), backend_name="transformers",
+            progress=False)
     rolled = read_rollouts(batch_files(other / "rollouts" / student / config.sampling_hash / "arith"))
     assert trained.num_rows == 4 * K and rolled.to_pylist() == trained.to_pylist()
 
@@ -352,7 +361,8 @@ def test_two_gloo_processes_normalise_over_both_and_equal_one_process(models, tm
     args = group_args(models, home_b, manifest_b, tmp_path / "b" / "out", *extra)
     args[args.index("--batch-size") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2",
                           "-m", "paced.cli", *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = [x for x in run.stdout.splitlines() if x.startswith("{")]

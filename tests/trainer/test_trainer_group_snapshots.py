@@ -65,7 +65,8 @@ def check_snapshot(home: Path, lineage: str, record: dict, previous: pa.Table, f
     before = {r["problem_id"]: r for r in previous.to_pylist()}
     for row in snapshot.to_pylist():
         if row["problem_id"] in fresh:
-            assert (row["student_id"], row["n"], row["correct"], row["stale_age"]) == (*fresh[row["problem_id"]], 0)
+            assert (row["student_id"], row["n"], row["correct"],
+                    row["stale_age"]) == (*fresh[row["problem_id"]], 0)
         else:
             old = before[row["problem_id"]]
             assert (row["student_id"], row["n"], row["correct"], row["stale_age"]) == \
@@ -75,7 +76,8 @@ def check_snapshot(home: Path, lineage: str, record: dict, previous: pa.Table, f
 
 
 def test_training_samples_become_the_lineages_snapshots_and_the_next_manifest(models, tmp_path, capsys):
-    home, manifest = group_home(tmp_path, capsys, n=6, scheme="paced-posterior")  # problems recur across steps
+    home, manifest = group_home(tmp_path, capsys, n=6,
+                                scheme="paced-posterior")  # problems recur across steps
     out = tmp_path / "out"
     assert main(group_args(models, home, manifest, out, "--steps", "5", "--group-snapshot-every", "2",
                            "--group-scheme", "paced")) == 0
@@ -97,7 +99,8 @@ def test_training_samples_become_the_lineages_snapshots_and_the_next_manifest(mo
         assert r["source"] == str(built)
         assert read_json(built / "manifest.json")["inputs"]["snapshot_id"] == r["snapshot_id"]
         weights = pq.read_table(built / "manifest.parquet")
-        assert_same_weights(dict(zip(weights["problem_id"].to_pylist(), weights["weight"].to_pylist(), strict=True)),
+        assert_same_weights(dict(zip(weights["problem_id"].to_pylist(), weights["weight"].to_pylist(),
+                                     strict=True)),
                             expected_weights(snapshot, WeightScheme(name="paced-posterior")))
         previous, first = snapshot, r["step"]
     assert summary["source"] == refreshes[-1]["source"]
@@ -120,24 +123,29 @@ def test_a_run_that_follows_snapshots_re_plans_from_the_training_samples(
     run = create_run(url, shard_size=4, scheme="paced-posterior", follow_snapshots=True)
     run_url = f"{url}/v1/runs/{run['run_id']}"
     monkeypatch.setenv("PACED_TOKEN", TOKEN)
-    args = [*train_args(models, run_url, tmp_path / "out", "--loss", "reverse"), "--steps", "5", "--group-size", "2",
+    args = [*train_args(models, run_url, tmp_path / "out", "--loss", "reverse"), "--steps", "5",
+            "--group-size", "2",
             "--group-snapshot-every", "2", "--home", str(home.root), "--lease-ttl-seconds", "120"]
     assert main(args) == 0
     summary = summary_of(capsys)
     refreshes = summary["refreshes"]
     assert [(r["kind"], r["step"], r["student_id"], r["source"]) for r in refreshes] == \
         [("samples", 2, "s1", run_url), ("samples", 4, "s1", run_url)]
-    assert summary["rollout_tokens"] == 0 and list_snapshots(home, "s1")[-2:] == [r["snapshot_id"] for r in refreshes]
+    assert summary["rollout_tokens"] == 0
+    assert list_snapshots(home, "s1")[-2:] == [r["snapshot_id"] for r in refreshes]
     previous, first = read_snapshot(home, "s1", run["snapshot_id"]), 0
     for r in refreshes:
         previous, first = check_snapshot(home.root, "s1", r, previous, first), r["step"]
-    # Each snapshot re-plans the rest of epoch 0 at the next lease: shards 2-3 from the first, 4 from the second.
+    # Each snapshot re-plans the rest of epoch 0 at the next lease: shards 2-3 from the first, 4 from the
+    # second.
     view = httpx.get(run_url, timeout=30).json()
-    history = [(h["epoch"], h["from_shard"], h["snapshot_id"], h["checkpoint_id"]) for h in view["snapshot_history"]]
+    history = [(h["epoch"], h["from_shard"], h["snapshot_id"],
+                h["checkpoint_id"]) for h in view["snapshot_history"]]
     assert history == [(0, 0, run["snapshot_id"], None), (0, 2, refreshes[0]["snapshot_id"], "s1-step1"),
                        (0, 4, refreshes[1]["snapshot_id"], "s1-step3")]
     for shards, r in ((range(2, 4), refreshes[0]), (range(4, 5), refreshes[1])):
-        want = expected_weights(read_snapshot(home, "s1", r["snapshot_id"]), WeightScheme(name="paced-posterior"))
+        want = expected_weights(read_snapshot(home, "s1", r["snapshot_id"]),
+                                WeightScheme(name="paced-posterior"))
         weights = {}
         for k in shards:
             got = httpx.get(f"{run_url}/epochs/0/shards/{k}", params={"format": "parquet"}, timeout=30)
@@ -163,14 +171,17 @@ def test_sigkill_during_a_group_snapshot_then_resume_gives_the_same_snapshot(mod
     before = set(snapshots_b.glob("*.json"))
     proc = subprocess.Popen([sys.executable, "-m", "paced.cli", *args("b")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 300  # kill as soon as the snapshot's side file is written (its Parquet next)
-    while proc.poll() is None and time.monotonic() < deadline and not set(snapshots_b.glob("*.json")) - before:
+    # kill as soon as the snapshot's side file is written (its Parquet next)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline \
+            and not set(snapshots_b.glob("*.json")) - before:
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (side,) = set(snapshots_b.glob("*.json")) - before
     state = read_json(tmp_path / "b" / "out" / "checkpoint-2" / "trainer_state.json")
-    assert state["pending_refresh"] == {"kind": "samples", "step": 2, "stage": 0, "round": 1}, "killed after it"
+    assert state["pending_refresh"] == {"kind": "samples", "step": 2, "stage": 0,
+                                        "round": 1}, "killed after it"
     assert main(args("b", "--resume")) == 0
     resumed = summary_of(capsys)
     assert main(args("a")) == 0
@@ -181,8 +192,10 @@ def test_sigkill_during_a_group_snapshot_then_resume_gives_the_same_snapshot(mod
     tables = [read_snapshot(open_home(runs[n][0], create=False), "s1", r["snapshot_id"]).drop(["snapshot_id"])
               for n, r in (("a", ra), ("b", rb))]
     assert tables[0].equals(tables[1]) and rb["rerolled"] == ra["rerolled"] == 8
-    assert {k: v for k, v in rb.items() if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")} == \
-        {k: v for k, v in ra.items() if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")}
+    assert {k: v for k, v in rb.items()
+            if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")} == \
+        {k: v for k, v in ra.items()
+         if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")}
 
 
 def test_one_steps_samples_give_the_snapshot_refresh_lineage_gives_and_a_rerun_finds_it(tmp_path):
@@ -199,7 +212,8 @@ def test_one_steps_samples_give_the_snapshot_refresh_lineage_gives_and_a_rerun_f
     for home, _ in homes:
         fake_rollouts(home, "s1-step0", ids, k=4)
     (a, base_a), (b, base_b) = homes
-    by_samples = refresh_lineage_from_samples(a, "s1", "arith", [("s1-step0", "h2"), ("s1-step1", "h3")], base_a)
+    by_samples = refresh_lineage_from_samples(a, "s1", "arith", [("s1-step0", "h2"), ("s1-step1", "h3")],
+                                              base_a)
     by_rollout = refresh_lineage(b, "s1", "s1-step0", "arith", "h2", base_b, problem_ids=ids)
     tables = [read_snapshot(h, "s1", s).drop(["snapshot_id"]) for h, s in ((a, by_samples), (b, by_rollout))]
     assert tables[0].equals(tables[1]) and tables[0].num_rows == 12

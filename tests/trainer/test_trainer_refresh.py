@@ -36,7 +36,8 @@ TOKEN = "s3cret-token"
 def home_with_manifest(root: Path, capsys, n: int = 30, *extra: str):
     """A data home (problems, references for even ids, snapshot of student s1) and a manifest."""
     home, base = make_service_home(root, n=n)
-    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(root / "m"), "--no-require-reference",
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(root / "m"),
+                 "--no-require-reference",
                  "--shard-size", "8", "--scheme", "paced-posterior", "--home", str(home.root), *extra]) == 0
     capsys.readouterr()
     return home, base, root / "m"
@@ -79,7 +80,8 @@ def fake_rollouts(home, checkpoint: str, ids: list[str], k: int, sampling: str =
              "outcome": "correct" if (i + j) % 3 == 0 else "wrong", "tokens": 2 + j, "finish_reason": "stop",
              "student_id": checkpoint, "sampling_hash": sampling, "grader": "exact@1"}
             for i, pid in enumerate(ids) for j in range(k)]
-    write_rollout_batch(home.rollouts_dir(checkpoint, sampling, "arith"), pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
+    write_rollout_batch(home.rollouts_dir(checkpoint, sampling, "arith"),
+                        pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
 
 
 def test_lineage_refresh_carries_stale_rows_and_is_idempotent_and_resumable(tmp_path):
@@ -88,11 +90,13 @@ def test_lineage_refresh_carries_stale_rows_and_is_idempotent_and_resumable(tmp_
     fake_rollouts(home, "m-aaaaaaaaaaaa", ids, k=4)
     first = refresh_lineage(home, "s1", "m-aaaaaaaaaaaa", "arith", "h2", base, problem_ids=ids, step=5)
     assert list_snapshots(home, "s1") == [base, first]
-    assert refresh_lineage(home, "s1", "m-aaaaaaaaaaaa", "arith", "h2", base, problem_ids=ids, step=5) == first
+    assert refresh_lineage(home, "s1", "m-aaaaaaaaaaaa", "arith", "h2", base, problem_ids=ids,
+                           step=5) == first
     assert list_snapshots(home, "s1") == [base, first]  # nothing written twice
     rows = {r["problem_id"]: r for r in read_snapshot(home, "s1", first).to_pylist()}
     old = {r["problem_id"]: r for r in read_snapshot(home, "s1", base).to_pylist()}
-    counts = {r["problem_id"]: r for r in pass_counts(batch_files(home.rollouts_dir("m-aaaaaaaaaaaa", "h2", "arith")), 4).to_pylist()}
+    files = batch_files(home.rollouts_dir("m-aaaaaaaaaaaa", "h2", "arith"))
+    counts = {r["problem_id"]: r for r in pass_counts(files, 4).to_pylist()}
     for pid, row in rows.items():
         if pid in ids:  # fresh: this checkpoint's counts
             assert (row["student_id"], row["stale_age"], row["n"], row["correct"]) == \
@@ -107,11 +111,13 @@ def test_lineage_refresh_carries_stale_rows_and_is_idempotent_and_resumable(tmp_
     path = home.snapshots_dir("s1") / f"{first}.parquet"
     before = read_snapshot(home, "s1", first)
     path.unlink()
-    assert refresh_lineage(home, "s1", "m-aaaaaaaaaaaa", "arith", "h2", base, problem_ids=ids, step=5) == first
+    assert refresh_lineage(home, "s1", "m-aaaaaaaaaaaa", "arith", "h2", base, problem_ids=ids,
+                           step=5) == first
     assert read_snapshot(home, "s1", first).equals(before)
     # The next refresh chains: ages grow, the history names both checkpoints.
     fake_rollouts(home, "m-bbbbbbbbbbbb", ["p0000004"], k=4)
-    second = refresh_lineage(home, "s1", "m-bbbbbbbbbbbb", "arith", "h2", first, problem_ids=["p0000004"], step=9)
+    second = refresh_lineage(home, "s1", "m-bbbbbbbbbbbb", "arith", "h2", first, problem_ids=["p0000004"],
+                             step=9)
     ages = {r["problem_id"]: r["stale_age"] for r in read_snapshot(home, "s1", second).to_pylist()}
     assert ages["p0000004"] == 0 and ages["p0000001"] == 1 and ages["p0000000"] == 2
     side = read_json(home.snapshots_dir("s1") / f"{second}.json")
@@ -123,18 +129,21 @@ def test_lineage_refresh_carries_stale_rows_and_is_idempotent_and_resumable(tmp_
 # ---------------------------------------------------------------- --refresh-every from files
 
 
-def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_snapshot(models, tmp_path, capsys):
+def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_snapshot(models, tmp_path,
+                                                                                        capsys):
     from paced.jobs.remeasure import HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
     from paced.trainer.config import TrainConfig
     from paced.trainer.loop import train
 
     home, base, manifest = home_with_manifest(tmp_path, capsys)
     seen = {}
-    config = TrainConfig(student=str(models[0]), teacher=str(models[1]), source=str(manifest), out=str(tmp_path / "out"),
+    config = TrainConfig(student=str(models[0]), teacher=str(models[1]), source=str(manifest),
+                         out=str(tmp_path / "out"),
                          steps=5, refresh_every=2, batch_size=4, lr=3e-3, progress=False, eval_every=3)
     remeasure = RemeasureJob(RemeasureConfig(home=str(home.root), reprobe_fraction=0.5, rollout_k=2,
                                              rollout_max_new_tokens=3, progress=False))
-    evaluate = HeldOutEval(HeldOutConfig(home=str(home.root), eval_dataset="arith", eval_limit=6, eval_max_new_tokens=4))
+    evaluate = HeldOutEval(HeldOutConfig(home=str(home.root), eval_dataset="arith", eval_limit=6,
+                                         eval_max_new_tokens=4))
     summary = train(config, remeasure, evaluate, on_step=lambda step, model, tok: seen.__setitem__(
         step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
     assert sorted(seen) == [0, 1, 2, 3, 4, 5]
@@ -144,7 +153,8 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
     previous = read_snapshot(home, "s1", base)
     for r in refreshes:
         folder = tmp_path / "out" / r["checkpoint"]
-        # The rolled-out checkpoint is the one trained: its hash names the fresh rows, its weights are the step's.
+        # The rolled-out checkpoint is the one trained: its hash names the fresh rows, its weights are the
+        # step's.
         assert r["checkpoint_id"] == model_id(folder) and r["student_id"] == "s1"
         saved = parameters(folder)
         assert all(torch.equal(saved[k], seen[r["step"]][k]) for k in saved)
@@ -153,8 +163,10 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
         assert set(fresh["student_id"].to_pylist()) == {r["checkpoint_id"]}
         # Cheap: exactly select_reprobe's problems were rolled out, K times each; the rest carried, older.
         chosen = select_reprobe(previous, 0.5, 0, r["round"]).to_pylist()
-        rolled = read_rollouts(batch_files(home.rollouts_dir(r["checkpoint_id"], r["sampling_hash"], "arith")))
-        assert sorted(set(rolled["problem_id"].to_pylist())) == sorted(chosen) == sorted(fresh["problem_id"].to_pylist())
+        rolled = read_rollouts(batch_files(home.rollouts_dir(r["checkpoint_id"], r["sampling_hash"],
+                                                             "arith")))
+        assert sorted(set(rolled["problem_id"].to_pylist())) == sorted(chosen) \
+            == sorted(fresh["problem_id"].to_pylist())
         assert rolled.num_rows == 2 * len(chosen) == r["rollout_samples"]
         assert r["rollout_tokens"] == sum(rolled["tokens"].to_pylist()) > 0
         assert (r["rerolled"], r["carried"]) == (len(chosen), 30 - len(chosen))
@@ -162,15 +174,18 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
         for row in snapshot.to_pylist():
             if row["problem_id"] not in chosen:
                 old = before[row["problem_id"]]
-                assert (row["stale_age"], row["student_id"], row["n"]) == (old["stale_age"] + 1, old["student_id"], old["n"])
+                assert (row["stale_age"], row["student_id"], row["n"]) == \
+                    (old["stale_age"] + 1, old["student_id"], old["n"])
         # The data after the refresh: a manifest of the lineage rebuilt on the new snapshot's weights.
         built = tmp_path / "out" / f"manifest-step{r['step']}"
         assert r["source"] == str(built)
         inputs = read_json(built / "manifest.json")["inputs"]
         assert (inputs["student_id"], inputs["snapshot_id"]) == ("s1", r["snapshot_id"])
-        assert_same_weights(manifest_weights(built), expected_weights(snapshot, WeightScheme(name="paced-posterior")))
+        assert_same_weights(manifest_weights(built),
+                            expected_weights(snapshot, WeightScheme(name="paced-posterior")))
         state = read_json(folder / "trainer_state.json")
-        assert state["pending_refresh"] is None and state["source"] == str(built) and state["refreshes"][-1] == r
+        assert state["pending_refresh"] is None and state["source"] == str(built)
+        assert state["refreshes"][-1] == r
         p, n = np.asarray(snapshot["pass_rate"].to_pylist()), np.asarray(snapshot["n"].to_pylist())
         measured = p[n > 0]
         assert r["frontier"]["problems"] == measured.size == 30
@@ -183,7 +198,8 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
     # Compute: training and rollouts side by side, and their totals.
     assert summary["rollout_tokens"] == sum(r["rollout_tokens"] for r in refreshes)
     assert summary["total_tokens"] == summary["train_tokens"] + summary["rollout_tokens"]
-    assert summary["total_seconds"] >= summary["train_seconds"] and summary["refresh_seconds"] >= summary["rollout_seconds"]
+    assert summary["total_seconds"] >= summary["train_seconds"]
+    assert summary["refresh_seconds"] >= summary["rollout_seconds"]
     curve = summary["eval_curve"]
     assert [(e["step"], e["rollout_tokens"]) for e in curve] == [(0, 0), (3, refreshes[0]["rollout_tokens"])]
     assert curve[0]["problems"] == 6 and 0 <= curve[1]["accuracy"] <= 1 and curve[1]["train_tokens"] > 0
@@ -192,19 +208,23 @@ def test_refresh_every_rolls_out_the_trained_checkpoint_and_reweights_from_its_s
     assert [x["step"] for x in lines if x["kind"] == "step"] == [1, 2, 3, 4, 5]
     assert [(x["step"], x["snapshot_id"], x["problems"], x["share_mid"], x["carried_share"])
             for x in lines if x["kind"] == "refresh"] == \
-        [(r["step"], r["snapshot_id"], 30, r["frontier"]["share_mid"], r["frontier"]["carried_share"]) for r in refreshes]
-    assert [(x["step"], x["accuracy"]) for x in lines if x["kind"] == "eval"] == [(e["step"], e["accuracy"]) for e in curve]
+        [(r["step"], r["snapshot_id"], 30, r["frontier"]["share_mid"],
+          r["frontier"]["carried_share"]) for r in refreshes]
+    evals = [(x["step"], x["accuracy"]) for x in lines if x["kind"] == "eval"]
+    assert evals == [(e["step"], e["accuracy"]) for e in curve]
 
 
 def test_scheme_flags_and_guards_reach_the_manifests_the_trainer_builds(models, tmp_path, capsys):
     home, _, manifest = home_with_manifest(tmp_path, capsys)
     out = tmp_path / "out"
     args = train_args(models, manifest, out, "--steps", "3", "--refresh-every", "2", "--home", str(home.root),
-                      "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--scheme", "paced", "--weight-floor", "0.2")
+                      "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--scheme", "paced",
+                      "--weight-floor", "0.2")
     assert main(args) == 0
     (refresh,) = summary_of(capsys)["refreshes"]
     scheme = WeightScheme(name="paced", weight_floor=0.2)
-    for folder, snapshot_id in ((out / "manifest-step0", None), (out / "manifest-step2", refresh["snapshot_id"])):
+    for folder, snapshot_id in ((out / "manifest-step0", None),
+                                (out / "manifest-step2", refresh["snapshot_id"])):
         built = read_json(folder / "manifest.json")
         assert built["inputs"]["scheme"] == "paced" and built["inputs"]["weight_floor"] == 0.2
         assert built["guard"] == "floor" and built["zero_weight"] == 0  # p in {0, 1} kept by the floor
@@ -213,8 +233,8 @@ def test_scheme_flags_and_guards_reach_the_manifests_the_trainer_builds(models, 
         snapshot = read_snapshot(home, "s1", snapshot_id or built["inputs"]["snapshot_id"])
         assert_same_weights(manifest_weights(folder), expected_weights(snapshot, scheme))
     # Over the service the weights belong to the run.
-    assert main(train_args(models, "http://127.0.0.1:9/v1/runs/r-000000000000", tmp_path / "o2", "--weight-floor",
-                           "0.1")) == 1
+    assert main(train_args(models, "http://127.0.0.1:9/v1/runs/r-000000000000", tmp_path / "o2",
+                           "--weight-floor", "0.1")) == 1
     assert "POST /v1/runs" in capsys.readouterr().err
 
 
@@ -269,7 +289,8 @@ def service(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home.root), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home.root), "--port",
+                             str(port),
                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PACED_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -285,15 +306,15 @@ def test_a_run_that_follows_snapshots_takes_the_refreshed_weights(models, servic
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     def create(**config):
-        body = {"student_id": "s1", "dataset": "arith", "shard_size": 4, "epochs": 6, "scheme": "paced-posterior",
-                **config}
+        body = {"student_id": "s1", "dataset": "arith", "shard_size": 4, "epochs": 6,
+                "scheme": "paced-posterior", **config}
         r = httpx.post(f"{url}/v1/runs", json=body, headers=auth, timeout=30)
         assert r.status_code == 201, r.text
         return f"{url}/v1/runs/{r.json()['run_id']}"
 
     monkeypatch.setenv("PACED_TOKEN", TOKEN)
-    common = ["--refresh-every", "2", "--home", str(home.root), "--rollout-k", "2", "--rollout-max-new-tokens", "3",
-              "--lease-ttl-seconds", "120"]
+    common = ["--refresh-every", "2", "--home", str(home.root), "--rollout-k", "2",
+              "--rollout-max-new-tokens", "3", "--lease-ttl-seconds", "120"]
     assert main(train_args(models, create(), tmp_path / "o1", "--steps", "3", *common)) == 1
     assert "follow_snapshots" in capsys.readouterr().err
     run = create(follow_snapshots=True)
@@ -330,12 +351,16 @@ def test_refresh_with_vllm_rolls_out_the_saved_checkpoint_in_a_subprocess(models
     pytest.importorskip("vllm")
     home, base, manifest = home_with_manifest(tmp_path, capsys, 12)
     args = train_args(models, manifest, tmp_path / "out", "--steps", "3", "--refresh-every", "2", "--home",
-                      str(home.root), "--rollout-k", "2", "--rollout-max-new-tokens", "3", "--refresh-backend", "vllm",
-                      "--max-model-len", "48", "--dtype", "float32")  # engine options reach the subprocess's engine
+                      str(home.root), "--rollout-k", "2", "--rollout-max-new-tokens", "3",
+                      "--refresh-backend", "vllm", "--max-model-len", "48", "--dtype",
+                      "float32")  # engine options reach the subprocess's engine
     assert main(args) == 0
     (refresh,) = summary_of(capsys)["refreshes"]
-    assert refresh["backend"] == "vllm" and refresh["checkpoint_id"] == model_id(tmp_path / "out" / "checkpoint-2")
+    assert refresh["backend"] == "vllm"
+    assert refresh["checkpoint_id"] == model_id(tmp_path / "out" / "checkpoint-2")
     chosen = select_reprobe(read_snapshot(home, "s1", base), 0.1, 0, 1).to_pylist()
-    rolled = read_rollouts(batch_files(home.rollouts_dir(refresh["checkpoint_id"], refresh["sampling_hash"], "arith")))
-    assert sorted(set(rolled["problem_id"].to_pylist())) == sorted(chosen) and rolled.num_rows == 2 * len(chosen)
+    rolled = read_rollouts(batch_files(home.rollouts_dir(refresh["checkpoint_id"], refresh["sampling_hash"],
+                                                         "arith")))
+    assert sorted(set(rolled["problem_id"].to_pylist())) == sorted(chosen)
+    assert rolled.num_rows == 2 * len(chosen)
     assert refresh["rollout_samples"] == rolled.num_rows and refresh["rollout_tokens"] > 0

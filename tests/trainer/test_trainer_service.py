@@ -32,8 +32,8 @@ def service(tmp_path):
     port = free_port()
     env = {**os.environ, "PACED_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "paced.cli", "serve", "--home", str(home.root), "--port",
-                             str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+                             str(port), "--log-level", "warning"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(proc, url)
     yield url, home
@@ -48,7 +48,8 @@ def create_run(url: str, **config) -> dict:
     return r.json()
 
 
-def test_training_from_the_service_acks_every_leased_shard_once(models, service, tmp_path, capsys, monkeypatch):
+def test_training_from_the_service_acks_every_leased_shard_once(models, service, tmp_path, capsys,
+                                                                monkeypatch):
     url, _ = service
     run = create_run(url)
     monkeypatch.setenv("PACED_TOKEN", TOKEN)
@@ -64,7 +65,8 @@ def test_training_from_the_service_acks_every_leased_shard_once(models, service,
     assert view["done"] and sum(p["acked"] for p in view["progress"]) == run["shards"]
 
 
-def test_the_service_refuses_a_missing_token_with_a_clear_error(models, service, tmp_path, capsys, monkeypatch):
+def test_the_service_refuses_a_missing_token_with_a_clear_error(models, service, tmp_path, capsys,
+                                                                monkeypatch):
     url, _ = service
     run = create_run(url)
     monkeypatch.delenv("PACED_TOKEN", raising=False)
@@ -79,7 +81,8 @@ def test_the_service_refuses_a_missing_token_with_a_clear_error(models, service,
 def test_refresh_between_stages_reweights_stage_two_by_the_new_students_pass_rates(models, tmp_path, capsys):
     home, _ = make_service_home(tmp_path, n=40)
     manifest = tmp_path / "m"
-    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(manifest), "--no-require-reference",
+    assert main(["manifest", "build", "--student", "s1", "--dataset", "arith", "--out", str(manifest),
+                 "--no-require-reference",
                  "--shard-size", "8", "--scheme", "paced-posterior", "--home", str(home.root)]) == 0
     capsys.readouterr()
     args = train_args(models, manifest, tmp_path / "out", "--stages", "forward:2,forward:1",
@@ -102,18 +105,21 @@ def test_refresh_between_stages_reweights_stage_two_by_the_new_students_pass_rat
     assert state["stage"] == 1 and state["source"] == refresh["source"]  # a resume skips the refresh
 
 
-def test_refresh_between_stages_over_http_continues_from_a_new_run(models, service, tmp_path, capsys, monkeypatch):
+def test_refresh_between_stages_over_http_continues_from_a_new_run(models, service, tmp_path, capsys,
+                                                                   monkeypatch):
     url, home = service
     run = create_run(url, scheme="paced-posterior")
     monkeypatch.setenv("PACED_TOKEN", TOKEN)
-    args = train_args(models, f"{url}/v1/runs/{run['run_id']}", tmp_path / "out", "--stages", "forward:1,forward:1",
-                      "--refresh-between-stages", "--home", str(home.root), "--rollout-k", "2", "--max-new-tokens", "3")
+    args = train_args(models, f"{url}/v1/runs/{run['run_id']}", tmp_path / "out", "--stages",
+                      "forward:1,forward:1", "--refresh-between-stages", "--home", str(home.root),
+                      "--rollout-k", "2", "--max-new-tokens", "3")
     assert main(args) == 0
     summary = summary_of(capsys)
     (refresh,) = summary["refreshes"]
     new_run = refresh["source"].rsplit("/", 1)[-1]
     assert new_run != run["run_id"] and summary["source"] == f"{url}/v1/runs/{new_run}"
     view = httpx.get(f"{url}/v1/runs/{new_run}", timeout=30).json()
-    assert view["config"]["student_id"] == refresh["student_id"] and view["config"]["scheme"] == "paced-posterior"
+    assert view["config"]["student_id"] == refresh["student_id"]
+    assert view["config"]["scheme"] == "paced-posterior"
     assert view["snapshot_id"] == refresh["snapshot_id"]
     assert [s["steps_done"] for s in summary["stages"]] == [1, 1]
