@@ -276,8 +276,8 @@ class RunService:
             outcome = self.state.lease(run_id, consumer, ttl, newest)
             if outcome.status in ("next_epoch", "replan"):
                 if outcome.status == "next_epoch":
-                    key, target = (run_id, outcome.next_epoch), partial(self._build_next, run_id,
-                                                                        outcome.next_epoch)
+                    key = (run_id, outcome.next_epoch)
+                    target = partial(self._build_next, run_id, outcome.next_epoch)
                 else:
                     key, target = (outcome.replan,), partial(self._build_replan, outcome.replan)
                 if self._await(key, target):

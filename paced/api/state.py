@@ -181,13 +181,13 @@ class StateDB:
         cur, key = batch.sql(), {"run_id": run.run_id, "epoch": run.current_epoch}
         shards, snapshot_id = cur.execute(statement("service.get_epoch_shards"), key).fetchone()
         state = EpochLeases(run.run_id, run.current_epoch, shards, snapshot_id=snapshot_id)
-        for segment, from_shard, snapshot_id in cur.execute(statement("service.epoch_segments"),
-                                                            key).fetchall():
+        segments = cur.execute(statement("service.epoch_segments"), key).fetchall()
+        for segment, from_shard, snapshot_id in segments:
             if segment > 0:
                 state.starts.append(from_shard)
             state.snapshot_id = snapshot_id
-        for lease_id, shard, expires_at, consumer in cur.execute(statement("service.epoch_leases"),
-                                                                 key).fetchall():
+        leases = cur.execute(statement("service.epoch_leases"), key).fetchall()
+        for lease_id, shard, expires_at, consumer in leases:
             state.grant(shard, lease_id, expires_at, consumer)
         for shard, lease_id in cur.execute(statement("service.epoch_acks"), key).fetchall():
             state.record_ack(shard, lease_id)
@@ -276,8 +276,8 @@ class StateDB:
 
         def op(batch: Batch):
             state = self._epoch_leases(batch, self._run(batch, replan.run_id))
-            if (state.epoch, len(state.starts), state.next_fresh) != (replan.epoch, replan.segment,
-                                                                      replan.from_shard):
+            planned = (replan.epoch, replan.segment, replan.from_shard)
+            if (state.epoch, len(state.starts), state.next_fresh) != planned:
                 raise ConflictError(f"re-plan {replan} no longer fits epoch {state.epoch} of {replan.run_id} "
                                     f"({len(state.starts)} segments, {state.next_fresh} shards out)")
             cur, now = batch.sql(), self._clock()

@@ -179,8 +179,8 @@ class ShardClient:
     def step_done(self) -> int:
         """Call after each optimizer step: acks the shards that step finished; how many."""
         with self._lock:
-            ready = [s.lease_id for s in self.held.values() if (s.consumed if self._by_batches
-                                                                else s.finished)]
+            ready = [s.lease_id for s in self.held.values()
+                     if (s.consumed if self._by_batches else s.finished)]
         for lease_id in ready:
             self.ack(lease_id)
         return len(ready)

@@ -122,8 +122,8 @@ def write_report(demo, results: dict, failure: str | None) -> str:
     if before:
         plot_histograms(before, after, home / "passrate_histogram.png")
         parts += ["## Pass rates before and after PACED training, with the weight curve", "",
-                  f"Mean pass rate: base {np.mean(before):.3f}" + (f", after {np.mean(after):.3f}" if after
-                                                                   else ""),
+                  f"Mean pass rate: base {np.mean(before):.3f}"
+                  + (f", after {np.mean(after):.3f}" if after else ""),
                   "", "![pass-rate histogram](passrate_histogram.png)", ""]
     stage_rows = [[s.name, round(s.seconds, 1), "ok" if s.ok else "FAILED"] for s in demo.stages]
     parts += ["## Stages", "", markdown_table(["stage", "seconds", "status"], stage_rows), ""]

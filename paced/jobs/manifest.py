@@ -234,8 +234,8 @@ def run(args) -> int:
     if out.exists():
         previous = read_json(out / "manifest.json") if (out / "manifest.json").exists() else None
         same = previous and same_build(previous, inputs, args.shard_size, out) \
-            and previous.get("require_reference", False) == require and previous.get("form",
-                                                                                     "text") == args.form
+            and previous.get("require_reference", False) == require \
+            and previous.get("form", "text") == args.form
         if same:
             print(json.dumps({**previous, "out": str(out), "already_built": True}))
             return 0

@@ -425,8 +425,8 @@ def rollout_config(config: RemeasureConfig, home: Home, cursor: Cursor, round_: 
     return RolloutConfig(
         k=config.rollout_k, round=round_, batch_size=config.rollout_batch_size,
         seed=s.get("base_seed", config.seed),
-        temperature=temperature, max_new_tokens=config.rollout_max_new_tokens or s.get("max_new_tokens",
-                                                                                      config.max_new_tokens),
+        temperature=temperature,
+        max_new_tokens=config.rollout_max_new_tokens or s.get("max_new_tokens", config.max_new_tokens),
         top_p=s.get("top_p", config.sample_top_p), stop=tuple(s.get("stop") or ()),
         chat_template=bool(s.get("chat_template", False)))
 

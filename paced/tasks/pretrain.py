@@ -247,8 +247,8 @@ def _generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def accuracy_by_difficulty(model, tokenizer, problems: pa.Table, *, batch_size: int = 512) -> dict[str,
-                                                                                                   float]:
+def accuracy_by_difficulty(model, tokenizer, problems: pa.Table, *,
+                           batch_size: int = 512) -> dict[str, float]:
     """Greedy-decoding accuracy per difficulty (keys "1".."n") and over all problems ("all").
 
     `problems` has columns prompt, answer, difficulty. An answer counts when the decoded
