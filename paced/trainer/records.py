@@ -18,7 +18,8 @@ T = TypeVar("T")
 
 
 def _from_json(cls: type[T], data: dict, what: str) -> T:
-    """`cls` from the keys of `data` that are its fields; InputError naming a missing one."""
+    """`cls` from the keys of `data` that are its fields (the rest, where `cls` has an `extra`
+    field, in `extra`); InputError naming a missing one."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     required = [n for n, f in names.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -26,7 +27,16 @@ def _from_json(cls: type[T], data: dict, what: str) -> T:
     if missing:
         raise InputError(f"trainer_state.json: {what} lacks {', '.join(missing)} (written by another paced "
                          "version?); train into a new --out")
-    return cls(**{k: v for k, v in data.items() if k in names})
+    known = {k: v for k, v in data.items() if k in names and k != "extra"}
+    if "extra" in names:
+        known["extra"] = {k: v for k, v in data.items() if k not in names}
+    return cls(**known)
+
+
+def _to_json(record: object) -> dict:
+    """The record's fields, its `extra` figures flattened back in beside them."""
+    data = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return {**{k: v for k, v in data.items() if k != "extra"}, **data.get("extra", {})}
 
 
 @dataclass(frozen=True)
@@ -79,13 +89,13 @@ class RemeasureRecord:
     sample_steps: list[int] | None = None  # GROUP: the first and last step whose samples it used
     samples: int | None = None  # GROUP: samples and their tokens in the snapshot
     sample_tokens: int | None = None
+    extra: dict = field(default_factory=dict)  # what else the hook reported, kept as it said
 
     OPTIONAL = ("after_stage", "frontier", "carry_over_decay", "carried_share_mean", "sample_steps",
                 "samples", "sample_tokens")
 
     def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
-        return {k: v for k, v in data.items() if not (k in self.OPTIONAL and v is None)}
+        return {k: v for k, v in _to_json(self).items() if not (k in self.OPTIONAL and v is None)}
 
     @classmethod
     def from_json(cls, data: dict) -> RemeasureRecord:
@@ -106,9 +116,10 @@ class EvalPoint:
     flops: float | None = None  # training, sampling and rollouts so far (paced/trainer/flops.py)
     train_seconds: float = 0.0
     seconds: float = 0.0  # the evaluation itself
+    extra: dict = field(default_factory=dict)  # the evaluator's other figures, kept as it said
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return _to_json(self)
 
     @classmethod
     def from_json(cls, data: dict) -> EvalPoint:

@@ -126,3 +126,8 @@ def test_group_and_carry_over_records_keep_their_own_fields():
     point = {"step": 5, "accuracy": 0.25, "by_difficulty": {}, "problems": 4, "train_tokens": 10,
              "rollout_tokens": 3, "generated_tokens": 7, "flops": 1.5e9, "train_seconds": 1.0, "seconds": 0.1}
     assert EvalPoint.from_json(point).to_json() == point
+    # an evaluator's or hook's own figures are kept as it reported them
+    own = {**point, "forget_accuracy": 0.5, "by_module": {"add": 0.25}}
+    assert EvalPoint.from_json(own).to_json() == own
+    assert EvalPoint.from_json(own).extra == {"forget_accuracy": 0.5, "by_module": {"add": 0.25}}
+    assert RemeasureRecord.from_json({**carry, "custom": [1, 2]}).to_json() == {**carry, "custom": [1, 2]}
