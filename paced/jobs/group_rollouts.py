@@ -7,8 +7,10 @@ the outside world, both wired here by `paced train`'s composition root:
   in the killable grading workers (paced/grading/pool.py), one pool per data set, kept open
   for the run.
 - `RolloutSink`: commit the graded samples of step s as rollouts of the checkpoint that drew
-  them, student id `{lineage}-step{s}` (the weights of `OUT/checkpoint-s`; the lineage is the
-  manifest's or service run's student, e.g. `base`). Same store code, schema and atomicity as
+  them, student id `{lineage}-{run}-step{s}` (the weights of `OUT/checkpoint-s`; the lineage is
+  the manifest's or service run's student, e.g. `base`; `run` names the training run by its
+  --out folder, `r` + 8 hex digits, so two runs from one lineage and seed never file their
+  samples under one id, while a resumed run finds its own). Same store code, schema and atomicity as
   `paced rollout`: `rollouts/{student}/{sampling_hash}/{dataset}/batch-*.parquet`, one file per
   step and data set, written under the folder's lock; the sampling hash and `sampling.json` are
   those of `paced rollout --seed step_seed(seed, s)`, whose sample i of problem P is the same
@@ -19,6 +21,9 @@ the outside world, both wired here by `paced train`'s composition root:
 """
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -66,9 +71,16 @@ def rollout_config(sampling: SamplingConfig) -> RolloutConfig:
                          chat_template=sampling.chat_template)
 
 
-def sample_set(lineage: str, step: int, sampling: SamplingConfig) -> tuple[str, str]:
-    """(student id, sampling hash) that step `step`'s samples are committed under."""
-    return f"{lineage}-step{step}", rollout_config(sampling).sampling_hash
+def run_tag(out: str | Path) -> str:
+    """The training run's part of its samples' student ids: from its --out folder (a resume
+    trains into the same one)."""
+    return "r" + hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]
+
+
+def sample_set(prefix: str, step: int, sampling: SamplingConfig) -> tuple[str, str]:
+    """(student id, sampling hash) that step `step`'s samples are committed under; `prefix` is
+    `{lineage}-{run}` (`RolloutSink.prefix`)."""
+    return f"{prefix}-step{step}", rollout_config(sampling).sampling_hash
 
 
 def records_table(records: list, student_id: str, sampling_hash: str) -> pa.Table:
@@ -86,16 +98,17 @@ def records_table(records: list, student_id: str, sampling_hash: str) -> pa.Tabl
 class RolloutSink:
     """`SampleSink` into a data home (see the module doc)."""
 
-    def __init__(self, home: Home, lineage: str):
+    def __init__(self, home: Home, lineage: str, run: str):
         self.home, self.lineage = home, validate_name(lineage, "student_id")
+        self.prefix = validate_name(f"{lineage}-{run}", "student_id")
         self.committed = 0  # samples written by this process (replays excluded)
 
     def student_id(self, step: int) -> str:
-        return f"{self.lineage}-step{step}"
+        return f"{self.prefix}-step{step}"
 
     def commit(self, step: int, sampling: SamplingConfig, records: list) -> None:
         config = rollout_config(sampling)
-        student, _ = sample_set(self.lineage, step, sampling)
+        student, _ = sample_set(self.prefix, step, sampling)
         for dataset in sorted({r.dataset for r in records}):
             folder = self.home.rollouts_dir(student, config.sampling_hash, dataset)
             with folder_lock(folder, "trainer's sample commit"):
@@ -120,8 +133,6 @@ def lineage_of(source: str, token: str | None = None) -> str:
             raise InputError(f"--group-size: cannot read run {source} ({response.status_code}): "
                              f"{response.text[:200]}")
         return response.json()["config"]["student_id"]
-    from pathlib import Path
-
     path = Path(source) / "manifest.json"
     inputs = read_json(path).get("inputs") if path.is_file() else None
     if not inputs or not inputs.get("student_id"):
@@ -139,5 +150,5 @@ def grading_and_sink(config, home: str | None) -> tuple[HomeGrading, RolloutSink
     grading = HomeGrading(store, config.grader_workers, config.grading_timeout_seconds)
     token = config.token or os.environ.get("PACED_TOKEN")
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    sink = RolloutSink(store, lineage_of(config.source, token)) if rank0 else None
+    sink = RolloutSink(store, lineage_of(config.source, token), run_tag(config.out)) if rank0 else None
     return grading, sink

@@ -267,8 +267,9 @@ def current_cursor(config: RemeasureConfig, source: str, previous: dict | None) 
 class RemeasureJob:
     """The trainer's `Remeasure` hook: re-measure a checkpoint's pass rates, say where data goes next.
 
-    `sample_lineage`: the lineage the --group-size samples are committed under (`{lineage}-step{s}`;
-    `paced train` sets it from the sample sink), for `from_samples`."""
+    `sample_lineage`: the prefix the --group-size samples are committed under
+    (`{lineage}-{run}`, whose step s is `{lineage}-{run}-step{s}`; `paced train` sets it from
+    the sample sink), for `from_samples`."""
 
     def __init__(self, config: RemeasureConfig, sample_lineage: str | None = None):
         self.config = config

@@ -1,13 +1,14 @@
 """Lineage snapshots from the training samples: `paced train --group-size K --group-snapshot-every N`.
 
-The group trainer commits step s's graded samples as rollouts of student `{lineage}-step{s}`
-(paced/jobs/group_rollouts.py). Every N steps this writes the next snapshot of the lineage L
-itself, through the code of `refresh_lineage` (paced/jobs/lineage.py), with no rollout:
+The group trainer commits step s's graded samples as rollouts of student
+`{lineage}-{run}-step{s}` (paced/jobs/group_rollouts.py). Every N steps this writes the next
+snapshot of the lineage L itself, through the code of `refresh_lineage` (paced/jobs/lineage.py),
+with no rollout:
 
 - every problem trained since the previous snapshot of the run: the counts of its *newest*
   step's samples (K samples of one checkpoint, or a multiple of K when it came twice in that
-  step), `student_id` = that step's `{lineage}-step{s}`, `stale_age` 0, aggregated by the SQL
-  of `paced refresh`;
+  step), `student_id` = that step's `{lineage}-{run}-step{s}`, `stale_age` 0, aggregated by the
+  SQL of `paced refresh`;
 - every other row of the previous snapshot carried forward (`stale_age` + 1).
 
 A run of the service on L that follows snapshots re-plans from it at its next lease; from

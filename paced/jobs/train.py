@@ -44,7 +44,7 @@ on-policy stage, grades them with the data set's grader (--home), and weights ea
 loss by w(p̂ = c/K) of its prompt under --group-scheme (paced, hard-filter, uniform,
 paced-posterior; --group-alpha/--group-beta/--group-prior); the step's loss is Σ w·L / Σ w over
 all its samples, and a step where every weight is 0 is skipped (counted). The samples are
-committed as rollouts of student `{lineage}-step{s}` in --home, so `paced refresh` makes
+committed as rollouts of student `{lineage}-{run}-step{s}` in --home, so `paced refresh` makes
 snapshots of them. --group-snapshot-every N: every N steps, write the lineage's next snapshot
 from them (each problem trained since the last one: its newest group's counts, stale age 0; the
 rest carried) and go on with weights from it as --refresh-every does (files: OUT/manifest-stepN;
@@ -201,7 +201,7 @@ def run(args) -> int:
         print(f"paced train: warning: {warning}", file=sys.stderr, flush=True)
     io = group_io(config, remeasure.config.home)
     if io is not None and io.sink is not None:  # --group-snapshot-every reads the samples it commits
-        remeasure.sample_lineage = io.sink.lineage
+        remeasure.sample_lineage = io.sink.prefix
     try:
         summary = train(config, remeasure=remeasure, evaluate=evaluate, group_io=io)
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from trainer_helpers import parameters, summary_of, train_args
 from paced.cli import main
 from paced.curriculum import WeightScheme, beta_weight, posterior_weight
 from paced.errors import InputError
+from paced.jobs.group_rollouts import run_tag
 from paced.jobs.refresh import refresh_student
 from paced.jobs.rollout import RolloutConfig, rollout
 from paced.store.home import open_home
@@ -56,6 +58,12 @@ def group_home(root: Path, capsys, n: int = 24, scheme: str = "uniform") -> tupl
 def group_args(models, home: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
     return [*train_args(models, manifest, out, "--loss", "reverse", "--group-size", str(K),
                         "--max-new-tokens", "1", "--home", str(home), "--grader-workers", "1"), *extra]
+
+
+def untag(student: str | None) -> str | None:
+    """A training-sample student id without its run (`s1-r1a2b3c4d-step2` -> `s1-step2`); any
+    other id as it is."""
+    return re.sub(r"-r[0-9a-f]{8}(-step\d+)$", r"\1", student) if student else student
 
 
 def committed(home: Path) -> list[tuple]:
@@ -134,15 +142,14 @@ def test_the_step_loss_is_normalised_over_all_its_micro_batches(models, tmp_path
     assert main(group_args(models, home, manifest, tmp_path / "a", *extra)) == 0
     one = summary_of(capsys)
     samples = committed(home)
-    for student in (home / "rollouts").iterdir():  # the second run commits the same samples
-        import shutil
-
-        shutil.rmtree(student)
     args = group_args(models, home, manifest, tmp_path / "b", *extra)
     args[args.index("--batch-size") + 1] = "2"
     assert main([*args, "--grad-accum", "2"]) == 0
     two = summary_of(capsys)
-    assert committed(home) == samples and len(samples) == 3 * 4 * K
+    # the same draws, committed under the second run's own ids beside the first run's
+    run_b = [r for r in committed(home) if r not in samples]
+    assert len(samples) == len(run_b) == 3 * 4 * K and all(run_tag(tmp_path / "b") in r[0] for r in run_b)
+    assert [(untag(r[0]), *r[1:]) for r in run_b] == [(untag(r[0]), *r[1:]) for r in samples]
     assert one["group"] == two["group"] and one["group"]["samples"] == 3 * 4 * K
     a, b = parameters(tmp_path / "a" / "final"), parameters(tmp_path / "b" / "final")
     for name in a:
@@ -186,7 +193,7 @@ def test_training_samples_refresh_like_paced_rollout_of_the_same_checkpoint(mode
     assert main(group_args(models, home, manifest, tmp_path / "out", "--steps", "3", "--save-every", "1",
                            "--group-scheme", "paced")) == 0
     capsys.readouterr()
-    student = "s1-step2"
+    student = f"s1-{run_tag(tmp_path / 'out')}-step2"
     trained = read_rollouts(batch_files(next((home / "rollouts" / student).glob("*/arith"))))
     other, _ = group_home(tmp_path / "b", capsys)
     config = RolloutConfig(k=K, temperature=1.0, max_new_tokens=1, seed=step_seed(0, 2))
@@ -210,7 +217,7 @@ def test_sigkill_and_resume_commit_each_sample_once_with_the_same_weights(models
                                                                              tmp_path / "b" / "out", *args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300  # kill after step 4's commit: steps 3-4 are replayed from checkpoint-3
-    step4 = home_b / "rollouts" / "s1-step4"
+    step4 = home_b / "rollouts" / f"s1-{run_tag(tmp_path / 'b' / 'out')}-step4"
     while not step4.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -221,7 +228,7 @@ def test_sigkill_and_resume_commit_each_sample_once_with_the_same_weights(models
     home_a, manifest_a = group_home(tmp_path / "a", capsys)
     assert main(group_args(models, home_a, manifest_a, tmp_path / "a" / "out", *args)) == 0
     straight = summary_of(capsys)
-    rows_a, rows_b = committed(home_a), committed(home_b)
+    rows_a, rows_b = ([(untag(r[0]), *r[1:]) for r in committed(h)] for h in (home_a, home_b))
     assert rows_b == rows_a and len(rows_a) == 8 * 4 * K
     assert len({r[:3] for r in rows_b}) == len(rows_b)  # each (checkpoint, problem, sample) once
     assert resumed["group"] == straight["group"]  # same outcomes, so the same weights and zero-weight counts
@@ -320,7 +327,7 @@ def test_chat_template_samples_are_paced_rollouts_with_the_chat_template(chat_mo
     assert main(group_args(chat_models, home, manifest, tmp_path / "out", "--steps", "2", "--save-every", "1",
                            "--chat-template")) == 0
     capsys.readouterr()
-    student = "s1-step1"
+    student = f"s1-{run_tag(tmp_path / 'out')}-step1"
     config = RolloutConfig(k=K, temperature=1.0, max_new_tokens=1, seed=step_seed(0, 1), chat_template=True)
     folder = home / "rollouts" / student / config.sampling_hash / "arith"
     trained = read_rollouts(batch_files(folder))
@@ -343,7 +350,9 @@ def test_group_training_from_a_service_run_commits_under_the_runs_student(
     assert main(args) == 0
     summary = summary_of(capsys)
     assert summary["group"]["samples"] == 2 * 4 * 2 and summary["group"]["correct"] == 0
-    assert sorted(p.name for p in (home.root / "rollouts").iterdir()) == ["s1-step0", "s1-step1"]
+    tag = run_tag(tmp_path / "out")
+    students = sorted(p.name for p in (home.root / "rollouts").iterdir())
+    assert students == [f"s1-{tag}-step0", f"s1-{tag}-step1"]
     assert len(committed(home.root)) == 16
 
 
@@ -370,7 +379,8 @@ def test_two_gloo_processes_normalise_over_both_and_equal_one_process(models, tm
     assert two["world_size"] == 2 and two["group"] == one["group"]
     first, second = two["parameter_checksums"]
     assert first == second
-    assert committed(home_b) == committed(home_a) and len(committed(home_a)) == 3 * 4 * K
+    rows_a, rows_b = ([(untag(r[0]), *r[1:]) for r in committed(h)] for h in (home_a, home_b))
+    assert rows_b == rows_a and len(rows_a) == 3 * 4 * K
     a, b = parameters(tmp_path / "a" / "out" / "final"), parameters(tmp_path / "b" / "out" / "final")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)

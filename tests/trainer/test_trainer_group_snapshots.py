@@ -18,13 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_trainer_group import group_args, group_home
+from test_trainer_group import group_args, group_home, untag
 from test_trainer_refresh import assert_same_weights, expected_weights
 from test_trainer_service import TOKEN, create_run, service  # noqa: F401 - the `service` fixture
 from trainer_helpers import build_models, summary_of, train_args
 
 from paced.cli import main
 from paced.curriculum import WeightScheme
+from paced.jobs.group_rollouts import run_tag
 from paced.jobs.lineage import read_lineage
 from paced.store.files import read_json
 from paced.store.home import open_home
@@ -37,11 +38,12 @@ def models(tmp_path_factory):
     return build_models(tmp_path_factory.mktemp("models"))
 
 
-def newest_counts(home: Path, lineage: str, steps: range) -> dict[str, tuple]:
-    """problem -> (student, n, correct) of its newest step's committed training samples."""
+def newest_counts(home: Path, prefix: str, steps: range) -> dict[str, tuple]:
+    """problem -> (student, n, correct) of its newest step's committed training samples
+    (`prefix`: the run's `{lineage}-{run}`)."""
     store, out = open_home(home, create=False), {}
     for s in steps:
-        student = f"{lineage}-step{s}"
+        student = f"{prefix}-step{s}"
         if not (home / "rollouts" / student).exists():
             continue
         (found,) = rollout_sets(store, student)
@@ -54,12 +56,13 @@ def newest_counts(home: Path, lineage: str, steps: range) -> dict[str, tuple]:
     return out
 
 
-def check_snapshot(home: Path, lineage: str, record: dict, previous: pa.Table, first_step: int) -> pa.Table:
+def check_snapshot(home: Path, lineage: str, record: dict, previous: pa.Table, first_step: int,
+                   out: Path) -> pa.Table:
     """The record's snapshot: fresh rows = the newest group counts of the steps since the last
-    snapshot, the rest carried one older."""
+    snapshot (of the run training into `out`), the rest carried one older."""
     store = open_home(home, create=False)
     snapshot = read_snapshot(store, lineage, record["snapshot_id"])
-    fresh = newest_counts(home, lineage, range(first_step, record["step"]))
+    fresh = newest_counts(home, f"{lineage}-{run_tag(out)}", range(first_step, record["step"]))
     assert fresh and record["rerolled"] == len(fresh) and record["rollout_tokens"] == 0
     assert record["samples"] == sum(n for _, n, _ in fresh.values())
     before = {r["problem_id"]: r for r in previous.to_pylist()}
@@ -89,11 +92,11 @@ def test_training_samples_become_the_lineages_snapshots_and_the_next_manifest(mo
                                                                              ("samples", 4, [2, 3])]
     assert list_snapshots(store, "s1") == [base, *(r["snapshot_id"] for r in refreshes)]
     assert summary["rollout_tokens"] == summary["rollout_samples"] == 0  # no extra generation
-    step0, step1 = (set(newest_counts(home, "s1", range(s, s + 1))) for s in (0, 1))
+    step0, step1 = (set(newest_counts(home, f"s1-{run_tag(out)}", range(s, s + 1))) for s in (0, 1))
     assert step0 & step1  # a problem trained in both steps counts its newest group (step 1's) only
     previous, first = read_snapshot(store, "s1", base), 0
     for r in refreshes:
-        snapshot = check_snapshot(home, "s1", r, previous, first)
+        snapshot = check_snapshot(home, "s1", r, previous, first, out)
         assert read_lineage(store, "s1", r["snapshot_id"])["source"] == "training-samples"
         built = out / f"manifest-step{r['step']}"
         assert r["source"] == str(built)
@@ -135,14 +138,16 @@ def test_a_run_that_follows_snapshots_re_plans_from_the_training_samples(
     assert list_snapshots(home, "s1")[-2:] == [r["snapshot_id"] for r in refreshes]
     previous, first = read_snapshot(home, "s1", run["snapshot_id"]), 0
     for r in refreshes:
-        previous, first = check_snapshot(home.root, "s1", r, previous, first), r["step"]
+        previous, first = check_snapshot(home.root, "s1", r, previous, first, tmp_path / "out"), r["step"]
     # Each snapshot re-plans the rest of epoch 0 at the next lease: shards 2-3 from the first, 4 from the
     # second.
     view = httpx.get(run_url, timeout=30).json()
     history = [(h["epoch"], h["from_shard"], h["snapshot_id"],
                 h["checkpoint_id"]) for h in view["snapshot_history"]]
-    assert history == [(0, 0, run["snapshot_id"], None), (0, 2, refreshes[0]["snapshot_id"], "s1-step1"),
-                       (0, 4, refreshes[1]["snapshot_id"], "s1-step3")]
+    tag = run_tag(tmp_path / "out")
+    assert history == [(0, 0, run["snapshot_id"], None),
+                       (0, 2, refreshes[0]["snapshot_id"], f"s1-{tag}-step1"),
+                       (0, 4, refreshes[1]["snapshot_id"], f"s1-{tag}-step3")]
     for shards, r in ((range(2, 4), refreshes[0]), (range(4, 5), refreshes[1])):
         want = expected_weights(read_snapshot(home, "s1", r["snapshot_id"]),
                                 WeightScheme(name="paced-posterior"))
@@ -189,13 +194,19 @@ def test_sigkill_during_a_group_snapshot_then_resume_gives_the_same_snapshot(mod
     (rb,), (ra,) = resumed["refreshes"], straight["refreshes"]
     assert rb["snapshot_id"] == side.stem  # the snapshot the killed run had named
     assert list_snapshots(open_home(runs["b"][0], create=False), "s1")[-1] == side.stem
+    # the same snapshot rows and record, up to each run's own sample ids
     tables = [read_snapshot(open_home(runs[n][0], create=False), "s1", r["snapshot_id"]).drop(["snapshot_id"])
               for n, r in (("a", ra), ("b", rb))]
+    for name, table in zip("ab", tables, strict=True):
+        students = table["student_id"].to_pylist()
+        assert any(run_tag(tmp_path / name / "out") in s for s in students)
+        tables["ab".index(name)] = table.set_column(table.schema.get_field_index("student_id"), "student_id",
+                                                    pa.array([untag(s) for s in students], pa.string()))
     assert tables[0].equals(tables[1]) and rb["rerolled"] == ra["rerolled"] == 8
-    assert {k: v for k, v in rb.items()
-            if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")} == \
-        {k: v for k, v in ra.items()
-         if k not in ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")}
+    skip = ("snapshot_id", "previous_snapshot_id", "refresh_seconds", "source")
+    same = [{k: untag(v) if k == "checkpoint_id" else v for k, v in r.items() if k not in skip}
+            for r in (ra, rb)]
+    assert same[0] == same[1]
 
 
 def test_one_steps_samples_give_the_snapshot_refresh_lineage_gives_and_a_rerun_finds_it(tmp_path):
