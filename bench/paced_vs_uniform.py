@@ -69,6 +69,11 @@ ARMS: dict[str, dict] = {
                            "self": self_}
        for self_, sfx in ((False, ""), (True, "-self"))
        for g in ("uniform", "hard-filter", "paced", "paced-posterior")},
+    # the same with Σ w·L divided by the step's sample count N instead of Σ w (--group-normalize samples):
+    # the weights scale each step instead of sharing it out (uniform is the same either way)
+    **{f"{g}-group-n": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": g,
+                        "normalize": "samples"}
+       for g in ("hard-filter", "paced", "paced-posterior")},
     # two stages: off-policy forward KL on the references (batch rows) for half the steps, then paced-group
     "two-stage-group": {"scheme": "uniform", "loss": "reverse", "on_policy": True, "group": "paced",
                         "first_stage": "forward"},
@@ -175,8 +180,9 @@ def arm_config(spec: dict, args, home_dir: Path, mdir: Path, seed: int, out: Pat
         eval_every=args.eval_every, progress=False,
     )
     if group:
-        fields |= {"group_size": args.k, "group_scheme": group,
-                   "batch_size": max(1, args.batch_size // args.k), "grader_workers": 1}
+        fields |= {"group_size": args.k, "group_scheme": group, "grader_workers": 1,
+                   "group_normalize": spec.get("normalize", "weights"),
+                   "batch_size": max(1, args.batch_size // args.k)}
     if spec.get("self"):
         fields |= {"teacher": fields["student"], "teacher_prompt_template": args.self_template}
     return TrainConfig(**(fields | over))

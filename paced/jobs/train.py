@@ -43,7 +43,8 @@ On-policy group distillation (the PACED paper's regime; docs/results.md): --grou
 on-policy stage, grades them with the data set's grader (--home), and weights each sample's
 loss by w(p̂ = c/K) of its prompt under --group-scheme (paced, hard-filter, uniform,
 paced-posterior; --group-alpha/--group-beta/--group-prior); the step's loss is Σ w·L / Σ w over
-all its samples, and a step where every weight is 0 is skipped (counted). The samples are
+all its samples (--group-normalize samples: Σ w·L / N, the weights then scale the step), and a
+step where every weight is 0 is skipped (counted). The samples are
 committed as rollouts of student `{lineage}-{run}-step{s}` in --home, so `paced refresh` makes
 snapshots of them. --group-snapshot-every N: every N steps, write the lineage's next snapshot
 from them (each problem trained since the last one: its newest group's counts, stale age 0; the
@@ -72,7 +73,7 @@ from paced.curriculum import SCHEMES
 from paced.errors import InputError, PacedError
 from paced.jobs.manifest import add_scheme_arguments, parse_prior, scheme_settings
 from paced.jobs.remeasure import REFRESH_BACKENDS, HeldOutConfig, HeldOutEval, RemeasureConfig, RemeasureJob
-from paced.trainer.config import DEVICES, LOSS_PATHS, TrainConfig, parse_stages
+from paced.trainer.config import DEVICES, GROUP_NORMALIZE, LOSS_PATHS, TrainConfig, parse_stages
 from paced.trainer.losses import LOSSES
 from paced.trainer.report import parse_report_to
 
@@ -106,6 +107,7 @@ SPECIAL = {
                   "metavar": "jsonl|tensorboard|none"},
     "group_size": {"type": int, "nargs": "?", "const": 8, "metavar": "K"},
     "group_scheme": {"choices": sorted(SCHEMES)},
+    "group_normalize": {"choices": list(GROUP_NORMALIZE)},
     "group_prior": {"type": parse_prior, "metavar": "A,B"},
     "rollout_temperature": {"type": float},
     "carry_over_decay": {"type": float, "metavar": "λ"},

@@ -21,7 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 LOSS_PATHS = ("fused", "logits")
 # The settings of --group-size (recorded in trainer_state.json only when it is on).
 GROUP_FIELDS = ("group_size", "group_scheme", "group_alpha", "group_beta", "group_prior", "grader_workers",
-                "grading_timeout_seconds", "group_snapshot_every")
+                "grading_timeout_seconds", "group_snapshot_every", "group_normalize")
+# --group-normalize: the step's Σ w·L over Σ w (a few weighted groups take the whole step) or over
+# the number of samples N (the weights scale the step)
+GROUP_NORMALIZE = ("weights", "samples")
 # Fields that may differ between a run and its `--resume` (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "token", "consumer", "http_retries", "out",
                      "http_timeout_seconds", "device", "grader_workers", "loss_path", "loss_in_place",
@@ -119,6 +122,9 @@ class TrainConfig:
     group_beta: float = _help("--group-size: exponent β of the in-group weight", 1.0)
     group_prior: tuple[float, float] = _help("--group-size paced-posterior: Beta prior 'a,b' (added to the "
                                              "row's snapshot counts when it has them)", (1.0, 1.0))
+    group_normalize: str = _help("--group-size: divide the step's Σ w·L by Σ w (weights: the weighted "
+                                 "samples share the whole step) or by the step's sample count N (samples: "
+                                 "the weights scale the step down when few samples weigh)", "weights")
     grader_workers: int = _help("--group-size: grading worker processes (killable; in-process graders need "
                                 "none)", 2)
     grading_timeout_seconds: float = _help("--group-size: seconds per graded answer (past it: wrong, "
@@ -207,6 +213,9 @@ class TrainConfig:
         if self.group_scheme not in SCHEMES:
             raise InputError(f"--group-scheme must be one of {', '.join(sorted(SCHEMES))}, "
                              f"got {self.group_scheme!r}")
+        if self.group_normalize not in GROUP_NORMALIZE:
+            raise InputError(f"--group-normalize must be one of {', '.join(GROUP_NORMALIZE)}, "
+                             f"got {self.group_normalize!r}")
         object.__setattr__(self, "group_prior", tuple(float(x) for x in self.group_prior))
         if len(self.group_prior) != 2 or not min(self.group_prior) > 0:
             raise InputError(f"--group-prior must be two numbers > 0, got {self.group_prior}")
@@ -271,9 +280,11 @@ class TrainConfig:
         else:  # without group mode its settings are not recorded, so older checkpoints still resume
             for name in GROUP_FIELDS:
                 data.pop(name)
-        # recorded only when on: earlier --group-size checkpoints still resume
+        # recorded only when on (not the default): earlier --group-size checkpoints still resume
         if not self.group_snapshot_every:
             data.pop("group_snapshot_every", None)
+        if self.group_normalize == "weights":
+            data.pop("group_normalize", None)
         if not self.fsdp:  # recorded only when on, for the same reason
             data.pop("fsdp")
         data["report_to"] = list(self.report_to)

@@ -22,7 +22,10 @@ One optimizer step (`GroupStep`), on every process:
 5. **Train.** loss = Σ w·L / Σ w over every sample of the step — all its micro-batches and, under
    DDP, all processes (the weight sum is all-reduced; each process backpropagates
    world·Σ_local w·L / W, which DDP's gradient mean turns into the global ratio). L is the
-   stage's loss (reverse KL by default) of the teacher on the student's own tokens.
+   stage's loss (reverse KL by default) of the teacher on the student's own tokens. With
+   `--group-normalize samples` the divisor is the step's sample count N instead of Σ w: the
+   weights then scale the step (a step where few samples weigh moves the student little)
+   rather than share it out.
 
 **Σ w = 0** (every prompt of the step at p̂ ∈ {0, 1} under `paced` or `hard-filter`): the step
 is *skipped*: no teacher or student forward, no optimizer update; the learning-rate schedule
@@ -317,6 +320,7 @@ class GroupStep:
         trainee = self.trainee
         local_weight = self.weigh()
         weight_sum, *stats = trainee.runtime.sum([local_weight, *self.stats()])
+        divisor = stats[0] if trainee.config.group_normalize == "samples" else weight_sum
         self.commit()
         counts = progress.group
         for name, value in zip(("samples", "zero_weight_samples", "correct", "grading_failures"), stats,
@@ -336,7 +340,7 @@ class GroupStep:
             return False
         losses = []
         for batch in self.groups:
-            value, tokens, loss = self.batch_loss(batch, stage, weight_sum)
+            value, tokens, loss = self.batch_loss(batch, stage, divisor)
             loss.backward()
             progress.local_tokens += tokens
             if value is not None:
@@ -347,10 +351,11 @@ class GroupStep:
         return bool(losses)
 
     def batch_loss(self, batch: list[Group], stage: Stage,
-                   weight_sum: float) -> tuple[float | None, int, torch.Tensor]:
-        """(local Σ w·L / Σ w or None, trained tokens, world · Σ w·L / W to backpropagate) of
-        one micro-batch. A micro-batch without weight on this process forwards one sample and
-        backpropagates 0, so DDP's all-reduce still happens."""
+                   divisor: float) -> tuple[float | None, int, torch.Tensor]:
+        """(local Σ w·L / Σ w or None, trained tokens, world · Σ w·L / D to backpropagate) of
+        one micro-batch, D the step's Σ w or (--group-normalize samples) its sample count. A
+        micro-batch without weight on this process forwards one sample and backpropagates 0, so
+        DDP's all-reduce still happens."""
         import torch
 
         from paced.trainer.loop import forward_pair
@@ -371,7 +376,7 @@ class GroupStep:
                                          **config.loss_kwargs(stage.loss))
         weighted = (weights * per_seq).sum()
         value = float(weighted.detach()) / float(weights.sum())
-        return value, int(mask.sum()), weighted * (trainee.runtime.world_size / weight_sum)
+        return value, int(mask.sum()), weighted * (trainee.runtime.world_size / divisor)
 
     def commit(self) -> None:
         """Hand the step's samples (every process's, gathered on rank 0) to the sink."""

@@ -384,3 +384,61 @@ def test_two_gloo_processes_normalise_over_both_and_equal_one_process(models, tm
     a, b = parameters(tmp_path / "a" / "out" / "final"), parameters(tmp_path / "b" / "out" / "final")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def first_step_gradients(models, home: Path, manifest: Path, out: Path, scheme: str, normalize: str) -> dict:
+    """The student's gradient of the first group step (no clipping), taken after the update."""
+    from paced.jobs.train import group_io
+    from paced.trainer.config import TrainConfig
+    from paced.trainer.loop import train
+
+    config = TrainConfig(student=str(models[0]), teacher=str(models[1]), source=str(manifest), out=str(out),
+                         loss="reverse", steps=1, batch_size=4, lr=3e-3, max_new_tokens=1, max_grad_norm=0.0,
+                         progress=False, group_size=K, group_scheme=scheme, group_normalize=normalize,
+                         grader_workers=1)
+    grads: dict = {}
+
+    def keep(step, model, tokenizer):
+        if step == 1:
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                          if p.grad is not None})
+
+    io = group_io(config, str(home))
+    try:
+        train(config, on_step=keep, group_io=io)
+    finally:
+        io.grading.close()
+    return grads
+
+
+def test_normalising_by_the_sample_count_scales_the_step_by_its_weight_share(models, tmp_path, capsys):
+    """--group-normalize samples divides Σ w·L by the step's N samples instead of Σ w: the same
+    gradient times Σ w / N (one factor for every parameter); with uniform weights Σ w = N."""
+    home, manifest = group_home(tmp_path, capsys)
+    for scheme in ("uniform", "paced-posterior"):
+        by_weights, by_samples = (first_step_gradients(models, home, manifest, tmp_path / f"{scheme}-{n}",
+                                                       scheme, n) for n in ("weights", "samples"))
+        assert by_weights and by_weights.keys() == by_samples.keys()
+        ratios = [float((by_samples[n] * by_weights[n]).sum() / (by_weights[n] * by_weights[n]).sum())
+                  for n in by_weights if by_weights[n].abs().sum() > 0]
+        share = ratios[0]
+        if scheme == "uniform":
+            assert share == pytest.approx(1.0, rel=1e-6)
+        else:  # Beta posterior weights p(1-p) of K = 4 samples: between 0 and 1/4
+            assert 0 < share < 0.25
+        for n in by_weights:
+            torch.testing.assert_close(by_samples[n], by_weights[n] * share, rtol=1e-4, atol=1e-8)
+
+
+def test_group_normalize_is_checked_and_recorded_only_when_not_the_default(models, tmp_path, capsys):
+    home, manifest = group_home(tmp_path, capsys)
+    assert main(group_args(models, home, manifest, tmp_path / "out", "--steps", "1",
+                           "--group-normalize", "mean")) == 2
+    assert "invalid choice: 'mean'" in capsys.readouterr().err
+    from paced.trainer.config import TrainConfig
+
+    base = dict(student="s", teacher="t", source="m", out="o", loss="reverse", group_size=K)
+    assert "group_normalize" not in TrainConfig(**base).to_json()
+    assert TrainConfig(**base, group_normalize="samples").to_json()["group_normalize"] == "samples"
+    with pytest.raises(InputError, match="--group-normalize must be one of weights, samples"):
+        TrainConfig(**base, group_normalize="mean")
