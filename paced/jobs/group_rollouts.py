@@ -38,6 +38,7 @@ from paced.store.rollouts import (
     batch_files,
     committed_samples,
     folder_lock,
+    list_rollout_students,
     write_rollout_batch,
     write_sampling_config,
 )
@@ -105,6 +106,11 @@ class RolloutSink:
 
     def student_id(self, step: int) -> str:
         return f"{self.prefix}-step{step}"
+
+    def students(self) -> list[str]:
+        """The student ids this run's samples are committed under so far, by step."""
+        found = [name for name in list_rollout_students(self.home) if name.startswith(f"{self.prefix}-step")]
+        return sorted(found, key=lambda name: int(name.rsplit("-step", 1)[1]))
 
     def commit(self, step: int, sampling: SamplingConfig, records: list) -> None:
         config = rollout_config(sampling)

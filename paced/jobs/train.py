@@ -55,7 +55,8 @@ Self-distillation: --teacher set to the student's own starting folder with
 
 stdout: the summary as one JSON object (steps, losses, train_tokens/train_seconds, the refreshes,
 rollout_tokens/rollout_samples/rollout_seconds/refresh_seconds, total_tokens/total_seconds,
-generated_tokens and train/sampling/rollout/total_flops, group counts, eval_curve); stderr: a
+generated_tokens and train/sampling/rollout/total_flops, group counts and the sample_students
+the group samples were committed under, eval_curve); stderr: a
 progress bar and logs.
 """
 
@@ -210,6 +211,8 @@ def run(args) -> int:
         if io is not None:
             io.grading.close()
     if int(os.environ.get("RANK", "0")) == 0:
+        if io is not None and io.sink is not None:  # where `paced refresh --student` finds the samples
+            summary = {**summary, "sample_students": io.sink.students()}
         print(json.dumps(summary), file=sys.stdout, flush=True)
     return 0
 

@@ -164,7 +164,9 @@ def test_real_model_group_self_distillation_with_the_chat_template(real_model, s
     group = summary["group"]
     assert group["samples"] == 6 and group["steps"] == 1 and summary["train_tokens"] > 0
     assert summary["total_flops"] > 0 and summary["steps"] == 1
-    refreshed = _cli("refresh", "--student", "smol-group-step0", "--home", home)
+    (student,) = summary["sample_students"]  # smol-group-{run}-step0
+    assert student.startswith("smol-group-r") and student.endswith("-step0")
+    refreshed = _cli("refresh", "--student", student, "--home", home)
     assert refreshed["rollouts"] == 6
     report = _cli("evaluate", "--model", str(tmp_path / "out" / "final"), "--dataset", "school",
                   "--chat-template",

@@ -353,6 +353,7 @@ def test_group_training_from_a_service_run_commits_under_the_runs_student(
     tag = run_tag(tmp_path / "out")
     students = sorted(p.name for p in (home.root / "rollouts").iterdir())
     assert students == [f"s1-{tag}-step0", f"s1-{tag}-step1"]
+    assert summary["sample_students"] == students
     assert len(committed(home.root)) == 16
 
 
