@@ -73,6 +73,11 @@ def keyed_inputs(home: Home, files) -> list[dict]:
     return [{"path": str(f.relative_to(home.root)), "bytes": f.stat().st_size} for f in files]
 
 
+def read_previous(home: Home, student_id: str, snapshot_id: str | None) -> pa.Table | None:
+    """The snapshot a lineage refresh builds on (None: the lineage's first)."""
+    return read_snapshot(home, student_id, snapshot_id) if snapshot_id else None
+
+
 def resolve_snapshot(home: Home, lineage_id: str, key: str) -> tuple[str | None, str, bool]:
     """(the side file's snapshot id for `key` or None, the id to write under, whether that
     snapshot is already complete): a rerun of a killed refresh finishes it under the same id."""
@@ -183,9 +188,7 @@ def refresh_lineage(home: Home | str | Path, lineage_id: str, checkpoint_id: str
     found, snapshot_id, done = resolve_snapshot(home, lineage_id, key)
     if done:
         return found
-    previous = None
-    if previous_snapshot_id:
-        previous = read_snapshot(home, previous_student_id, previous_snapshot_id)
+    previous = read_previous(home, previous_student_id, previous_snapshot_id)
     fresh, tokens = _fresh_rows(home, files, checkpoint_id, sampling_hash, dataset, problem_ids, snapshot_id)
     table = _merge(previous, fresh, dataset, snapshot_id, decay)
     if not found:

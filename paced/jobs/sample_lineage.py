@@ -33,12 +33,13 @@ from paced.jobs.lineage import (
     _write_side,
     carried_stats,
     keyed_inputs,
+    read_previous,
     resolve_snapshot,
     stale_stats,
 )
 from paced.store.home import Home, validate_name
 from paced.store.rollouts import batch_files
-from paced.store.snapshots import read_snapshot, write_snapshot
+from paced.store.snapshots import write_snapshot
 
 
 def newest_groups(home: Home, dataset: str,
@@ -77,9 +78,7 @@ def refresh_lineage_from_samples(home: Home, lineage_id: str, dataset: str,
     found, snapshot_id, done = resolve_snapshot(home, lineage_id, key)
     if done:
         return found
-    previous = None
-    if previous_snapshot_id:
-        previous = read_snapshot(home, previous_student_id, previous_snapshot_id)
+    previous = read_previous(home, previous_student_id, previous_snapshot_id)
     parts = [_fresh_rows(home, files, s, h, dataset, ids, snapshot_id) for s, h, files, ids in groups]
     fresh = pa.concat_tables([table for table, _ in parts])
     table = _merge(previous, fresh, dataset, snapshot_id)

@@ -270,9 +270,9 @@ class GroupStep:
         """Sample K completions for each selected row (shard weight > 0) of one micro-batch and
         grade them."""
         trainee, k = self.trainee, self.trainee.config.group_size
-        if self.spare is None and len(batch):
-            self.spare = prompt_rows(batch.select(np.arange(len(batch)) == 0))[0]
-        rows = prompt_rows(batch.select(batch.weights > 0))
+        every = prompt_rows(batch)
+        self.spare = self.spare or (every[0] if every else None)
+        rows = [row for row, weight in zip(every, batch.weights, strict=True) if weight > 0]
         if not rows:  # another process has rows: this one joins the update with a zero loss
             self.groups.append([])
             return

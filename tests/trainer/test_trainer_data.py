@@ -51,16 +51,6 @@ def test_a_batch_given_back_is_not_counted_as_taken(tmp_path):
     assert stream.state_dict() != before
 
 
-def test_a_row_without_a_weight_is_an_error_naming_the_shard(tmp_path):
-    rows = make_rows(6)
-    folder = write_shards(tmp_path / "m", rows, shard_size=6)
-    table = pa.Table.from_pylist([{**r,
-                                   "weight": None if i == 4 else r["weight"]} for i, r in enumerate(rows)])
-    write_parquet_atomic(folder / "shard-00000.parquet", table)
-    with pytest.raises(InputError, match=r"shard-00000.parquet: row 4 has no `weight`"):
-        stream_over(folder).next_batch()
-
-
 def test_progress_reads_the_trainer_state_an_older_version_wrote():
     record = {"kind": "every", "step": 2, "round": 1, "checkpoint": "checkpoint-2", "checkpoint_id": "m-1",
               "student_id": "s1", "snapshot_id": "x", "previous_snapshot_id": "w", "dataset": "arith",
@@ -98,14 +88,17 @@ def test_a_batch_carries_every_shard_column_and_across_shards_lacking_one(tmp_pa
     assert kept.weights.tolist() == [r["weight"] for r in rows[:6] if r["weight"] > 0.6]
 
 
-@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
-def test_a_weight_that_is_not_finite_and_non_negative_is_an_error_naming_the_shard(tmp_path, bad):
-    rows = make_rows(4)
-    folder = write_shards(tmp_path / "m", rows, shard_size=4)
-    table = pa.Table.from_pylist([{**r,
-                                   "weight": bad if i == 2 else r["weight"]} for i, r in enumerate(rows)])
+@pytest.mark.parametrize(("bad", "message"), [(None, "row 4 has no `weight`"),
+                                              (float("nan"), "row 4 has weight"), (-1.0, "row 4 has weight"),
+                                              (float("inf"), "row 4 has weight")])
+def test_a_missing_or_bad_weight_is_an_error_naming_the_shard(tmp_path, bad, message):
+    """No weight, or one that is not finite and >= 0: one error naming the shard file and row."""
+    rows = make_rows(6)
+    folder = write_shards(tmp_path / "m", rows, shard_size=6)
+    table = pa.Table.from_pylist([{**r, "weight": bad if i == 4 else r["weight"]}
+                                  for i, r in enumerate(rows)])
     write_parquet_atomic(folder / "shard-00000.parquet", table)
-    with pytest.raises(InputError, match=r"shard-00000.parquet: row 2 has weight"):
+    with pytest.raises(InputError, match=rf"shard-00000.parquet: {message}"):
         stream_over(folder).next_batch()
 
 
